@@ -1,0 +1,141 @@
+//! The agent's configuration, with embedded defaults that work on one machine
+//! with no flags at all.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use wset_tracker::AccessMode;
+use wset_tracker::summary::SummaryConfig;
+
+/// One listening socket, optionally tied to a snapshot memory file: MISSING
+/// faults of a Firecracker VM arriving on it are served from that file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketConfig {
+    pub path: PathBuf,
+    pub snapshot: Option<PathBuf>,
+}
+
+impl std::str::FromStr for SocketConfig {
+    type Err = String;
+    /// `PATH` or `PATH=SNAPSHOT_MEMORY_FILE`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (path, snapshot) = match s.split_once('=') {
+            Some((p, f)) if !f.is_empty() => (p, Some(PathBuf::from(f))),
+            Some(_) => return Err(format!("{s:?}: expected PATH or PATH=SNAPSHOT_FILE")),
+            None => (s, None),
+        };
+        if path.is_empty() {
+            return Err("empty socket path".into());
+        }
+        Ok(Self {
+            path: PathBuf::from(path),
+            snapshot,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Sockets VMMs connect to.
+    pub sockets: Vec<SocketConfig>,
+    /// Mode of the sockets (default 0660).
+    pub socket_mode: u32,
+    /// Address of the gRPC server.
+    pub grpc_addr: SocketAddr,
+    /// Custody files live here; keep it on a disk that survives an agent restart.
+    pub state_dir: PathBuf,
+    /// Tracking interval (one epoch).
+    pub interval: Duration,
+    /// CPUs the tracker threads are pinned to, round-robin; empty = no pinning.
+    pub cpus: Vec<usize>,
+    /// Peer uids allowed to register (root is always allowed).
+    pub allowed_uids: Vec<u32>,
+    /// Read tracking on shmem guests.
+    pub access_mode: AccessMode,
+    /// Custody capacity per VM for exhaustive tracking, bytes.
+    pub custody_max_bytes: u64,
+    /// Largest guest memory accepted, bytes.
+    pub max_vm_bytes: u64,
+    /// How long a retired VM's last summary stays readable.
+    pub retired_ttl: Duration,
+    pub summary: SummaryConfig,
+    /// The host's name in summaries (default: the kernel's hostname).
+    pub host_name: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            sockets: vec![SocketConfig {
+                path: "/run/wset/agent.sock".into(),
+                snapshot: None,
+            }],
+            socket_mode: 0o660,
+            grpc_addr: "127.0.0.1:7070".parse().expect("static address"),
+            state_dir: "/var/lib/wset".into(),
+            interval: Duration::from_secs(1),
+            cpus: default_cpus(),
+            allowed_uids: vec![0],
+            access_mode: AccessMode::Sampled {
+                granules: DEFAULT_SAMPLE_GRANULES,
+            },
+            custody_max_bytes: 16 << 30,
+            max_vm_bytes: 1 << 40,
+            retired_ttl: Duration::from_secs(600),
+            summary: SummaryConfig::default(),
+            host_name: hostname(),
+        }
+    }
+}
+
+/// Default sample size (granules) for shmem read tracking: at most ±1.5% of
+/// guest memory at 95% confidence (1.96 * 0.5 / sqrt(4096)).
+pub const DEFAULT_SAMPLE_GRANULES: u32 = 4096;
+
+/// Every CPU this process may run on.
+pub fn default_cpus() -> Vec<usize> {
+    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..nix::sched::CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_specs_parse() {
+        assert_eq!(
+            "/run/a.sock=/snap/mem".parse::<SocketConfig>().unwrap(),
+            SocketConfig {
+                path: "/run/a.sock".into(),
+                snapshot: Some("/snap/mem".into())
+            }
+        );
+        assert_eq!(
+            "/run/a.sock".parse::<SocketConfig>().unwrap().snapshot,
+            None
+        );
+        assert!("/run/a.sock=".parse::<SocketConfig>().is_err());
+        assert!("".parse::<SocketConfig>().is_err());
+    }
+
+    #[test]
+    fn defaults_are_usable() {
+        let c = Config::default();
+        assert_eq!(c.socket_mode, 0o660);
+        assert!(!c.cpus.is_empty());
+        assert!(c.interval >= Duration::from_millis(100));
+    }
+}

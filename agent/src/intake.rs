@@ -1,0 +1,528 @@
+//! VMM intake: the Unix sockets VMMs hand their userfaultfd to. Each
+//! connection is read, validated and turned into a running tracker, or
+//! refused with a reason; one bad peer never disturbs the others.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::socket::{getsockopt, sockopt};
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{info, warn};
+use wset_tracker::plan::{self, BackingKind, PlanInput};
+use wset_tracker::uffd::{self, feature};
+use wset_tracker::{Region, TrackerHandle, TrackerSpec, Uffd};
+
+use crate::config::{Config, SocketConfig};
+use crate::handshake::{self, Backing, Hello, Layout, WsetReply};
+use crate::registry::{Registry, VmInfo};
+use crate::{methods_of, now_ms};
+
+/// How long a peer may take to send its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this many fds are accepted with one handshake.
+const MAX_FDS: usize = wset_tracker::fdpass::MAX_FDS;
+
+/// Why a registration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error("{0}")]
+    Handshake(#[from] handshake::HandshakeError),
+    #[error(
+        "peer uid {uid} (pid {pid}) is not allowed to register (allowed: root and {allowed:?})"
+    )]
+    NotAllowed {
+        uid: u32,
+        pid: i32,
+        allowed: Vec<u32>,
+    },
+    #[error("expected {want} fd(s) with the handshake ({what}), got {got}")]
+    FdCount {
+        want: usize,
+        got: usize,
+        what: &'static str,
+    },
+    #[error("the passed fd is not a userfaultfd (it is {0})")]
+    NotUffd(String),
+    #[error("the passed memory fd is not a memfd (it is {0})")]
+    NotMemfd(String),
+    #[error("the memfd is {size} bytes but region {index} ends at offset {end}")]
+    MemfdTooSmall { size: u64, index: usize, end: u64 },
+    #[error("memory regions do not match the VMM's mappings: {0}")]
+    NotMapped(String),
+    #[error("snapshot memory file {path}: {reason}")]
+    Snapshot { path: String, reason: String },
+    #[error("{0}")]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error("tracking could not start: {0}")]
+    Tracker(#[from] wset_tracker::TrackerError),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("handshake timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// Bind one socket: create its directory, replace a stale socket file, and
+/// set its mode.
+pub fn bind(sock: &SocketConfig, mode: u32) -> io::Result<UnixListener> {
+    let path = &sock.path;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", dir.display())))?;
+    }
+    if path.exists() {
+        // A live agent answers on it; a stale file from a dead one does not.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is served by another running agent", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(l)
+}
+
+/// Accept VMMs on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: UnixListener,
+    sock: SocketConfig,
+    cfg: Arc<Config>,
+    registry: Arc<Registry>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let sock = Arc::new(sock);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    let (cfg, registry, sock) = (cfg.clone(), registry.clone(), sock.clone());
+                    tokio::spawn(async move { connection(stream, &sock, &cfg, &registry).await });
+                }
+                Err(e) => {
+                    warn!(socket = %sock.path.display(), error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// One VMM connection, start to end.
+async fn connection(
+    mut stream: UnixStream,
+    sock: &SocketConfig,
+    cfg: &Config,
+    registry: &Registry,
+) {
+    let (pid, uid) = match getsockopt(&stream, sockopt::PeerCredentials) {
+        Ok(c) => (c.pid(), c.uid()),
+        Err(e) => {
+            warn!(error = %e, "SO_PEERCRED failed; dropping connection");
+            return;
+        }
+    };
+    let span = tracing::info_span!("register", peer_pid = pid, peer_uid = uid, socket = %sock.path.display());
+    let _g = span.enter();
+    let (bytes, fds) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_handshake(&stream)).await
+    {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            warn!(error = %e, "handshake refused");
+            reply_if_wset(&mut stream, None, &WsetReply::error(e.to_string())).await;
+            return;
+        }
+        Err(_) => {
+            warn!(
+                "handshake refused: peer sent no complete handshake within {HANDSHAKE_TIMEOUT:?}"
+            );
+            return;
+        }
+    };
+    let hello = match handshake::parse(&bytes) {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(error = %e, "handshake refused");
+            reply_if_wset(&mut stream, Some(&bytes), &WsetReply::error(e.to_string())).await;
+            return;
+        }
+    };
+    let wset = !matches!(hello, Hello::Firecracker(_));
+    let outcome = if uid != 0 && !cfg.allowed_uids.contains(&uid) {
+        Err(IntakeError::NotAllowed {
+            uid,
+            pid,
+            allowed: cfg.allowed_uids.clone(),
+        })
+    } else {
+        register(hello, fds, pid, sock, cfg, registry).await
+    };
+    let reply = match outcome {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "registration refused");
+            WsetReply::error(e.to_string())
+        }
+    };
+    if wset {
+        let mut line = serde_json::to_vec(&reply).expect("reply serializes");
+        line.push(b'\n');
+        let _ = stream.write_all(&line).await;
+    }
+    // Firecracker keeps its end open and sends nothing more; wset.v1 peers may
+    // close. Either way the VM's life is followed through its pidfd and uffd.
+}
+
+async fn reply_if_wset(stream: &mut UnixStream, bytes: Option<&[u8]>, reply: &WsetReply) {
+    let is_wset = bytes.is_some_and(|b| b.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'{'));
+    if is_wset {
+        let mut line = serde_json::to_vec(reply).expect("reply serializes");
+        line.push(b'\n');
+        let _ = stream.write_all(&line).await;
+    }
+}
+
+/// Read until one complete JSON value has arrived, collecting passed fds.
+async fn read_handshake(stream: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), IntakeError> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        stream.readable().await?;
+        let r = stream.try_io(Interest::READABLE, || {
+            recv_chunk(stream.as_raw_fd(), &mut chunk)
+        });
+        let (n, got) = match r {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        };
+        fds.extend(got);
+        if fds.len() > MAX_FDS {
+            return Err(IntakeError::FdCount {
+                want: MAX_FDS,
+                got: fds.len(),
+                what: "too many",
+            });
+        }
+        if n == 0 {
+            // EOF: whatever arrived is the whole message.
+            if buf.is_empty() {
+                return Err(handshake::HandshakeError::Empty.into());
+            }
+            if !handshake::is_complete(&buf) {
+                // Let the parser name the problem (truncated or garbage).
+                return Ok((buf, fds));
+            }
+            return Ok((buf, fds));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > handshake::MAX_MESSAGE_BYTES {
+            return Err(handshake::HandshakeError::TooLarge.into());
+        }
+        if handshake::is_complete(&buf) {
+            return Ok((buf, fds));
+        }
+    }
+}
+
+fn recv_chunk(fd: RawFd, chunk: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    wset_tracker::fdpass::recv_with_fds(fd, chunk)
+}
+
+fn describe_fd(fd: &OwnedFd) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|e| format!("unreadable: {e}"))
+}
+
+fn read_maps(pid: i32) -> Result<Vec<handshake::MapsEntry>, IntakeError> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| IntakeError::NotMapped(format!("cannot read /proc/{pid}/maps: {e}")))?;
+    Ok(handshake::parse_maps(&text))
+}
+
+async fn register(
+    hello: Hello,
+    fds: Vec<OwnedFd>,
+    pid: i32,
+    sock: &SocketConfig,
+    cfg: &Config,
+    registry: &Registry,
+) -> Result<WsetReply, IntakeError> {
+    match hello {
+        Hello::WsetFeatures { backing } => {
+            let offered = Uffd::kernel_features()?;
+            let rec = plan::recommended_features(offered, kind_of(backing));
+            Ok(WsetReply {
+                ok: true,
+                offered_features: Some(offered),
+                recommended_features: Some(rec),
+                recommended_feature_names: Some(feature::names(rec)),
+                ..Default::default()
+            })
+        }
+        Hello::Firecracker(regions) => {
+            let layout = handshake::firecracker_layout(&regions, cfg.max_vm_bytes)?;
+            let [uffd_fd]: [OwnedFd; 1] =
+                fds.try_into()
+                    .map_err(|v: Vec<OwnedFd>| IntakeError::FdCount {
+                        want: 1,
+                        got: v.len(),
+                        what: "the uffd",
+                    })?;
+            check_uffd(&uffd_fd)?;
+            handshake::check_mapped(&layout, &read_maps(pid)?, None)
+                .map_err(IntakeError::NotMapped)?;
+            let source = match &sock.snapshot {
+                Some(path) => Some(open_snapshot(path, &layout)?),
+                None => None,
+            };
+            let n = registry
+                .list()
+                .iter()
+                .filter(|v| v.info.vmm_pid == pid as u32)
+                .count();
+            let vm_id = if n == 0 {
+                format!("fc-{pid}")
+            } else {
+                format!("fc-{pid}-{n}")
+            };
+            let name = sock
+                .path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let req = Request {
+                vm_id,
+                name,
+                labels: Default::default(),
+                pid,
+                layout,
+                backing: BackingKind::Anonymous,
+                uffd: uffd_fd,
+                memory_fd: None,
+                source,
+                handshake: "firecracker",
+            };
+            start(req, cfg, registry).await
+        }
+        Hello::WsetRegister(h) => {
+            let backing = h
+                .backing
+                .ok_or(handshake::HandshakeError::MissingField("backing"))?;
+            let vm_id = h.vm_id.clone().unwrap_or_else(|| format!("vm-{pid}"));
+            handshake::check_vm_id(&vm_id)?;
+            registry.check_free(&vm_id)?;
+            let layout = handshake::wset_layout(&h, cfg.max_vm_bytes)?;
+            let want = if backing == Backing::Anonymous { 1 } else { 2 };
+            let what = if want == 1 {
+                "the uffd"
+            } else {
+                "the uffd, then the memfd"
+            };
+            if fds.len() != want {
+                return Err(IntakeError::FdCount {
+                    want,
+                    got: fds.len(),
+                    what,
+                });
+            }
+            let mut fds = fds.into_iter();
+            let uffd_fd = fds.next().expect("counted");
+            check_uffd(&uffd_fd)?;
+            let memory_fd = fds.next();
+            let ino = match &memory_fd {
+                Some(m) => Some(check_memfd(m, &layout)?),
+                None => None,
+            };
+            handshake::check_mapped(&layout, &read_maps(pid)?, ino)
+                .map_err(IntakeError::NotMapped)?;
+            let req = Request {
+                vm_id,
+                name: h.name.clone().unwrap_or_default(),
+                labels: h.labels.clone(),
+                pid,
+                layout,
+                backing: kind_of(backing),
+                uffd: uffd_fd,
+                memory_fd,
+                source: None,
+                handshake: "wset.v1",
+            };
+            start(req, cfg, registry).await
+        }
+    }
+}
+
+fn kind_of(b: Backing) -> BackingKind {
+    match b {
+        Backing::Anonymous => BackingKind::Anonymous,
+        Backing::Memfd => BackingKind::Shmem,
+        Backing::Hugetlbfs => BackingKind::Hugetlb,
+    }
+}
+
+fn check_uffd(fd: &OwnedFd) -> Result<(), IntakeError> {
+    if uffd::is_userfaultfd(fd.as_raw_fd()) {
+        Ok(())
+    } else {
+        Err(IntakeError::NotUffd(describe_fd(fd)))
+    }
+}
+
+/// Check the memory fd is a memfd covering every region; returns its inode.
+fn check_memfd(fd: &OwnedFd, layout: &Layout) -> Result<u64, IntakeError> {
+    let what = describe_fd(fd);
+    if !what.starts_with("/memfd:") {
+        return Err(IntakeError::NotMemfd(what));
+    }
+    let st = nix::sys::stat::fstat(fd).map_err(io::Error::from)?;
+    let size = st.st_size as u64;
+    for (index, r) in layout.regions.iter().enumerate() {
+        let end = r.file_offset + r.size;
+        if end > size {
+            return Err(IntakeError::MemfdTooSmall { size, index, end });
+        }
+    }
+    Ok(st.st_ino)
+}
+
+fn open_snapshot(path: &Path, layout: &Layout) -> Result<std::fs::File, IntakeError> {
+    let err = |reason: String| IntakeError::Snapshot {
+        path: path.display().to_string(),
+        reason,
+    };
+    let f = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let size = f.metadata().map_err(|e| err(e.to_string()))?.len();
+    let need = layout
+        .regions
+        .iter()
+        .map(|r| r.file_offset + r.size)
+        .max()
+        .unwrap_or(0);
+    if size < need {
+        return Err(err(format!(
+            "it is {size} bytes but the regions need {need}"
+        )));
+    }
+    Ok(f)
+}
+
+struct Request {
+    vm_id: String,
+    name: String,
+    labels: std::collections::BTreeMap<String, String>,
+    pid: i32,
+    layout: Layout,
+    backing: BackingKind,
+    uffd: OwnedFd,
+    memory_fd: Option<OwnedFd>,
+    source: Option<std::fs::File>,
+    handshake: &'static str,
+}
+
+/// Choose methods, start the tracker, and add the VM to the registry.
+async fn start(req: Request, cfg: &Config, registry: &Registry) -> Result<WsetReply, IntakeError> {
+    let uffd = Uffd::from_owned(req.uffd);
+    let features = uffd.features()?;
+    let granule = req.layout.page_size;
+    let granules = (req.layout.total_bytes() / granule) as u32;
+    let vmm_holds_uffd = uffd::process_holds(req.pid, uffd.as_raw_fd());
+    let p = plan::plan(PlanInput {
+        features,
+        backing: req.backing,
+        access_mode: cfg.access_mode,
+        vmm_holds_uffd,
+        have_memory_fd: req.memory_fd.is_some(),
+        granules,
+    });
+    let custody_dir = cfg.state_dir.join("custody");
+    std::fs::create_dir_all(&custody_dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", custody_dir.display())))?;
+    let custody_path = custody_dir.join(format!("{}.custody", req.vm_id));
+    if custody_path.exists() {
+        return Err(IntakeError::Io(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists from an earlier agent run and may hold guest pages; it is left untouched \
+                 (move it aside only once the VM it belongs to is gone)",
+                custody_path.display()
+            ),
+        )));
+    }
+    let spec = TrackerSpec {
+        name: format!("wset-{}", req.vm_id),
+        uffd,
+        regions: req
+            .layout
+            .regions
+            .iter()
+            .map(|r| Region {
+                host_addr: r.host_addr,
+                len: r.size,
+                file_offset: r.file_offset,
+            })
+            .collect(),
+        granule_bytes: granule,
+        plan: p.clone(),
+        memory_fd: req.memory_fd,
+        source: req.source,
+        pid: req.pid,
+        interval: cfg.interval,
+        cpu: registry.next_cpu(&cfg.cpus),
+        custody_path: Some(custody_path),
+        custody_granules: (cfg.custody_max_bytes / granule).min(u32::MAX as u64) as u32,
+        seed: now_ms() ^ req.pid as u64,
+        started_ms: now_ms(),
+    };
+    let handle = tokio::task::spawn_blocking(move || TrackerHandle::spawn(spec))
+        .await
+        .map_err(|e| io::Error::other(format!("tracker start panicked: {e}")))??;
+    if let Some(w) = handle.pin_warning() {
+        warn!(vm_id = %req.vm_id, "{w}");
+    }
+    let info = VmInfo {
+        vm_id: req.vm_id.clone(),
+        name: req.name,
+        labels: req.labels,
+        vmm_pid: req.pid as u32,
+        memory_bytes: req.layout.total_bytes(),
+        page_size: req.layout.page_size,
+        granule_bytes: granule,
+        handshake: req.handshake,
+        plan: p.clone(),
+    };
+    let methods = methods_of(&p);
+    if let Err((e, handle)) = registry.insert(info, handle) {
+        // Lost a race with a registration of the same id: undo ours.
+        tokio::task::spawn_blocking(move || handle.stop())
+            .await
+            .ok();
+        return Err(e.into());
+    }
+    info!(
+        vm_id = %req.vm_id,
+        memory_bytes = req.layout.total_bytes(),
+        methods = ?methods,
+        features = %feature::names(features),
+        notes = ?p.notes,
+        "VM registered"
+    );
+    Ok(WsetReply {
+        ok: true,
+        vm_id: Some(req.vm_id),
+        methods: methods.iter().map(|m| m.to_string()).collect(),
+        granule_bytes: Some(granule),
+        notes: p.notes,
+        ..Default::default()
+    })
+}

@@ -1,0 +1,180 @@
+//! The wset agent: takes VMMs' userfaultfds over Unix sockets, runs one
+//! tracker thread per VM, and serves working-set summaries over gRPC.
+//!
+//! The binary is a thin shell over [`run`], so tests and the demo run the
+//! same code as production.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod handshake;
+pub mod intake;
+pub mod registry;
+pub mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tracing::{info, warn};
+use wset_tracker::{Access, Dirty, Plan};
+
+pub use config::Config;
+use registry::Registry;
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Short names of a plan's methods, as the handshake reply and logs show them.
+pub fn methods_of(p: &Plan) -> Vec<&'static str> {
+    let mut m = Vec::new();
+    if p.first_touch {
+        m.push("first_touch");
+    }
+    match p.dirty {
+        Dirty::WpAsync => m.push("wp_async"),
+        Dirty::WpSync => m.push("wp_sync"),
+        Dirty::None => {}
+    }
+    match p.access {
+        Access::ShmemSampled { .. } => m.push("shmem_sampled"),
+        Access::ShmemExhaustive => m.push("shmem_exhaustive"),
+        Access::None => {}
+    }
+    m
+}
+
+/// Run the agent until `shutdown` resolves; then stop every tracker (each
+/// puts pages in custody back and unregisters) and return.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let registry = Arc::new(Registry::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    // Fail early, with a reason, when the kernel cannot do what we need.
+    let offered = wset_tracker::Uffd::kernel_features().context(
+        "userfaultfd is not usable: the agent needs root (or vm.unprivileged_userfaultfd=1)",
+    )?;
+    info!(features = %wset_tracker::uffd::feature::names(offered), "kernel userfaultfd features");
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("create state directory {}", cfg.state_dir.display()))?;
+
+    let mut tasks = Vec::new();
+    for sock in &cfg.sockets {
+        let l = intake::bind(sock, cfg.socket_mode)
+            .with_context(|| format!("listen on {}", sock.path.display()))?;
+        info!(socket = %sock.path.display(), snapshot = ?sock.snapshot, "accepting VMMs");
+        tasks.push(tokio::spawn(intake::serve(
+            l,
+            sock.clone(),
+            cfg.clone(),
+            registry.clone(),
+            stop_rx.clone(),
+        )));
+    }
+
+    let svc = service::AgentService {
+        registry: registry.clone(),
+        cfg: cfg.clone(),
+    };
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<wset_proto::v1::agent_service_server::AgentServiceServer<service::AgentService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(wset_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("build reflection service")?;
+    let reflection_v1a = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(wset_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("build reflection service")?;
+    let listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
+        .await
+        .with_context(|| format!("bind gRPC address {}", cfg.grpc_addr))?;
+    info!(addr = %listener.local_addr()?, "gRPC serving");
+    let mut grpc_stop = stop_rx.clone();
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .timeout(Duration::from_secs(30))
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1a)
+            .add_service(wset_proto::v1::agent_service_server::AgentServiceServer::new(svc))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move {
+                    let _ = grpc_stop.changed().await;
+                },
+            ),
+    );
+
+    // Retire VMs whose trackers ended (VMM exit, unmap, failure).
+    let reaper = {
+        let registry = registry.clone();
+        let ttl = cfg.retired_ttl;
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = tick.tick() => {
+                        let r = registry.clone();
+                        let done = tokio::task::spawn_blocking(move || r.reap(ttl)).await.unwrap_or_default();
+                        for (info, report) in done {
+                            info!(vm_id = %info.vm_id, state = ?report.state, reason = %report.reason, "VM retired");
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    shutdown.await;
+    info!(
+        vms = registry.tracking_count(),
+        "shutting down: putting every page back"
+    );
+    let _ = stop_tx.send(true);
+    let r = registry.clone();
+    let stopped = tokio::task::spawn_blocking(move || r.stop_all())
+        .await
+        .unwrap_or_default();
+    let mut left = 0;
+    for (info, report) in &stopped {
+        if report.pages_left_in_custody > 0 {
+            warn!(vm_id = %info.vm_id, reason = %report.reason, "pages remain in custody");
+            left += report.pages_left_in_custody;
+        }
+    }
+    for t in tasks {
+        t.abort();
+    }
+    reaper.abort();
+    match grpc.await {
+        Ok(r) => r.context("gRPC server")?,
+        Err(e) => warn!(error = %e, "gRPC server task ended abnormally"),
+    }
+    for s in &cfg.sockets {
+        let _ = std::fs::remove_file(&s.path);
+    }
+    if left > 0 {
+        anyhow::bail!(
+            "{left} pages could not be put back and remain in custody files under {}",
+            cfg.state_dir.display()
+        );
+    }
+    info!(vms = stopped.len(), "stopped cleanly");
+    Ok(())
+}

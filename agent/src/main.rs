@@ -1,0 +1,143 @@
+//! `wset-agent`: the per-host agent. Flags map onto [`wset_agent::Config`];
+//! every flag has an embedded default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use wset_agent::config::{Config, SocketConfig};
+use wset_tracker::AccessMode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wset-agent",
+    version,
+    about = "Tracks VM guest memory working sets through userfaultfd"
+)]
+struct Args {
+    /// Socket VMMs connect to; PATH=SNAPSHOT_FILE serves Firecracker MISSING
+    /// faults on it from that memory file. Repeatable.
+    #[arg(long = "socket", env = "WSET_SOCKET", value_delimiter = ',')]
+    sockets: Vec<SocketConfig>,
+    /// Socket mode, octal.
+    #[arg(long, default_value = "660", value_parser = parse_octal)]
+    socket_mode: u32,
+    /// gRPC listen address.
+    #[arg(long, env = "WSET_GRPC_ADDR")]
+    grpc_addr: Option<SocketAddr>,
+    /// State directory (custody files).
+    #[arg(long, env = "WSET_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Tracking interval in milliseconds.
+    #[arg(long, env = "WSET_INTERVAL_MS")]
+    interval_ms: Option<u64>,
+    /// CPUs for tracker threads, e.g. "2,3" (default: every CPU this process may use).
+    #[arg(long, value_delimiter = ',')]
+    cpus: Vec<usize>,
+    /// Extra peer uids allowed to register (root always is).
+    #[arg(long, value_delimiter = ',')]
+    allow_uid: Vec<u32>,
+    /// Read tracking on memfd guests: "off", "exhaustive", or a sample size in granules.
+    #[arg(long, default_value = "4096", value_parser = parse_access)]
+    access: AccessMode,
+    /// Working-set windows in milliseconds, e.g. "10000,60000,300000,1800000".
+    #[arg(long, value_delimiter = ',')]
+    windows_ms: Vec<u64>,
+    /// Largest guest memory accepted, bytes.
+    #[arg(long)]
+    max_vm_bytes: Option<u64>,
+    /// Log as JSON lines.
+    #[arg(long, env = "WSET_LOG_JSON")]
+    log_json: bool,
+}
+
+fn parse_octal(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8).map_err(|e| format!("{s:?} is not an octal mode: {e}"))
+}
+
+fn parse_access(s: &str) -> Result<AccessMode, String> {
+    match s {
+        "off" => Ok(AccessMode::Off),
+        "exhaustive" => Ok(AccessMode::Exhaustive),
+        n => n
+            .parse::<u32>()
+            .ok()
+            .filter(|&g| g > 0)
+            .map(|granules| AccessMode::Sampled { granules })
+            .ok_or_else(|| format!("{s:?}: expected off, exhaustive, or a positive sample size")),
+    }
+}
+
+fn config(a: Args) -> anyhow::Result<Config> {
+    let mut c = Config::default();
+    if !a.sockets.is_empty() {
+        c.sockets = a.sockets;
+    }
+    c.socket_mode = a.socket_mode;
+    if let Some(x) = a.grpc_addr {
+        c.grpc_addr = x;
+    }
+    if let Some(x) = a.state_dir {
+        c.state_dir = x;
+    }
+    if let Some(ms) = a.interval_ms {
+        anyhow::ensure!(ms >= 10, "--interval-ms {ms} is too short: at least 10 ms");
+        c.interval = Duration::from_millis(ms);
+    }
+    if !a.cpus.is_empty() {
+        let online = wset_agent::config::default_cpus();
+        if let Some(bad) = a.cpus.iter().find(|c| !online.contains(c)) {
+            anyhow::bail!(
+                "--cpus: CPU {bad} is not available to this process (available: {online:?})"
+            );
+        }
+        c.cpus = a.cpus;
+    }
+    c.allowed_uids.extend(a.allow_uid);
+    c.access_mode = a.access;
+    if !a.windows_ms.is_empty() {
+        c.summary.windows_ms = a.windows_ms;
+    }
+    if let Some(x) = a.max_vm_bytes {
+        c.max_vm_bytes = x;
+    }
+    Ok(c)
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let result = config(args).and_then(|cfg| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(wset_agent::run(cfg, shutdown_signal()))
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wset-agent: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

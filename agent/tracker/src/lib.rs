@@ -1,0 +1,19 @@
+//! wset's hot path: userfaultfd bindings, the per-uffd tracker thread, the
+//! lock-free state it publishes, and the working-set summaries computed from
+//! that state.
+//!
+//! This crate has no async runtime (a test checks that no tokio is reachable
+//! from it) and is the only place in wset with `unsafe` code.
+
+pub mod custody;
+pub mod fdpass;
+pub mod plan;
+pub mod shared;
+pub mod summary;
+pub mod tracker;
+pub mod uffd;
+
+pub use plan::{Access, AccessMode, BackingKind, Dirty, Plan, PlanInput};
+pub use shared::{TrackerState, VmShared};
+pub use tracker::{Region, StopReport, TrackerError, TrackerHandle, TrackerSpec};
+pub use uffd::Uffd;

@@ -1,0 +1,309 @@
+//! Choosing tracking methods for one VM from what its uffd and memory allow.
+//! Pure: no IO. Every choice and every refusal carries a reason a VMM author
+//! can act on; they end up in the handshake reply and the summaries.
+
+use crate::uffd::{feature, mode};
+
+/// How the guest memory is backed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackingKind {
+    /// Private anonymous memory (Firecracker's guest memory, most VMMs).
+    Anonymous,
+    /// A memfd / shmem mapping `MAP_SHARED`, whose fd the agent holds.
+    Shmem,
+    /// A hugetlbfs memfd (2 MiB pages) mapped `MAP_SHARED`, whose fd the agent holds.
+    Hugetlb,
+}
+
+/// What the operator asks of the read-tracking method on shmem guests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessMode {
+    /// No read tracking beyond first touch.
+    Off,
+    /// Watch a random sample of this many granules (ESX-style).
+    Sampled { granules: u32 },
+    /// Watch every granule.
+    Exhaustive,
+}
+
+/// Dirty tracking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dirty {
+    None,
+    /// UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN(PAGE_IS_WRITTEN).
+    WpAsync,
+    /// Synchronous write-protect faults, re-armed each interval.
+    WpSync,
+}
+
+/// Read (and write) tracking beyond first touch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    None,
+    /// Custody and hole punching on a sample of granules.
+    ShmemSampled {
+        granules: u32,
+    },
+    /// Custody and hole punching on every granule.
+    ShmemExhaustive,
+}
+
+/// The methods chosen for one VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// `UFFDIO_REGISTER_MODE_*` bits for every region.
+    pub register_mode: u64,
+    /// MISSING faults are recorded (and served).
+    pub first_touch: bool,
+    pub dirty: Dirty,
+    pub access: Access,
+    /// Why each method was or was not chosen.
+    pub notes: Vec<String>,
+}
+
+/// What [`plan`] needs to know.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanInput {
+    /// The uffd's features, fixed by its creator.
+    pub features: u64,
+    pub backing: BackingKind,
+    pub access_mode: AccessMode,
+    /// The VMM holds its own copy of the uffd, so if the agent dies a punched
+    /// page faults (and waits) instead of reading back as zeros.
+    pub vmm_holds_uffd: bool,
+    /// The agent holds the memory's fd (memfd), needed to save and punch pages.
+    pub have_memory_fd: bool,
+    /// Granules in the VM.
+    pub granules: u32,
+}
+
+/// Features a VMM should request at `UFFDIO_API` time for the best tracking
+/// on a kernel offering `offered`, for memory backed as `backing`.
+pub fn recommended_features(offered: u64, backing: BackingKind) -> u64 {
+    let mut want = feature::EVENT_REMOVE | feature::EVENT_UNMAP | feature::THREAD_ID;
+    match backing {
+        BackingKind::Anonymous => want |= feature::WP_ASYNC | feature::WP_UNPOPULATED,
+        BackingKind::Shmem => want |= feature::MISSING_SHMEM | feature::WP_HUGETLBFS_SHMEM,
+        BackingKind::Hugetlb => want |= feature::MISSING_HUGETLBFS | feature::WP_HUGETLBFS_SHMEM,
+    }
+    want & offered
+}
+
+/// Choose methods. Never fails: a VM whose uffd allows nothing better is
+/// still tracked by first touch, and the notes say why.
+pub fn plan(input: PlanInput) -> Plan {
+    let f = input.features;
+    let mut notes = Vec::new();
+    let missing_ok = match input.backing {
+        BackingKind::Anonymous => true,
+        BackingKind::Shmem => f & feature::MISSING_SHMEM != 0,
+        BackingKind::Hugetlb => f & feature::MISSING_HUGETLBFS != 0,
+    };
+    if !missing_ok {
+        notes.push(format!(
+            "first-touch off: the uffd lacks {} (request it at UFFDIO_API)",
+            if input.backing == BackingKind::Hugetlb {
+                "MISSING_HUGETLBFS"
+            } else {
+                "MISSING_SHMEM"
+            }
+        ));
+    }
+
+    let access = match (input.backing, input.access_mode) {
+        (_, AccessMode::Off) => {
+            notes.push("read tracking off by configuration".into());
+            Access::None
+        }
+        (BackingKind::Anonymous, _) => {
+            notes.push(
+                "reads of present pages are not observable on private anonymous memory before \
+                 Linux 7.3 (RWP); back guest memory with a memfd for read tracking"
+                    .into(),
+            );
+            Access::None
+        }
+        (_, _) if !missing_ok => {
+            notes.push("read tracking off: it needs MISSING faults on this memory".into());
+            Access::None
+        }
+        (_, _) if !input.have_memory_fd => {
+            notes.push("read tracking off: the handshake did not pass the memory's fd".into());
+            Access::None
+        }
+        (_, _) if !input.vmm_holds_uffd => {
+            notes.push(
+                "read tracking off: the VMM does not keep its own copy of the uffd, so pages in \
+                 the agent's custody would read back as zeros if the agent died"
+                    .into(),
+            );
+            Access::None
+        }
+        (_, AccessMode::Exhaustive) => Access::ShmemExhaustive,
+        (_, AccessMode::Sampled { granules }) if granules >= input.granules => {
+            notes.push("sample covers every granule: tracking exhaustively".into());
+            Access::ShmemExhaustive
+        }
+        (_, AccessMode::Sampled { granules }) => Access::ShmemSampled { granules },
+    };
+
+    // Sampling freezes a page with a synchronous write-protect before saving
+    // it, so it rules out WP_ASYNC (which would let a write through and lose it
+    // to the hole punch).
+    let dirty = if access != Access::None {
+        notes.push(
+            "dirty tracking by sync write-protect: sampling needs sync WP to freeze pages".into(),
+        );
+        Dirty::WpSync
+    } else if f & feature::WP_ASYNC != 0 {
+        Dirty::WpAsync
+    } else {
+        notes.push("dirty tracking by sync write-protect: the uffd lacks WP_ASYNC".into());
+        Dirty::WpSync
+    };
+
+    let mut register_mode = mode::WP;
+    if missing_ok {
+        register_mode |= mode::MISSING;
+    }
+    Plan {
+        register_mode,
+        first_touch: missing_ok,
+        dirty,
+        access,
+        notes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(features: u64, backing: BackingKind) -> PlanInput {
+        PlanInput {
+            features,
+            backing,
+            access_mode: AccessMode::Sampled { granules: 1024 },
+            vmm_holds_uffd: true,
+            have_memory_fd: true,
+            granules: 16384,
+        }
+    }
+
+    /// `(case, input, first_touch, dirty, access, register_mode)`
+    #[test]
+    fn table() {
+        let fc = feature::EVENT_REMOVE;
+        let wset_anon = feature::EVENT_REMOVE | feature::WP_ASYNC | feature::WP_UNPOPULATED;
+        let wset_shmem = feature::EVENT_REMOVE | feature::MISSING_SHMEM;
+        let cases = [
+            (
+                "firecracker uffd",
+                input(fc, BackingKind::Anonymous),
+                true,
+                Dirty::WpSync,
+                Access::None,
+            ),
+            (
+                "anon with WP_ASYNC",
+                input(wset_anon, BackingKind::Anonymous),
+                true,
+                Dirty::WpAsync,
+                Access::None,
+            ),
+            (
+                "shmem sampled",
+                input(wset_shmem, BackingKind::Shmem),
+                true,
+                Dirty::WpSync,
+                Access::ShmemSampled { granules: 1024 },
+            ),
+            (
+                "shmem without MISSING_SHMEM",
+                input(feature::EVENT_REMOVE, BackingKind::Shmem),
+                false,
+                Dirty::WpSync,
+                Access::None,
+            ),
+            (
+                "shmem, VMM dropped its uffd",
+                PlanInput {
+                    vmm_holds_uffd: false,
+                    ..input(wset_shmem, BackingKind::Shmem)
+                },
+                true,
+                Dirty::WpSync,
+                Access::None,
+            ),
+            (
+                "shmem with WP_ASYNC but sampling",
+                input(wset_shmem | feature::WP_ASYNC, BackingKind::Shmem),
+                true,
+                Dirty::WpSync,
+                Access::ShmemSampled { granules: 1024 },
+            ),
+            (
+                "shmem with WP_ASYNC, access off",
+                PlanInput {
+                    access_mode: AccessMode::Off,
+                    ..input(wset_shmem | feature::WP_ASYNC, BackingKind::Shmem)
+                },
+                true,
+                Dirty::WpAsync,
+                Access::None,
+            ),
+            (
+                "sample larger than VM",
+                PlanInput {
+                    granules: 512,
+                    ..input(wset_shmem, BackingKind::Shmem)
+                },
+                true,
+                Dirty::WpSync,
+                Access::ShmemExhaustive,
+            ),
+            (
+                "hugetlb",
+                input(feature::MISSING_HUGETLBFS, BackingKind::Hugetlb),
+                true,
+                Dirty::WpSync,
+                Access::ShmemSampled { granules: 1024 },
+            ),
+        ];
+        for (name, inp, first_touch, dirty, access) in cases {
+            let p = plan(inp);
+            assert_eq!(
+                (p.first_touch, p.dirty, p.access),
+                (first_touch, dirty, access),
+                "{name}: {:?}",
+                p.notes
+            );
+            assert_eq!(p.register_mode & mode::MISSING != 0, first_touch, "{name}");
+            assert!(p.register_mode & mode::WP != 0, "{name}");
+        }
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let p = plan(PlanInput {
+            vmm_holds_uffd: false,
+            ..input(feature::MISSING_SHMEM, BackingKind::Shmem)
+        });
+        assert!(
+            p.notes.iter().any(|n| n.contains("own copy of the uffd")),
+            "{:?}",
+            p.notes
+        );
+        let p = plan(input(feature::EVENT_REMOVE, BackingKind::Anonymous));
+        assert!(p.notes.iter().any(|n| n.contains("memfd")), "{:?}", p.notes);
+    }
+
+    #[test]
+    fn recommended_features_are_offered_ones() {
+        let offered = 0x1ffff;
+        let r = recommended_features(offered, BackingKind::Shmem);
+        assert_eq!(r & !offered, 0);
+        assert!(r & feature::MISSING_SHMEM != 0);
+        assert_eq!(recommended_features(0, BackingKind::Anonymous), 0);
+    }
+}

@@ -1,0 +1,1097 @@
+//! The tracker: one named, pinned OS thread per uffd. It reads uffd messages
+//! in batches, resolves faults, records page ages in [`VmShared`], and on
+//! each interval tick harvests dirty pages and re-arms sampling. It owns every
+//! buffer it needs from the start: the fault path takes no lock and does not
+//! allocate.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::custody::{Custody, CustodyHeader};
+use crate::plan::{Access, Dirty, Plan};
+use crate::shared::{TrackerState, VmShared};
+use crate::uffd::{Event, Resolve, Uffd, UffdMsg, fault_flag, pagemap};
+
+/// One contiguous range of guest memory in the VMM's address space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    /// Start in the VMM's address space.
+    pub host_addr: u64,
+    pub len: u64,
+    /// Offset of this range in the memory file (memfd, or snapshot file).
+    pub file_offset: u64,
+}
+
+/// Everything a tracker needs; consumed by [`TrackerHandle::spawn`].
+#[derive(Debug)]
+pub struct TrackerSpec {
+    /// Thread name (at most 15 bytes are kept by the kernel).
+    pub name: String,
+    pub uffd: Uffd,
+    /// Sorted by `host_addr`, non-overlapping, granule-aligned (the caller validated).
+    pub regions: Vec<Region>,
+    pub granule_bytes: u64,
+    pub plan: Plan,
+    /// The guest memory's memfd, for shmem/hugetlb guests.
+    pub memory_fd: Option<OwnedFd>,
+    /// The snapshot memory file MISSING faults are served from.
+    pub source: Option<File>,
+    /// The VMM's pid, for `/proc/<pid>/pagemap` and its pidfd.
+    pub pid: i32,
+    pub interval: Duration,
+    pub cpu: Option<usize>,
+    /// Where the custody file goes (required for access methods).
+    pub custody_path: Option<PathBuf>,
+    /// Custody slots for exhaustive access tracking (sampled tracking uses
+    /// one slot per sampled granule).
+    pub custody_granules: u32,
+    /// Seed of the sample draw.
+    pub seed: u64,
+    pub started_ms: u64,
+}
+
+/// Why a tracker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error("UFFDIO_REGISTER of {start:#x}+{len:#x} with mode {mode:#x} failed: {source}")]
+    Register {
+        start: u64,
+        len: u64,
+        mode: u64,
+        source: io::Error,
+    },
+    #[error("write-protecting {start:#x}+{len:#x} failed: {source}")]
+    Protect {
+        start: u64,
+        len: u64,
+        source: io::Error,
+    },
+    #[error(
+        "open /proc/{pid}/pagemap for PAGEMAP_SCAN: {source} (the agent needs root or CAP_SYS_PTRACE)"
+    )]
+    Pagemap { pid: i32, source: io::Error },
+    #[error("custody: {0}")]
+    Custody(io::Error),
+    #[error("access tracking needs {0}")]
+    Missing(&'static str),
+    #[error("map the snapshot memory file: {0}")]
+    SourceMap(io::Error),
+    #[error("create {what}: {source}")]
+    Fd {
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("spawn tracker thread: {0}")]
+    Spawn(io::Error),
+}
+
+/// What a stopped tracker reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopReport {
+    pub state: TrackerState,
+    pub reason: String,
+    /// Pages that could not be put back and stay in the custody file.
+    pub pages_left_in_custody: u32,
+}
+
+/// Owns one tracker thread. Dropping the handle stops the thread.
+#[derive(Debug)]
+pub struct TrackerHandle {
+    shared: Arc<VmShared>,
+    stop: OwnedFd,
+    join: Option<JoinHandle<StopReport>>,
+    pin_warning: Option<String>,
+}
+
+impl TrackerHandle {
+    /// Register the VM's ranges with the chosen modes, arm tracking, and start
+    /// the thread. Registration errors come back here, before any thread runs.
+    pub fn spawn(spec: TrackerSpec) -> Result<Self, TrackerError> {
+        let interval_ms = spec.interval.as_millis() as u64;
+        let granules: usize = spec
+            .regions
+            .iter()
+            .map(|r| (r.len / spec.granule_bytes) as usize)
+            .sum();
+        let sample = match spec.plan.access {
+            Access::ShmemSampled { granules: k } => {
+                Some(draw_sample(granules as u32, k, spec.seed))
+            }
+            _ => None,
+        };
+        let shared = Arc::new(VmShared::new(
+            granules,
+            spec.granule_bytes,
+            sample.as_deref(),
+            spec.started_ms,
+            interval_ms,
+        ));
+        let stop = eventfd().map_err(|source| TrackerError::Fd {
+            what: "eventfd",
+            source,
+        })?;
+        let mut t = Tracker::new(spec, shared.clone(), sample)?;
+        let stop_raw = stop.as_raw_fd();
+        let name = t.name.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let join = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                let pin = t.cpu.map(|cpu| {
+                    pin_to(cpu).map_err(|e| format!("pinning to CPU {cpu} failed: {e}"))
+                });
+                let _ = ready_tx.send(pin.and_then(Result::err));
+                t.run(stop_raw)
+            })
+            .map_err(TrackerError::Spawn)?;
+        let pin_warning = ready_rx.recv().ok().flatten();
+        Ok(Self {
+            shared,
+            stop,
+            join: Some(join),
+            pin_warning,
+        })
+    }
+
+    /// Why the thread could not be pinned to its CPU, if it could not.
+    pub fn pin_warning(&self) -> Option<&str> {
+        self.pin_warning.as_deref()
+    }
+
+    /// The state the control plane reads.
+    pub fn shared(&self) -> &Arc<VmShared> {
+        &self.shared
+    }
+
+    /// Whether the thread has ended (VMM gone, failure, or stopped).
+    pub fn is_finished(&self) -> bool {
+        self.join.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stop the thread: it puts every page in custody back, removes all
+    /// protection, unregisters, and exits. Blocks until it has.
+    pub fn stop(mut self) -> StopReport {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> StopReport {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a u64 to our eventfd.
+        unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        match self.join.take() {
+            Some(j) => j.join().unwrap_or_else(|_| StopReport {
+                state: TrackerState::Failed,
+                reason: "tracker thread panicked outside its guard".into(),
+                pages_left_in_custody: 0,
+            }),
+            None => StopReport {
+                state: self.shared.state(),
+                reason: self.shared.end_reason().unwrap_or_default().to_owned(),
+                pages_left_in_custody: 0,
+            },
+        }
+    }
+}
+
+impl Drop for TrackerHandle {
+    fn drop(&mut self) {
+        if self.join.is_some() {
+            self.stop_inner();
+        }
+    }
+}
+
+/// A deterministic random sample of `k` distinct granules out of `n`
+/// (Floyd's algorithm), sorted.
+pub fn draw_sample(n: u32, k: u32, seed: u64) -> Vec<u32> {
+    let k = k.min(n);
+    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        // xorshift64*
+        rng ^= rng >> 12;
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    let mut chosen = std::collections::HashSet::with_capacity(k as usize);
+    for j in (n - k)..n {
+        let t = (next() % (j as u64 + 1)) as u32;
+        if !chosen.insert(t) {
+            chosen.insert(j);
+        }
+    }
+    let mut v: Vec<u32> = chosen.into_iter().collect();
+    v.sort_unstable();
+    v
+}
+
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd(2) with constant flags returns a new fd or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd from the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn timerfd(interval: Duration) -> io::Result<OwnedFd> {
+    // SAFETY: timerfd_create with constant arguments returns a new fd or -1.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd from the kernel.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let ts = libc::timespec {
+        tv_sec: interval.as_secs() as _,
+        tv_nsec: interval.subsec_nanos() as _,
+    };
+    let spec = libc::itimerspec {
+        it_interval: ts,
+        it_value: ts,
+    };
+    // SAFETY: `spec` is a valid itimerspec; the old value is not asked for.
+    if unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd from the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Monotonic nanoseconds (vDSO; no syscall, no allocation).
+#[inline]
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn pin_to(cpu: usize) -> io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes in bounds
+    // for cpu < CPU_SETSIZE (checked by the caller's validation of the CPU set).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A read-only private mapping of the snapshot memory file.
+#[derive(Debug)]
+struct SourceMap {
+    ptr: *const u8,
+    len: usize,
+}
+
+impl SourceMap {
+    fn new(f: &File) -> io::Result<Self> {
+        let len = f.metadata()?.len() as usize;
+        if len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "snapshot memory file is empty",
+            ));
+        }
+        // SAFETY: mapping a file we hold, read-only and private.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { ptr: p.cast(), len })
+    }
+}
+
+impl Drop for SourceMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.ptr as *mut _, self.len) };
+    }
+}
+
+const MSG_BATCH: usize = 64;
+const DEFERRED_CAP: usize = 1024;
+const SCAN_VEC: usize = 512;
+/// `slot_of` values that are not custody slots.
+const UNARMED: u32 = u32::MAX;
+/// Armed without custody: the granule is a hole in the memory file, so its
+/// next access faults anyway.
+const ARMED_HOLE: u32 = u32::MAX - 1;
+
+#[derive(Debug)]
+struct Tracker {
+    name: String,
+    uffd: Uffd,
+    regions: Vec<Region>,
+    /// First granule index of each region.
+    region_base: Vec<usize>,
+    granule: u64,
+    plan: Plan,
+    memory_fd: Option<OwnedFd>,
+    source: Option<SourceMap>,
+    _source_file: Option<File>,
+    pagemap: Option<File>,
+    pidfd: Option<OwnedFd>,
+    timer: OwnedFd,
+    cpu: Option<usize>,
+    shared: Arc<VmShared>,
+    custody: Option<Custody>,
+    /// Per granule: custody slot, [`ARMED_HOLE`] or [`UNARMED`] (access methods only).
+    slot_of: Box<[u32]>,
+    /// Granules the access method watches.
+    sample: Box<[u32]>,
+    /// Per granule: the VMM dropped it (REMOVE): serve zeros, not the snapshot.
+    removed: Box<[bool]>,
+    /// Per granule: served by us from the snapshot (to populate the rest on release).
+    served: Box<[bool]>,
+    zero: Box<[u8]>,
+    msgs: Box<[UffdMsg; MSG_BATCH]>,
+    deferred: Vec<(u64, u64)>,
+    scan_buf: Box<[pagemap::PageRegion]>,
+}
+
+impl Tracker {
+    fn new(
+        spec: TrackerSpec,
+        shared: Arc<VmShared>,
+        sample: Option<Vec<u32>>,
+    ) -> Result<Self, TrackerError> {
+        let granule = spec.granule_bytes;
+        let granules = shared.granules();
+        let mut region_base = Vec::with_capacity(spec.regions.len());
+        let mut acc = 0usize;
+        for r in &spec.regions {
+            region_base.push(acc);
+            acc += (r.len / granule) as usize;
+        }
+        let access = spec.plan.access != Access::None;
+        let (custody, sample) = if access {
+            let path = spec
+                .custody_path
+                .clone()
+                .ok_or(TrackerError::Missing("a state directory for custody files"))?;
+            let mfd = spec
+                .memory_fd
+                .as_ref()
+                .ok_or(TrackerError::Missing("the memory fd"))?;
+            let st = nix_fstat(mfd.as_raw_fd()).map_err(TrackerError::Custody)?;
+            let sample = sample.unwrap_or_else(|| (0..granules as u32).collect());
+            let slots = match spec.plan.access {
+                Access::ShmemSampled { .. } => sample.len() as u32,
+                _ => spec.custody_granules.min(granules as u32),
+            };
+            let header = CustodyHeader {
+                granule,
+                slots,
+                vmm_pid: spec.pid as u32,
+                memory_dev: st.0,
+                memory_ino: st.1,
+            };
+            (
+                Some(Custody::create(&path, header).map_err(TrackerError::Custody)?),
+                sample,
+            )
+        } else {
+            (None, Vec::new())
+        };
+        let pagemap = if spec.plan.dirty == Dirty::WpAsync {
+            Some(
+                File::open(format!("/proc/{}/pagemap", spec.pid)).map_err(|source| {
+                    TrackerError::Pagemap {
+                        pid: spec.pid,
+                        source,
+                    }
+                })?,
+            )
+        } else {
+            None
+        };
+        let source = match &spec.source {
+            Some(f) => Some(SourceMap::new(f).map_err(TrackerError::SourceMap)?),
+            None => None,
+        };
+        let timer = timerfd(spec.interval).map_err(|source| TrackerError::Fd {
+            what: "timerfd",
+            source,
+        })?;
+        // A VMM that is already gone is noticed at the first tick instead.
+        let pidfd = pidfd_open(spec.pid).ok();
+        let t = Self {
+            name: spec.name,
+            uffd: spec.uffd,
+            regions: spec.regions,
+            region_base,
+            granule,
+            plan: spec.plan,
+            memory_fd: spec.memory_fd,
+            source,
+            _source_file: spec.source,
+            pagemap,
+            pidfd,
+            timer,
+            cpu: spec.cpu,
+            shared,
+            custody,
+            slot_of: vec![UNARMED; if access { granules } else { 0 }].into_boxed_slice(),
+            sample: sample.into_boxed_slice(),
+            removed: vec![false; granules].into_boxed_slice(),
+            served: vec![false; granules].into_boxed_slice(),
+            zero: vec![0u8; granule as usize].into_boxed_slice(),
+            msgs: Box::new([UffdMsg::default(); MSG_BATCH]),
+            deferred: Vec::with_capacity(DEFERRED_CAP),
+            scan_buf: vec![pagemap::PageRegion::default(); SCAN_VEC].into_boxed_slice(),
+        };
+        t.arm()?;
+        Ok(t)
+    }
+
+    /// Register every region and write-protect it.
+    fn arm(&self) -> Result<(), TrackerError> {
+        for r in &self.regions {
+            self.uffd
+                .register(r.host_addr, r.len, self.plan.register_mode)
+                .map_err(|source| TrackerError::Register {
+                    start: r.host_addr,
+                    len: r.len,
+                    mode: self.plan.register_mode,
+                    source,
+                })?;
+            if self.plan.dirty != Dirty::None {
+                match self.uffd.write_protect(r.host_addr, r.len, true, true) {
+                    Ok(_) => {}
+                    Err(source) => {
+                        return Err(TrackerError::Protect {
+                            start: r.host_addr,
+                            len: r.len,
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, stop: RawFd) -> StopReport {
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.event_loop(stop)));
+        let (state, reason) = match outcome {
+            Ok(Ok(end)) => end,
+            Ok(Err(e)) => (TrackerState::Failed, format!("tracker error: {e}")),
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                (TrackerState::Failed, format!("tracker panicked: {msg}"))
+            }
+        };
+        let vmm_alive = state != TrackerState::Retired;
+        let left = self.release(vmm_alive);
+        let reason = if left > 0 {
+            format!(
+                "{reason}; {left} pages could not be put back and remain in {}",
+                self.custody
+                    .as_ref()
+                    .map(|c| c.path().display().to_string())
+                    .unwrap_or_default()
+            )
+        } else {
+            reason
+        };
+        self.shared.end(state, reason.clone());
+        StopReport {
+            state,
+            reason,
+            pages_left_in_custody: left,
+        }
+    }
+
+    fn event_loop(&mut self, stop: RawFd) -> io::Result<(TrackerState, String)> {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.timer.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.pidfd.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            let timeout = if self.deferred.is_empty() { -1 } else { 1 };
+            // SAFETY: `fds` is a valid array of pollfd of the given length.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, timeout) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if fds[2].revents != 0 {
+                return Ok((TrackerState::Stopped, "stopped by the agent".into()));
+            }
+            if fds[0].revents & libc::POLLIN != 0
+                && let Some(end) = self.drain()?
+            {
+                return Ok(end);
+            }
+            if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                return Ok((
+                    TrackerState::Retired,
+                    "the uffd reported an error or hang-up".into(),
+                ));
+            }
+            if !self.deferred.is_empty() {
+                self.retry_deferred()?;
+            }
+            if fds[1].revents != 0 {
+                let mut ticks = 0u64;
+                // SAFETY: reading 8 bytes into a u64 from our timerfd.
+                unsafe { libc::read(self.timer.as_raw_fd(), (&mut ticks as *mut u64).cast(), 8) };
+                self.tick()?;
+            }
+            if fds[3].revents != 0 {
+                return Ok((TrackerState::Retired, "the VMM process exited".into()));
+            }
+        }
+    }
+
+    /// Read and handle messages until none is pending.
+    fn drain(&mut self) -> io::Result<Option<(TrackerState, String)>> {
+        loop {
+            let n = match self.uffd.read_msgs(&mut self.msgs[..]) {
+                Ok(n) => n,
+                Err(e) => {
+                    return Ok(Some((
+                        TrackerState::Retired,
+                        format!("reading the uffd failed: {e}"),
+                    )));
+                }
+            };
+            if n == 0 {
+                return Ok(None);
+            }
+            let t0 = now_ns();
+            for i in 0..n {
+                let ev = self.msgs[i].decode();
+                if let Some(end) = self.handle(ev, t0)? {
+                    return Ok(Some(end));
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn locate(&self, addr: u64) -> Option<(usize, u64)> {
+        // Regions are few (a VM has one to a handful): a linear scan beats a search.
+        for (i, r) in self.regions.iter().enumerate() {
+            if addr >= r.host_addr && addr < r.host_addr + r.len {
+                let within = (addr - r.host_addr) / self.granule;
+                return Some((
+                    self.region_base[i] + within as usize,
+                    r.host_addr + within * self.granule,
+                ));
+            }
+        }
+        None
+    }
+
+    fn file_offset(&self, g: usize) -> u64 {
+        let i = self.region_base.partition_point(|&b| b <= g) - 1;
+        self.regions[i].file_offset + (g - self.region_base[i]) as u64 * self.granule
+    }
+
+    fn handle(&mut self, ev: Event, t0: u64) -> io::Result<Option<(TrackerState, String)>> {
+        match ev {
+            Event::PageFault { flags, address, .. } => {
+                let resolved = self.fault(address, flags)?;
+                if resolved {
+                    self.shared.record_latency(now_ns().saturating_sub(t0));
+                    self.shared.counters.faults_handled.fetch_add(1, Relaxed);
+                }
+            }
+            Event::Remove { start, end } => {
+                self.shared.counters.remove_events.fetch_add(1, Relaxed);
+                let mut a = start;
+                while a < end {
+                    if let Some((g, ga)) = self.locate(a) {
+                        // Only granules wholly inside the range were dropped.
+                        if ga >= start && ga + self.granule <= end {
+                            self.removed[g] = true;
+                        }
+                    }
+                    a = (a - a % self.granule) + self.granule;
+                }
+            }
+            Event::Unmap { start, end } => {
+                if self
+                    .regions
+                    .iter()
+                    .any(|r| start < r.host_addr + r.len && r.host_addr < end)
+                {
+                    return Ok(Some((
+                        TrackerState::Retired,
+                        format!("the VMM unmapped guest memory {start:#x}..{end:#x}"),
+                    )));
+                }
+            }
+            Event::Remap { from, to, len } => {
+                return Ok(Some((
+                    TrackerState::Retired,
+                    format!(
+                        "the VMM moved guest memory {from:#x}+{len:#x} to {to:#x}; re-register to track it"
+                    ),
+                )));
+            }
+            Event::Fork { fd } => {
+                // We do not track the VMM's children; close the child's uffd.
+                // SAFETY: the kernel installed this fd in our table for us.
+                drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+            Event::Unknown { .. } => {
+                self.shared.counters.events_dropped.fetch_add(1, Relaxed);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Serve one fault. Returns whether it was resolved now (false: deferred).
+    #[inline]
+    fn fault(&mut self, address: u64, flags: u64) -> io::Result<bool> {
+        let Some((g, ga)) = self.locate(address) else {
+            self.shared.counters.events_dropped.fetch_add(1, Relaxed);
+            return Ok(true);
+        };
+        let e = self.shared.epoch();
+        let write = flags & fault_flag::WRITE != 0;
+        let res = if flags & fault_flag::WP != 0 {
+            self.shared.counters.wp_faults.fetch_add(1, Relaxed);
+            self.shared.record(g, e, true);
+            match self.custody_slot(g) {
+                Some(slot) => self.restore(g, ga, slot, true)?,
+                None => {
+                    if !self.slot_of.is_empty() {
+                        self.slot_of[g] = UNARMED;
+                    }
+                    self.uffd.write_protect(ga, self.granule, false, false)?
+                }
+            }
+        } else {
+            self.shared.counters.missing_faults.fetch_add(1, Relaxed);
+            self.shared.record(g, e, write);
+            match self.custody_slot(g) {
+                Some(slot) => self.restore(g, ga, slot, write)?,
+                None => {
+                    if !self.slot_of.is_empty() {
+                        self.slot_of[g] = UNARMED;
+                    }
+                    self.serve_fresh(g, ga, write)?
+                }
+            }
+        };
+        match res {
+            Resolve::Done | Resolve::Gone => Ok(true),
+            Resolve::Exists => {
+                // Another fault on the same granule was served first.
+                self.uffd.wake(ga, self.granule)?;
+                Ok(true)
+            }
+            Resolve::Again => {
+                self.shared.counters.retries.fetch_add(1, Relaxed);
+                if self.deferred.len() < DEFERRED_CAP {
+                    self.deferred.push((address, flags));
+                    Ok(false)
+                } else {
+                    // Full: spin on this one rather than lose a blocked vCPU.
+                    self.fault(address, flags)
+                }
+            }
+        }
+    }
+
+    fn retry_deferred(&mut self) -> io::Result<()> {
+        let pending = self.deferred.len();
+        for i in 0..pending {
+            let (a, f) = self.deferred[i];
+            let _ = self.fault(a, f)?;
+        }
+        self.deferred.drain(..pending);
+        Ok(())
+    }
+
+    #[inline]
+    fn custody_slot(&self, g: usize) -> Option<u32> {
+        match self.slot_of.get(g) {
+            Some(&s) if s < ARMED_HOLE => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Serve a first touch (or a touch after the VMM dropped the page): from
+    /// the snapshot file when there is one, else zeros.
+    #[inline]
+    fn serve_fresh(&mut self, g: usize, ga: u64, write: bool) -> io::Result<Resolve> {
+        let wp = !write && self.plan.dirty != Dirty::None;
+        let src = match &self.source {
+            Some(s) if !self.removed[g] => {
+                let off = self.file_offset(g) as usize;
+                if off + self.granule as usize > s.len {
+                    self.zero.as_ptr()
+                } else {
+                    // SAFETY: in bounds of the mapping (checked just above).
+                    unsafe { s.ptr.add(off) }
+                }
+            }
+            _ => self.zero.as_ptr(),
+        };
+        self.removed[g] = false;
+        self.served[g] = true;
+        // SAFETY: `src` points at `granule` readable bytes (the snapshot
+        // mapping or our zero buffer).
+        unsafe { self.uffd.copy(ga, src, self.granule, wp) }
+    }
+
+    /// Put a page from custody back into the guest.
+    fn restore(&mut self, g: usize, ga: u64, slot: u32, write: bool) -> io::Result<Resolve> {
+        let custody = self.custody.as_mut().expect("custody slot without custody");
+        let wp = !write && self.plan.dirty != Dirty::None;
+        // SAFETY: the slot pointer is valid for one granule.
+        let r = unsafe {
+            self.uffd
+                .copy(ga, custody.slot_ptr(slot), self.granule, wp)?
+        };
+        match r {
+            Resolve::Done | Resolve::Exists => {
+                // Exists: something put a page there other than us (the VMM
+                // wrote the memory file directly); its data is newer.
+                custody.release(slot);
+                self.slot_of[g] = UNARMED;
+                self.shared.counters.pages_in_custody.fetch_sub(1, Relaxed);
+            }
+            Resolve::Again | Resolve::Gone => {}
+        }
+        Ok(r)
+    }
+
+    /// The interval tick: harvest, re-arm, advance the epoch.
+    fn tick(&mut self) -> io::Result<()> {
+        let e = self.shared.epoch();
+        match self.plan.dirty {
+            Dirty::WpAsync => self.harvest_wp_async(e)?,
+            Dirty::WpSync => {
+                for r in &self.regions {
+                    let _ = self.uffd.write_protect(r.host_addr, r.len, true, true)?;
+                }
+            }
+            Dirty::None => {}
+        }
+        if self.custody.is_some() {
+            self.rearm_access()?;
+        }
+        self.shared.counters.harvests.fetch_add(1, Relaxed);
+        self.shared.advance_epoch(e);
+        Ok(())
+    }
+
+    fn harvest_wp_async(&mut self, e: u32) -> io::Result<()> {
+        let Some(pm) = self.pagemap.as_ref() else {
+            return Ok(());
+        };
+        let scan = pagemap::Scan {
+            flags: pagemap::PM_SCAN_WP_MATCHING | pagemap::PM_SCAN_CHECK_WPASYNC,
+            category_mask: pagemap::PAGE_IS_WRITTEN,
+            return_mask: pagemap::PAGE_IS_WRITTEN,
+        };
+        for ri in 0..self.regions.len() {
+            let r = self.regions[ri];
+            let end = r.host_addr + r.len;
+            let mut start = r.host_addr;
+            while start < end {
+                let (n, walk_end) =
+                    match pagemap::scan(pm.as_fd(), start, end, scan, &mut self.scan_buf) {
+                        Ok(x) => x,
+                        // The VMM is gone; the pidfd will say so.
+                        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+                        Err(e) => return Err(e),
+                    };
+                for pr in &self.scan_buf[..n] {
+                    let mut a = pr.start;
+                    while a < pr.end {
+                        let g = self.region_base[ri] + ((a - r.host_addr) / self.granule) as usize;
+                        self.shared.record(g, e, true);
+                        a += self.granule;
+                    }
+                }
+                if walk_end <= start {
+                    break;
+                }
+                start = walk_end;
+            }
+        }
+        Ok(())
+    }
+
+    /// Take every watched granule that was accessed since it was last armed
+    /// back into custody (or mark it armed if it is a hole).
+    fn rearm_access(&mut self) -> io::Result<()> {
+        for i in 0..self.sample.len() {
+            let g = self.sample[i] as usize;
+            if self.slot_of[g] != UNARMED || self.removed[g] {
+                continue;
+            }
+            if !self.evict(g)? {
+                self.shared.counters.custody_full.fetch_add(1, Relaxed);
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Save granule `g` into custody and punch its hole. Returns false when
+    /// custody is full.
+    fn evict(&mut self, g: usize) -> io::Result<bool> {
+        let off = self.file_offset(g);
+        let ga = self.granule_addr(g);
+        let mfd = self
+            .memory_fd
+            .as_ref()
+            .expect("access method without memory fd")
+            .as_raw_fd();
+        // A hole faults on its next access anyway: armed for free.
+        // SAFETY: lseek on our memfd.
+        let data = unsafe { libc::lseek(mfd, off as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 || data as u64 >= off + self.granule {
+            self.slot_of[g] = ARMED_HOLE;
+            return Ok(true);
+        }
+        let custody = self
+            .custody
+            .as_mut()
+            .expect("access method without custody");
+        let Some(slot) = custody.take() else {
+            return Ok(false);
+        };
+        // 1. Freeze: from here a guest write waits on a WP fault we serve later.
+        if self.uffd.write_protect(ga, self.granule, true, true)? == Resolve::Gone {
+            custody.release(slot);
+            return Ok(true);
+        }
+        // 2. Save the granule into the custody file.
+        let dst = custody.slot_ptr(slot);
+        let mut done = 0usize;
+        while done < self.granule as usize {
+            // SAFETY: `dst` is valid for `granule` bytes; reading the rest of it.
+            let n = unsafe {
+                libc::pread(
+                    mfd,
+                    dst.add(done).cast(),
+                    self.granule as usize - done,
+                    (off + done as u64) as libc::off_t,
+                )
+            };
+            if n <= 0 {
+                let err = io::Error::last_os_error();
+                custody.release(slot);
+                return Err(io::Error::new(
+                    err.kind(),
+                    format!("saving page at offset {off:#x}: {err}"),
+                ));
+            }
+            done += n as usize;
+        }
+        custody.commit(slot, off);
+        // 3. Punch: the next access faults MISSING and gets the page back.
+        // SAFETY: fallocate on our memfd with constant flags.
+        let rc = unsafe {
+            libc::fallocate(
+                mfd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off as libc::off_t,
+                self.granule as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            // The page is still there: nothing lost, but this granule is not armed.
+            let err = io::Error::last_os_error();
+            custody.release(slot);
+            return Err(io::Error::new(
+                err.kind(),
+                format!("punching page at offset {off:#x}: {err}"),
+            ));
+        }
+        self.slot_of[g] = slot;
+        self.shared.counters.pages_in_custody.fetch_add(1, Relaxed);
+        self.shared.counters.sampled_pages.fetch_add(1, Relaxed);
+        Ok(true)
+    }
+
+    fn granule_addr(&self, g: usize) -> u64 {
+        let i = self.region_base.partition_point(|&b| b <= g) - 1;
+        self.regions[i].host_addr + (g - self.region_base[i]) as u64 * self.granule
+    }
+
+    /// Leave the guest as if we had never been there: every page in custody
+    /// back, the snapshot's unserved pages populated, protection removed,
+    /// ranges unregistered. Returns pages that could not be put back.
+    fn release(&mut self, vmm_alive: bool) -> u32 {
+        let mut left = 0;
+        let granules = self.slot_of.len();
+        for g in 0..granules {
+            let Some(slot) = self.custody_slot(g) else {
+                continue;
+            };
+            let ga = self.granule_addr(g);
+            let put_back = vmm_alive && {
+                let custody = self.custody.as_ref().expect("custody");
+                // SAFETY: the slot pointer is valid for one granule.
+                let r = unsafe {
+                    self.uffd
+                        .copy(ga, custody.slot_ptr(slot), self.granule, false)
+                };
+                matches!(r, Ok(Resolve::Done | Resolve::Exists))
+            };
+            // Without the VMM (or if the copy failed), write the page into the
+            // memory file itself so the data outlives us.
+            let ok = put_back || self.write_back(g, slot).is_ok();
+            if ok {
+                self.custody.as_mut().expect("custody").release(slot);
+                self.slot_of[g] = UNARMED;
+                self.shared.counters.pages_in_custody.fetch_sub(1, Relaxed);
+            } else {
+                left += 1;
+            }
+        }
+        if vmm_alive {
+            if self.source.is_some() {
+                self.populate_unserved();
+            }
+            for r in &self.regions {
+                let _ = self.uffd.write_protect(r.host_addr, r.len, false, false);
+                let _ = self.uffd.unregister(r.host_addr, r.len);
+            }
+        }
+        if let Some(c) = &self.custody {
+            let _ = c.remove_if_empty();
+        }
+        left
+    }
+
+    fn write_back(&self, g: usize, slot: u32) -> io::Result<()> {
+        let Some(mfd) = &self.memory_fd else {
+            return Err(io::Error::other("no memory fd"));
+        };
+        let custody = self.custody.as_ref().expect("custody");
+        let off = self.file_offset(g);
+        // SAFETY: the slot pointer is valid for `granule` bytes.
+        let buf =
+            unsafe { std::slice::from_raw_parts(custody.slot_ptr(slot), self.granule as usize) };
+        use std::os::unix::fs::FileExt;
+        let f = std::mem::ManuallyDrop::new(
+            // SAFETY: borrowing our memfd as a File without taking ownership.
+            unsafe { File::from_raw_fd(mfd.as_raw_fd()) },
+        );
+        f.write_all_at(buf, off)
+    }
+
+    /// Before unregistering a snapshot-backed VM, copy in every page it has
+    /// not touched yet: once unregistered, the kernel would zero-fill them.
+    fn populate_unserved(&mut self) {
+        let Some(src) = &self.source else { return };
+        for g in 0..self.served.len() {
+            if self.served[g] || self.removed[g] {
+                continue;
+            }
+            let off = self.file_offset(g) as usize;
+            if off + self.granule as usize > src.len {
+                continue;
+            }
+            let ga = self.granule_addr(g);
+            // SAFETY: in bounds of the snapshot mapping (checked above).
+            let _ = unsafe { self.uffd.copy_dontwake(ga, src.ptr.add(off), self.granule) };
+        }
+        for r in &self.regions {
+            let _ = self.uffd.wake(r.host_addr, r.len);
+        }
+    }
+}
+
+fn nix_fstat(fd: RawFd) -> io::Result<(u64, u64)> {
+    // SAFETY: a zeroed stat is a valid out-parameter for fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one stat.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.st_dev, st.st_ino))
+}
+
+// SAFETY: the source mapping is read-only and owned by the tracker; it moves
+// to the tracker thread with it and is used only there.
+unsafe impl Send for SourceMap {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_is_distinct_sorted_and_deterministic() {
+        let s = draw_sample(1000, 100, 42);
+        assert_eq!(s.len(), 100);
+        assert!(s.windows(2).all(|w| w[0] < w[1]));
+        assert!(s.iter().all(|&g| g < 1000));
+        assert_eq!(s, draw_sample(1000, 100, 42));
+        assert_ne!(s, draw_sample(1000, 100, 43));
+        assert_eq!(draw_sample(10, 50, 1), (0..10).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,389 @@
+//! The tracker against the real kernel, in one process: a thread plays the
+//! guest and touches memory in a known pattern while the tracker thread
+//! serves its faults. Needs /dev/userfaultfd (or the syscall) as root.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use wset_tracker::plan::{self, AccessMode, BackingKind, PlanInput};
+use wset_tracker::summary::{SummaryConfig, summarize};
+use wset_tracker::uffd::feature;
+use wset_tracker::{Region, TrackerHandle, TrackerSpec, TrackerState, Uffd};
+
+const PAGE: u64 = 4096;
+const INTERVAL: Duration = Duration::from_millis(100);
+
+struct Mem {
+    ptr: *mut u8,
+    len: usize,
+    memfd: Option<OwnedFd>,
+}
+// SAFETY: test memory shared between the toucher thread and the checks.
+unsafe impl Send for Mem {}
+// SAFETY: as above; accesses are plain loads/stores of bytes.
+unsafe impl Sync for Mem {}
+
+impl Mem {
+    fn anon(pages: usize) -> Self {
+        let len = pages * PAGE as usize;
+        // SAFETY: a fresh anonymous private mapping.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Self {
+            ptr: p.cast(),
+            len,
+            memfd: None,
+        }
+    }
+
+    fn memfd(pages: usize) -> Self {
+        let len = pages * PAGE as usize;
+        // SAFETY: memfd_create with a static name.
+        let fd = unsafe { libc::memfd_create(c"wset-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fresh fd.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ftruncate on our fd.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }, 0);
+        // SAFETY: a shared mapping of our memfd.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Self {
+            ptr: p.cast(),
+            len,
+            memfd: Some(fd),
+        }
+    }
+
+    fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    fn read(&self, page: usize) -> u64 {
+        // SAFETY: in bounds; volatile so the access really happens.
+        unsafe { std::ptr::read_volatile(self.ptr.add(page * PAGE as usize).cast::<u64>()) }
+    }
+
+    fn write(&self, page: usize, v: u64) {
+        // SAFETY: in bounds.
+        unsafe { std::ptr::write_volatile(self.ptr.add(page * PAGE as usize).cast::<u64>(), v) }
+    }
+
+    fn fill(&self, seed: u64) {
+        for p in 0..self.len / PAGE as usize {
+            for w in 0..(PAGE as usize / 8) {
+                // SAFETY: in bounds.
+                unsafe {
+                    *self.ptr.add(p * PAGE as usize + w * 8).cast::<u64>() = pattern(seed, p, w)
+                };
+            }
+        }
+    }
+
+    /// Compare every word with the pattern (faults go through the tracker).
+    fn check(&self, seed: u64, overrides: &[(usize, u64)]) -> usize {
+        let mut bad = 0;
+        for p in 0..self.len / PAGE as usize {
+            for w in 0..(PAGE as usize / 8) {
+                // SAFETY: in bounds.
+                let v = unsafe {
+                    std::ptr::read_volatile(self.ptr.add(p * PAGE as usize + w * 8).cast::<u64>())
+                };
+                let want = match overrides.iter().find(|(op, _)| *op == p) {
+                    Some((_, ov)) if w == 0 => *ov,
+                    _ => pattern(seed, p, w),
+                };
+                if v != want {
+                    bad += 1;
+                }
+            }
+        }
+        bad
+    }
+}
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn pattern(seed: u64, page: usize, word: usize) -> u64 {
+    seed ^ ((page as u64) << 20) ^ word as u64 ^ 0x5bd1_e995
+}
+
+fn spec(
+    uffd: Uffd,
+    mem: &Mem,
+    plan: plan::Plan,
+    memory_fd: Option<OwnedFd>,
+    custody: Option<std::path::PathBuf>,
+) -> TrackerSpec {
+    TrackerSpec {
+        name: "wset-test".into(),
+        uffd,
+        regions: vec![Region {
+            host_addr: mem.addr(),
+            len: mem.len as u64,
+            file_offset: 0,
+        }],
+        granule_bytes: PAGE,
+        plan,
+        memory_fd,
+        source: None,
+        pid: std::process::id() as i32,
+        interval: INTERVAL,
+        cpu: Some(0),
+        custody_path: custody,
+        custody_granules: (mem.len as u64 / PAGE) as u32,
+        seed: 7,
+        started_ms: 0,
+    }
+}
+
+fn cfg() -> SummaryConfig {
+    // Windows of 2 and 5 intervals.
+    SummaryConfig {
+        windows_ms: vec![200, 500],
+        age_buckets_ms: vec![0, 200, 500],
+        heat_slices: 4,
+    }
+}
+
+fn wait_epochs(h: &TrackerHandle, n: u32) {
+    let start = h.shared().epoch();
+    let deadline = Instant::now() + INTERVAL * (n + 20);
+    while h.shared().epoch() < start + n {
+        assert!(
+            Instant::now() < deadline,
+            "tracker epochs stalled at {}",
+            h.shared().epoch()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Keep touching `pages` (reads, or writes of `v`) until told to stop.
+fn toucher(
+    mem: Arc<Mem>,
+    pages: std::ops::Range<usize>,
+    write: Option<u64>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            for p in pages.clone() {
+                match write {
+                    Some(v) => mem.write(p, v),
+                    None => {
+                        std::hint::black_box(mem.read(p));
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+}
+
+fn custody_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("wset-rt-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn anonymous_first_touch_and_wp_async_dirty_are_exact() {
+    let offered = Uffd::kernel_features().expect("userfaultfd: run as root");
+    assert!(
+        offered & feature::WP_ASYNC != 0,
+        "kernel lacks WP_ASYNC (6.7+): {offered:#x}"
+    );
+    let mem = Arc::new(Mem::anon(256));
+    let uffd = Uffd::create().unwrap();
+    let features = uffd
+        .api(plan::recommended_features(offered, BackingKind::Anonymous))
+        .unwrap();
+    let p = plan::plan(PlanInput {
+        features,
+        backing: BackingKind::Anonymous,
+        access_mode: AccessMode::Off,
+        vmm_holds_uffd: true,
+        have_memory_fd: false,
+        granules: 256,
+    });
+    assert_eq!(p.dirty, wset_tracker::Dirty::WpAsync);
+    let h = TrackerHandle::spawn(spec(uffd, &mem, p.clone(), None, None)).unwrap();
+    // Phase 1: read pages 0..100, write 100..150 (first touches).
+    for pg in 0..100 {
+        assert_eq!(mem.read(pg), 0);
+    }
+    for pg in 100..150 {
+        mem.write(pg, 0xAA);
+    }
+    wait_epochs(&h, 2);
+    let s = summarize(h.shared(), &p, &cfg(), 0);
+    assert_eq!(s.touched_bytes, 150 * PAGE);
+    assert_eq!(s.windows[1].dirty_bytes, 50 * PAGE);
+    // Phase 2: keep writing 10 pages that are already present: only WP_ASYNC sees these.
+    let stop = Arc::new(AtomicBool::new(false));
+    let t = toucher(mem.clone(), 0..10, Some(0xBB), stop.clone());
+    wait_epochs(&h, 4);
+    let s = summarize(h.shared(), &p, &cfg(), 0);
+    stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+    // Last 2 intervals: exactly the 10 pages written.
+    assert_eq!(s.windows[0].dirty_bytes, 10 * PAGE, "{s:#?}");
+    assert_eq!(s.windows[0].wss_bytes, 10 * PAGE, "{s:#?}");
+    assert!(s.error.lower_bound);
+    let r = h.stop();
+    assert_eq!(r.state, TrackerState::Stopped);
+    // After release the memory is ordinary again, and intact.
+    for pg in 0..10 {
+        assert_eq!(mem.read(pg), 0xBB);
+    }
+    for pg in 100..150 {
+        assert_eq!(mem.read(pg), 0xAA);
+    }
+}
+
+#[test]
+fn firecracker_style_uffd_gets_sync_wp_dirty_tracking() {
+    let mem = Arc::new(Mem::anon(64));
+    let uffd = Uffd::create().unwrap();
+    // Firecracker requests only EVENT_REMOVE.
+    let features = uffd.api(feature::EVENT_REMOVE).unwrap();
+    let p = plan::plan(PlanInput {
+        features,
+        backing: BackingKind::Anonymous,
+        access_mode: AccessMode::Sampled { granules: 16 },
+        vmm_holds_uffd: true,
+        have_memory_fd: false,
+        granules: 64,
+    });
+    assert_eq!(p.dirty, wset_tracker::Dirty::WpSync);
+    let h = TrackerHandle::spawn(spec(uffd, &mem, p.clone(), None, None)).unwrap();
+    for pg in 0..64 {
+        mem.write(pg, pg as u64);
+    }
+    wait_epochs(&h, 6);
+    let stop = Arc::new(AtomicBool::new(false));
+    let t = toucher(mem.clone(), 20..30, Some(7), stop.clone());
+    wait_epochs(&h, 3);
+    let s = summarize(h.shared(), &p, &cfg(), 0);
+    stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+    assert_eq!(s.windows[0].dirty_bytes, 10 * PAGE, "{s:#?}");
+    assert!(h.shared().counters.wp_faults.load(Ordering::Relaxed) >= 10);
+    h.stop();
+    assert_eq!(mem.read(25), 7);
+    assert_eq!(mem.read(63), 63);
+}
+
+fn shmem_tracker(
+    pages: usize,
+    mode: AccessMode,
+    name: &str,
+) -> (Arc<Mem>, TrackerHandle, plan::Plan, std::path::PathBuf) {
+    let mem = Arc::new(Mem::memfd(pages));
+    mem.fill(0x1234);
+    let offered = Uffd::kernel_features().unwrap();
+    let uffd = Uffd::create().unwrap();
+    let features = uffd
+        .api(plan::recommended_features(offered, BackingKind::Shmem))
+        .unwrap();
+    let p = plan::plan(PlanInput {
+        features,
+        backing: BackingKind::Shmem,
+        access_mode: mode,
+        vmm_holds_uffd: true,
+        have_memory_fd: true,
+        granules: pages as u32,
+    });
+    let dir = custody_dir(name);
+    let memfd = mem.memfd.as_ref().unwrap().try_clone().unwrap();
+    let h = TrackerHandle::spawn(spec(
+        uffd,
+        &mem,
+        p.clone(),
+        Some(memfd),
+        Some(dir.join("vm.custody")),
+    ))
+    .unwrap();
+    (mem, h, p, dir)
+}
+
+#[test]
+fn shmem_exhaustive_sees_reads_and_writes_and_loses_nothing() {
+    let (mem, h, p, dir) = shmem_tracker(512, AccessMode::Exhaustive, "exh");
+    assert_eq!(p.access, wset_tracker::Access::ShmemExhaustive);
+    // Let the first tick take everything into custody.
+    wait_epochs(&h, 2);
+    assert!(h.shared().counters.pages_in_custody.load(Ordering::Relaxed) >= 500);
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers = toucher(mem.clone(), 0..64, None, stop.clone());
+    let writers = toucher(mem.clone(), 64..96, Some(0xD1D1), stop.clone());
+    wait_epochs(&h, 4);
+    let s = summarize(h.shared(), &p, &cfg(), 0);
+    stop.store(true, Ordering::Relaxed);
+    readers.join().unwrap();
+    writers.join().unwrap();
+    assert_eq!(s.windows[0].wss_bytes, 96 * PAGE, "{s:#?}");
+    assert_eq!(s.windows[0].dirty_bytes, 32 * PAGE, "{s:#?}");
+    assert_eq!(s.error.relative_error, 0.0);
+    // Every byte is intact while pages are still in custody...
+    let overrides: Vec<(usize, u64)> = (64..96).map(|p| (p, 0xD1D1)).collect();
+    assert_eq!(mem.check(0x1234, &overrides), 0);
+    // ...and after stop every page is back in the memfd, not in custody.
+    wait_epochs(&h, 2);
+    let r = h.stop();
+    assert_eq!(r.pages_left_in_custody, 0);
+    assert!(!dir.join("vm.custody").exists());
+    assert_eq!(mem.check(0x1234, &overrides), 0);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn shmem_sampled_estimates_within_its_error() {
+    let pages = 4096;
+    let (mem, h, p, dir) = shmem_tracker(pages, AccessMode::Sampled { granules: 1024 }, "smp");
+    wait_epochs(&h, 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    // A quarter of memory hot.
+    let t = toucher(mem.clone(), 0..1024, None, stop.clone());
+    wait_epochs(&h, 4);
+    let s = summarize(h.shared(), &p, &cfg(), 0);
+    stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+    let truth = 1024 * PAGE;
+    let err = (s.windows[0].wss_bytes as f64 - truth as f64).abs() / s.memory_bytes as f64;
+    assert!(
+        err <= s.error.relative_error * 1.5,
+        "estimate {} vs truth {truth}: error {err:.4} beyond stated {:.4}",
+        s.windows[0].wss_bytes,
+        s.error.relative_error
+    );
+    h.stop();
+    assert_eq!(mem.check(0x1234, &[]), 0);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -1,0 +1,39 @@
+# Shared helpers for wset's scripts: progress lines, clear failures, and
+# installing Debian packages on demand.
+
+# Debian packages the tests need.
+WSET_TEST_PACKAGES=(pkg-config)
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+fail() { printf '\nwset: FAILED: %s\n' "$*" >&2; exit 1; }
+
+require_root() {
+  [ "$(id -u)" = 0 ] || fail "run as root: the tracker needs userfaultfd and /proc/<pid>/pagemap of other processes, and packages may need installing"
+}
+
+require_device() {
+  local dev=$1 why=$2
+  [ -e "$dev" ] || fail "$dev is missing: $why"
+  [ -r "$dev" ] && [ -w "$dev" ] || fail "$dev is not readable and writable: $why"
+}
+
+require_cargo() {
+  command -v cargo >/dev/null || fail "cargo not found: install the Rust toolchain (https://rustup.rs) and re-run"
+}
+
+# install_packages PKG... : apt-get install whatever is missing.
+install_packages() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  step "installing Debian packages: ${missing[*]}"
+  command -v apt-get >/dev/null || fail "apt-get not found; install these packages by hand: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >&2 || fail "apt-get update failed; check the network and /etc/apt sources, then install: ${missing[*]}"
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 \
+    || fail "apt-get install ${missing[*]} failed (above)"
+}
+
+require_cargo

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs every wset test: formatting, lints, unit tests, real-kernel tests
+# (userfaultfd, KVM) and the end-to-end tests. Installs what it needs as root.
+# Usage: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+step "checking prerequisites"
+require_root
+require_device /dev/userfaultfd "userfaultfd (CONFIG_USERFAULTFD) is needed by the tracker tests"
+require_device /dev/kvm "KVM is needed by the KVM guest tests (enable virtualization or nested virtualization)"
+install_packages "${WSET_TEST_PACKAGES[@]}"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check || fail "formatting differs: run 'cargo fmt --all'"
+
+step "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings || fail "clippy found problems (above)"
+
+step "building release binaries for the end-to-end tests"
+cargo build --workspace --release --locked --bins || fail "release build failed (above)"
+
+step "cargo test (unit, real-kernel, end-to-end)"
+WSET_BIN_DIR="$PWD/target/release" cargo test --workspace --locked -- --test-threads="${WSET_TEST_THREADS:-2}" \
+  || fail "tests failed (above)"
+
+step "all tests passed"

@@ -1,0 +1,1 @@
+//! wset test guests and end-to-end test helpers.
