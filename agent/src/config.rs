@@ -62,6 +62,8 @@ pub struct Config {
     pub summary: SummaryConfig,
     /// The host's name in summaries (default: the kernel's hostname).
     pub host_name: String,
+    /// Seed of the sample draws; `None` draws a fresh seed per VM.
+    pub sample_seed: Option<u64>,
 }
 
 impl Default for Config {
@@ -85,6 +87,7 @@ impl Default for Config {
             retired_ttl: Duration::from_secs(600),
             summary: SummaryConfig::default(),
             host_name: hostname(),
+            sample_seed: None,
         }
     }
 }

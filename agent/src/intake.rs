@@ -481,7 +481,7 @@ async fn start(req: Request, cfg: &Config, registry: &Registry) -> Result<WsetRe
         cpu: registry.next_cpu(&cfg.cpus),
         custody_path: Some(custody_path),
         custody_granules: (cfg.custody_max_bytes / granule).min(u32::MAX as u64) as u32,
-        seed: now_ms() ^ req.pid as u64,
+        seed: cfg.sample_seed.unwrap_or_else(|| now_ms() ^ req.pid as u64),
         started_ms: now_ms(),
     };
     let handle = tokio::task::spawn_blocking(move || TrackerHandle::spawn(spec))

@@ -22,6 +22,9 @@ use wset_tracker::{Access, Dirty, Plan};
 pub use config::Config;
 use registry::Registry;
 
+/// How long in-flight gRPC calls may take to finish at shutdown.
+const GRPC_DRAIN: Duration = Duration::from_secs(3);
+
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -162,9 +165,16 @@ pub async fn run(
         t.abort();
     }
     reaper.abort();
-    match grpc.await {
-        Ok(r) => r.context("gRPC server")?,
-        Err(e) => warn!(error = %e, "gRPC server task ended abnormally"),
+    // Graceful for in-flight calls, but bounded: an idle client connection
+    // must not keep the agent from exiting.
+    let mut grpc = grpc;
+    match tokio::time::timeout(GRPC_DRAIN, &mut grpc).await {
+        Ok(Ok(r)) => r.context("gRPC server")?,
+        Ok(Err(e)) => warn!(error = %e, "gRPC server task ended abnormally"),
+        Err(_) => {
+            warn!("gRPC connections still open after {GRPC_DRAIN:?}; closing them");
+            grpc.abort();
+        }
     }
     for s in &cfg.sockets {
         let _ = std::fs::remove_file(&s.path);

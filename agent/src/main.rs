@@ -44,9 +44,16 @@ struct Args {
     /// Working-set windows in milliseconds, e.g. "10000,60000,300000,1800000".
     #[arg(long, value_delimiter = ',')]
     windows_ms: Vec<u64>,
+    /// Lower bounds of the idle-age histogram buckets in milliseconds, e.g. "0,10000,60000".
+    #[arg(long, value_delimiter = ',')]
+    age_buckets_ms: Vec<u64>,
     /// Largest guest memory accepted, bytes.
     #[arg(long)]
     max_vm_bytes: Option<u64>,
+    /// Seed of the sample draws (default: a fresh one per VM). A fixed seed
+    /// makes sampled estimates reproducible.
+    #[arg(long)]
+    sample_seed: Option<u64>,
     /// Log as JSON lines.
     #[arg(long, env = "WSET_LOG_JSON")]
     log_json: bool,
@@ -99,6 +106,16 @@ fn config(a: Args) -> anyhow::Result<Config> {
     if !a.windows_ms.is_empty() {
         c.summary.windows_ms = a.windows_ms;
     }
+    c.sample_seed = a.sample_seed;
+    if !a.age_buckets_ms.is_empty() {
+        let mut b = a.age_buckets_ms;
+        b.sort_unstable();
+        b.dedup();
+        if b[0] != 0 {
+            b.insert(0, 0);
+        }
+        c.summary.age_buckets_ms = b;
+    }
     if let Some(x) = a.max_vm_bytes {
         c.max_vm_bytes = x;
     }
@@ -115,7 +132,11 @@ fn main() -> std::process::ExitCode {
             .with_env_filter(filter)
             .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .with_env_filter(filter)
+            .init();
     }
     let result = config(args).and_then(|cfg| {
         let rt = tokio::runtime::Builder::new_multi_thread()

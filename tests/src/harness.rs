@@ -1,0 +1,486 @@
+//! Runs the real `wset-agent` binary and `wset-guest` VMM processes for the
+//! end-to-end tests, and talks to the agent over gRPC on loopback.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wset_proto::v1 as pb;
+use wset_proto::v1::agent_service_client::AgentServiceClient;
+
+/// Where the wset binaries are: `WSET_BIN_DIR`, else the target directory
+/// this test binary was built into.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("WSET_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe().expect("current_exe");
+            // target/<profile>/deps/<test> -> target/<profile>
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .to_owned()
+        }
+    };
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build it first (cargo build --workspace --bins, or scripts/test.sh), or set WSET_BIN_DIR",
+        p.display()
+    );
+    p
+}
+
+/// Fail with a clear message when a device the test needs is missing.
+pub fn require(dev: &str, why: &str) {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev)
+        .is_ok();
+    assert!(
+        ok,
+        "{dev} is not usable (run as root on a machine with it): {why}"
+    );
+}
+
+/// A scratch directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("wset-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    child: Child,
+    pub dir: TempDir,
+    pub socket: PathBuf,
+    pub grpc_addr: String,
+    log: Arc<Mutex<Vec<String>>>,
+    rt: tokio::runtime::Runtime,
+    channel: Mutex<Option<tonic::transport::Channel>>,
+}
+
+/// Agent flags beyond the harness's own.
+#[derive(Clone, Debug)]
+pub struct AgentOpts {
+    pub interval_ms: u64,
+    pub windows_ms: Vec<u64>,
+    /// `off`, `exhaustive` or a sample size.
+    pub access: String,
+    pub extra: Vec<String>,
+    /// Serve Firecracker MISSING faults on the socket from this file.
+    pub snapshot: Option<PathBuf>,
+}
+
+impl Default for AgentOpts {
+    fn default() -> Self {
+        Self {
+            interval_ms: 200,
+            windows_ms: vec![1000, 3000],
+            access: "exhaustive".into(),
+            extra: vec![],
+            snapshot: None,
+        }
+    }
+}
+
+impl Agent {
+    pub fn start(opts: AgentOpts) -> Self {
+        require(
+            "/dev/userfaultfd",
+            "the agent tracks guests through userfaultfd",
+        );
+        let dir = TempDir::new("agent");
+        let socket = dir.0.join("agent.sock");
+        let sock_arg = match &opts.snapshot {
+            Some(s) => format!("{}={}", socket.display(), s.display()),
+            None => socket.display().to_string(),
+        };
+        let windows: Vec<String> = opts.windows_ms.iter().map(u64::to_string).collect();
+        let mut child = Command::new(bin("wset-agent"))
+            .arg("--socket")
+            .arg(&sock_arg)
+            .arg("--state-dir")
+            .arg(dir.0.join("state"))
+            .arg("--grpc-addr")
+            .arg("127.0.0.1:0")
+            .arg("--interval-ms")
+            .arg(opts.interval_ms.to_string())
+            .arg("--windows-ms")
+            .arg(windows.join(","))
+            .arg("--access")
+            .arg(&opts.access)
+            .args(&opts.extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wset-agent");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = channel();
+        let stderr = child.stderr.take().expect("stderr");
+        let l2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("WSET_TEST_VERBOSE").is_some() {
+                    eprintln!("agent| {line}");
+                }
+                if let Some(i) = line.find("gRPC serving")
+                    && let Some(a) = line[i..].split("addr=").nth(1)
+                {
+                    let _ = tx.send(a.split_whitespace().next().unwrap_or("").to_owned());
+                }
+                l2.lock().unwrap().push(line);
+            }
+        });
+        let grpc_addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "the agent did not start serving within 20 s; its log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        Self {
+            child,
+            dir,
+            socket,
+            grpc_addr,
+            log,
+            rt,
+            channel: Mutex::new(None),
+        }
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Wait until a log line containing `needle` appears.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            assert!(
+                Instant::now() < end,
+                "no agent log line with {needle:?} within {timeout:?}; log:\n{}",
+                self.log().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// One channel for the agent's life (a multi-thread runtime keeps its
+    /// connection driven between calls).
+    fn client(&self) -> AgentServiceClient<tonic::transport::Channel> {
+        let mut ch = self.channel.lock().unwrap();
+        if ch.is_none() {
+            let url = format!("http://{}", self.grpc_addr);
+            let endpoint = tonic::transport::Endpoint::from_shared(url).expect("endpoint");
+            *ch = Some(
+                self.rt
+                    .block_on(endpoint.connect())
+                    .expect("connect to the agent's gRPC server"),
+            );
+        }
+        AgentServiceClient::new(ch.clone().expect("connected"))
+    }
+
+    pub fn list(&self) -> Vec<pb::VmInfo> {
+        let mut c = self.client();
+        self.rt
+            .block_on(c.list_vms(pb::ListVmsRequest {}))
+            .expect("ListVms")
+            .into_inner()
+            .vms
+    }
+
+    pub fn summary(&self, vm_id: &str) -> Result<pb::VmSummary, tonic::Status> {
+        let mut c = self.client();
+        self.rt
+            .block_on(c.get_summary(pb::GetSummaryRequest {
+                vm_id: vm_id.to_owned(),
+            }))
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Poll until `pred` holds for the VM's summary.
+    pub fn wait_summary(
+        &self,
+        vm_id: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&pb::VmSummary) -> bool,
+    ) -> pb::VmSummary {
+        let end = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < end {
+            if let Ok(s) = self.summary(vm_id) {
+                if pred(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{vm_id}: {what} not reached within {timeout:?}; last summary: {last:#?}");
+    }
+
+    /// SIGTERM, then wait for exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.try_terminate(Duration::from_secs(60))
+            .unwrap_or_else(|| {
+                panic!(
+                    "the agent did not exit within 60 s of SIGTERM; log:\n{}",
+                    self.log().join("\n")
+                )
+            })
+    }
+
+    fn try_terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        *self.channel.lock().unwrap() = None;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // Never panic here (a test may already be unwinding).
+        if self.child.try_wait().ok().flatten().is_none()
+            && self.try_terminate(Duration::from_secs(30)).is_none()
+        {
+            eprintln!(
+                "wset-agent {} ignored SIGTERM for 30 s; killing it",
+                self.child.id()
+            );
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Options of one test VMM.
+#[derive(Clone, Debug)]
+pub struct GuestOpts {
+    pub kind: &'static str,
+    pub backing: &'static str,
+    pub handshake: &'static str,
+    pub mem_mib: u64,
+    pub vm_id: String,
+    pub script: crate::script::Script,
+    pub fill_seed: Option<u32>,
+    pub snapshot: Option<PathBuf>,
+    pub labels: String,
+}
+
+impl GuestOpts {
+    pub fn new(vm_id: &str, script: crate::script::Script) -> Self {
+        Self {
+            kind: "kvm",
+            backing: "memfd",
+            handshake: "wset",
+            mem_mib: 32,
+            vm_id: vm_id.into(),
+            script,
+            fill_seed: None,
+            snapshot: None,
+            labels: "{}".into(),
+        }
+    }
+}
+
+/// A running test VMM.
+#[derive(Debug)]
+pub struct Guest {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    events: Receiver<serde_json::Value>,
+    pub vm_id: String,
+    pub registered: serde_json::Value,
+}
+
+impl Guest {
+    /// Start a test VMM and wait until it has registered.
+    pub fn start(agent: &Agent, o: GuestOpts) -> Self {
+        if o.kind == "kvm" {
+            require("/dev/kvm", "KVM guests need /dev/kvm");
+        }
+        let mut cmd = Command::new(bin("wset-guest"));
+        cmd.arg("--socket")
+            .arg(&agent.socket)
+            .args([
+                "--kind",
+                o.kind,
+                "--backing",
+                o.backing,
+                "--handshake",
+                o.handshake,
+            ])
+            .args([
+                "--mem-mib",
+                &o.mem_mib.to_string(),
+                "--vm-id",
+                &o.vm_id,
+                "--labels",
+                &o.labels,
+            ])
+            .arg("--script")
+            .arg(serde_json::to_string(&o.script).expect("script json"))
+            .arg("--wait-stdin");
+        if let Some(s) = o.fill_seed {
+            cmd.args(["--fill-seed", &s.to_string()]);
+        }
+        if let Some(p) = &o.snapshot {
+            cmd.arg("--snapshot").arg(p);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn wset-guest");
+        let stdout = child.stdout.take().expect("stdout");
+        let stdin = child.stdin.take();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && tx.send(v).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let mut g = Self {
+            child,
+            stdin,
+            events: rx,
+            vm_id: o.vm_id.clone(),
+            registered: serde_json::Value::Null,
+        };
+        let reg = g.wait_event("registered", Duration::from_secs(30));
+        if o.handshake == "firecracker" {
+            g.vm_id = format!("fc-{}", reg["pid"]);
+        }
+        g.registered = reg;
+        g
+    }
+
+    /// Wait for the next event named `name`; fails on an `error` event.
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> serde_json::Value {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) if v["event"] == name => return v,
+                Ok(v) if v["event"] == "error" => {
+                    panic!("guest {} failed: {}", self.vm_id, v["message"])
+                }
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("guest {}: no {name:?} event within {timeout:?}", self.vm_id)
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("guest {} exited before {name:?}", self.vm_id)
+                }
+            }
+        }
+    }
+
+    /// Ask the finished guest for a fresh full checksum.
+    pub fn verify_now(&mut self) -> serde_json::Value {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(b"verify\n").expect("write to guest");
+        stdin.flush().expect("flush");
+        self.wait_event("verify", Duration::from_secs(60))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Close stdin and wait for a clean exit.
+    pub fn finish(mut self) -> std::process::ExitStatus {
+        drop(self.stdin.take());
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait guest") {
+                return st;
+            }
+            assert!(Instant::now() < end, "guest {} did not exit", self.vm_id);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.kill();
+        }
+    }
+}
+
+/// The window of a summary with this length.
+pub fn window(s: &pb::VmSummary, window_ms: u64) -> &pb::WindowWorkingSet {
+    s.windows
+        .iter()
+        .find(|w| w.window_ms == window_ms)
+        .unwrap_or_else(|| panic!("no {window_ms} ms window in {s:#?}"))
+}
+
+/// |measured - truth| / truth.
+pub fn rel_err(measured: u64, truth: u64) -> f64 {
+    (measured as f64 - truth as f64).abs() / (truth as f64).max(1.0)
+}

@@ -1,0 +1,445 @@
+//! End-to-end accuracy: the real agent binary tracks real KVM guests (and
+//! process guests) whose access pattern is known exactly, and its summaries
+//! are compared with that ground truth over gRPC.
+
+use std::time::Duration;
+
+use wset_proto::v1 as pb;
+use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, TempDir, rel_err, window};
+use wset_tests::memory::PAGE;
+use wset_tests::script::{Op, Phase, Script, Touch};
+
+const INTERVAL_MS: u64 = 250;
+const SHORT_MS: u64 = 1000;
+const LONG_MS: u64 = 4000;
+
+fn opts(access: &str) -> AgentOpts {
+    AgentOpts {
+        interval_ms: INTERVAL_MS,
+        windows_ms: vec![SHORT_MS, LONG_MS],
+        access: access.into(),
+        extra: vec![
+            "--sample-seed".into(),
+            "7".into(),
+            "--age-buckets-ms".into(),
+            format!("0,{SHORT_MS},{LONG_MS}"),
+        ],
+        snapshot: None,
+    }
+}
+
+fn touch(op: Op, start: u32, pages: u32) -> Touch {
+    Touch { op, start, pages }
+}
+
+fn phase(name: &str, touches: Vec<Touch>, duration_ms: u64) -> Phase {
+    Phase {
+        name: name.into(),
+        touches,
+        duration_ms,
+        period_ms: 100,
+    }
+}
+
+fn overhead(g: &Guest) -> u64 {
+    g.registered["overhead_pages"]
+        .as_array()
+        .map_or(0, Vec::len) as u64
+}
+
+fn methods(s: &pb::VmSummary) -> Vec<pb::TrackingMethod> {
+    s.methods
+        .iter()
+        .map(|&m| pb::TrackingMethod::try_from(m).expect("known method"))
+        .collect()
+}
+
+/// Wait until the summary's shortest window covers only the phase that
+/// started at `epoch0` (the window is SHORT_MS plus the interval in progress).
+fn settle(agent: &Agent, g: &Guest, epoch0: u64) -> pb::VmSummary {
+    let need = epoch0 + SHORT_MS.div_ceil(INTERVAL_MS) + 2;
+    agent.wait_summary(
+        &g.vm_id,
+        Duration::from_secs(30),
+        "window settled on the phase",
+        |s| s.epoch >= need,
+    )
+}
+
+fn epoch_now(agent: &Agent, g: &Guest) -> u64 {
+    agent.summary(&g.vm_id).expect("summary").epoch
+}
+
+/// Reads and writes on shmem, tracked exhaustively: working set and dirty
+/// bytes within 2% of the truth, a phase change visible within two
+/// intervals, and every byte intact through custody and after SIGTERM.
+fn exhaustive_scenario(kind: &'static str) {
+    let mut agent = Agent::start(opts("exhaustive"));
+    let warm = phase(
+        "warm",
+        vec![touch(Op::Read, 16, 200), touch(Op::Write, 300, 100)],
+        4000,
+    );
+    let shift = phase("shift", vec![touch(Op::Read, 1000, 250)], 4000);
+    let idle = phase("idle", vec![], 3000);
+    let mut o = GuestOpts::new(
+        &format!("exh-{kind}"),
+        Script {
+            phases: vec![warm, shift, idle],
+            checksum_every: 0,
+        },
+    );
+    o.kind = kind;
+    o.mem_mib = 16;
+    o.fill_seed = Some(11);
+    let mut g = Guest::start(&agent, o);
+    let oh = overhead(&g);
+    // The KVM guest program also reads its code page and the VMM writes the
+    // command page every command.
+    let oh_written = oh.min(1);
+
+    g.wait_event("phase", Duration::from_secs(10));
+    let e0 = epoch_now(&agent, &g);
+    let s = settle(&agent, &g, e0);
+    assert_eq!(
+        methods(&s),
+        vec![
+            pb::TrackingMethod::FirstTouch,
+            pb::TrackingMethod::WpSync,
+            pb::TrackingMethod::ShmemExhaustive
+        ]
+    );
+    let w = window(&s, SHORT_MS);
+    let (wss_truth, dirty_truth) = ((300 + oh) * PAGE, (100 + oh_written) * PAGE);
+    let (e_wss, e_dirty) = (
+        rel_err(w.wss_bytes, wss_truth),
+        rel_err(w.dirty_bytes, dirty_truth),
+    );
+    eprintln!(
+        "{kind} exhaustive warm: wss {} vs {wss_truth} ({:.2}%), dirty {} vs {dirty_truth} ({:.2}%)",
+        w.wss_bytes,
+        e_wss * 100.0,
+        w.dirty_bytes,
+        e_dirty * 100.0
+    );
+    assert!(
+        e_wss <= 0.02,
+        "working set {} vs truth {wss_truth}",
+        w.wss_bytes
+    );
+    assert!(
+        e_dirty <= 0.02,
+        "dirty {} vs truth {dirty_truth}",
+        w.dirty_bytes
+    );
+    assert_eq!(s.error.as_ref().unwrap().confidence, 1.0);
+    assert!(!s.error.as_ref().unwrap().wss_is_lower_bound);
+
+    // Phase change: the interval after the one the change fell in shows only
+    // the new phase, so the change is visible at most two epochs later.
+    g.wait_event("phase", Duration::from_secs(10));
+    let e1 = epoch_now(&agent, &g);
+    let shift_truth = (250 + oh) * PAGE;
+    let seen = agent.wait_summary(
+        &g.vm_id,
+        Duration::from_secs(10),
+        "shift phase in the last interval",
+        |s| {
+            let last = s.access_rate_bytes_per_s * INTERVAL_MS as f64 / 1000.0;
+            rel_err(last as u64, shift_truth) <= 0.02
+        },
+    );
+    eprintln!(
+        "{kind} phase change seen {} epochs after it began",
+        seen.epoch - e1
+    );
+    assert!(
+        seen.epoch - e1 <= 2,
+        "phase change took {} epochs to show",
+        seen.epoch - e1
+    );
+    let s = settle(&agent, &g, seen.epoch);
+    let w = window(&s, SHORT_MS);
+    assert!(
+        rel_err(w.wss_bytes, shift_truth) <= 0.02,
+        "shift working set {} vs {shift_truth}",
+        w.wss_bytes
+    );
+    assert_eq!(
+        window(&s, LONG_MS).wss_bytes / PAGE,
+        w.wss_bytes / PAGE + 300,
+        "the long window still holds the warm phase"
+    );
+
+    // Idle: nothing accessed.
+    g.wait_event("phase", Duration::from_secs(10));
+    let e2 = epoch_now(&agent, &g);
+    let s = settle(&agent, &g, e2);
+    assert_eq!(
+        window(&s, SHORT_MS).wss_bytes,
+        0,
+        "idle guest still shows a working set: {s:#?}"
+    );
+    assert_eq!(s.access_rate_bytes_per_s, 0.0);
+    let idle_bytes: u64 = s
+        .idle_ages
+        .iter()
+        .filter(|b| b.min_age_ms >= 1000)
+        .map(|b| b.bytes)
+        .sum();
+    assert_eq!(
+        idle_bytes, s.memory_bytes,
+        "every byte idle for at least 1 s: {:?}",
+        s.idle_ages
+    );
+
+    let v = g.wait_event("verify", Duration::from_secs(60));
+    assert_eq!(v["ok"], true, "memory damaged while tracked: {v}");
+    g.wait_event("done", Duration::from_secs(30));
+    // SIGTERM: every page comes back from custody.
+    assert!(
+        agent.terminate().success(),
+        "agent log:\n{}",
+        agent.log().join("\n")
+    );
+    let v = g.verify_now();
+    assert_eq!(v["ok"], true, "memory damaged after the agent stopped: {v}");
+    assert!(g.finish().success());
+}
+
+#[test]
+fn kvm_guest_exhaustive_shmem_matches_truth() {
+    exhaustive_scenario("kvm");
+}
+
+#[test]
+fn process_guest_exhaustive_shmem_matches_truth() {
+    exhaustive_scenario("process");
+}
+
+/// ESX-style sampling at the default sample size: the estimate falls within
+/// the interval the summary states (95% confidence).
+fn sampled_scenario(kind: &'static str) {
+    let agent = Agent::start(opts("4096"));
+    let hot = phase(
+        "hot",
+        vec![touch(Op::Read, 16, 3000), touch(Op::Write, 5000, 1000)],
+        60_000,
+    );
+    let mut o = GuestOpts::new(
+        &format!("smp-{kind}"),
+        Script {
+            phases: vec![hot],
+            checksum_every: 0,
+        },
+    );
+    o.kind = kind;
+    o.mem_mib = 64;
+    o.fill_seed = Some(5);
+    let g = Guest::start(&agent, o);
+    let oh = overhead(&g);
+    let e0 = epoch_now(&agent, &g);
+    let s = settle(&agent, &g, e0);
+    assert_eq!(
+        methods(&s),
+        vec![
+            pb::TrackingMethod::FirstTouch,
+            pb::TrackingMethod::WpSync,
+            pb::TrackingMethod::ShmemSampled
+        ]
+    );
+    let err = s.error.clone().unwrap();
+    let truth = (4000 + oh) * PAGE;
+    let w = window(&s, SHORT_MS);
+    let miss = (w.wss_bytes as f64 - truth as f64).abs() / s.memory_bytes as f64;
+    eprintln!(
+        "{kind} sampled: wss {} vs {truth} ({:.2}% of truth, {:.3}% of memory; stated ±{:.3}% of memory at {})",
+        w.wss_bytes,
+        rel_err(w.wss_bytes, truth) * 100.0,
+        miss * 100.0,
+        err.relative_error * 100.0,
+        err.confidence
+    );
+    assert_eq!(err.confidence, 0.95);
+    assert!(
+        miss <= err.relative_error,
+        "estimate {} outside the stated interval around {truth}",
+        w.wss_bytes
+    );
+    assert!(
+        rel_err(w.wss_bytes, truth) <= 0.05,
+        "estimate {} not within 5% of {truth}",
+        w.wss_bytes
+    );
+    // Writes are tracked on every page, not sampled.
+    assert!(
+        rel_err(w.dirty_bytes, (1000 + oh.min(1)) * PAGE) <= 0.02,
+        "dirty {}",
+        w.dirty_bytes
+    );
+}
+
+#[test]
+fn kvm_guest_sampled_shmem_within_stated_error() {
+    sampled_scenario("kvm");
+}
+
+#[test]
+fn process_guest_sampled_shmem_within_stated_error() {
+    sampled_scenario("process");
+}
+
+/// Anonymous memory with WP_ASYNC: first touches and writes are exact; the
+/// working set is flagged as a lower bound (reads of present pages unseen).
+fn anonymous_scenario(kind: &'static str) {
+    let agent = Agent::start(opts("exhaustive"));
+    let p = phase(
+        "p",
+        vec![touch(Op::Read, 16, 300), touch(Op::Write, 400, 100)],
+        60_000,
+    );
+    let mut o = GuestOpts::new(
+        &format!("anon-{kind}"),
+        Script {
+            phases: vec![p],
+            checksum_every: 0,
+        },
+    );
+    o.kind = kind;
+    o.backing = "anon";
+    let g = Guest::start(&agent, o);
+    let oh = overhead(&g);
+    let e0 = epoch_now(&agent, &g);
+    let s = settle(&agent, &g, e0);
+    assert_eq!(
+        methods(&s),
+        vec![pb::TrackingMethod::FirstTouch, pb::TrackingMethod::WpAsync]
+    );
+    assert!(s.error.as_ref().unwrap().wss_is_lower_bound);
+    // The program page was written before registration, so it never faults.
+    let touched_truth = (400 + oh.saturating_sub(1)) * PAGE;
+    assert!(
+        rel_err(s.touched_bytes, touched_truth) <= 0.02,
+        "touched {} vs {touched_truth}",
+        s.touched_bytes
+    );
+    let w = window(&s, SHORT_MS);
+    let dirty_truth = (100 + oh.min(1)) * PAGE;
+    eprintln!(
+        "{kind} anonymous: touched {} vs {touched_truth}, dirty {} vs {dirty_truth}",
+        s.touched_bytes, w.dirty_bytes
+    );
+    assert!(
+        rel_err(w.dirty_bytes, dirty_truth) <= 0.02,
+        "dirty {} vs {dirty_truth}",
+        w.dirty_bytes
+    );
+    assert!(s.dirty_rate_bytes_per_s > 0.0);
+}
+
+#[test]
+fn kvm_guest_anonymous_first_touch_and_dirty_exact() {
+    anonymous_scenario("kvm");
+}
+
+#[test]
+fn process_guest_anonymous_first_touch_and_dirty_exact() {
+    anonymous_scenario("process");
+}
+
+/// Firecracker's exact handshake, snapshot restore: every page comes from the
+/// memory file configured for the socket; dirty tracking by sync WP; after
+/// SIGTERM the agent populates what the guest had not touched yet, so no
+/// page reads back as zeros.
+#[test]
+fn firecracker_snapshot_restore_served_from_memory_file() {
+    let dir = TempDir::new("fc");
+    let snapshot = dir.0.join("guest.mem");
+    let mut agent = Agent::start(AgentOpts {
+        snapshot: Some(snapshot.clone()),
+        ..opts("exhaustive")
+    });
+    let p = phase(
+        "p",
+        vec![touch(Op::Read, 16, 200), touch(Op::Write, 300, 50)],
+        3000,
+    );
+    let mut o = GuestOpts::new(
+        "fc",
+        Script {
+            phases: vec![p],
+            checksum_every: 0,
+        },
+    );
+    o.handshake = "firecracker";
+    o.backing = "anon";
+    o.mem_mib = 16;
+    o.fill_seed = Some(99);
+    o.snapshot = Some(snapshot);
+    let mut g = Guest::start(&agent, o);
+    assert!(g.vm_id.starts_with("fc-"));
+    let oh = overhead(&g);
+    let e0 = epoch_now(&agent, &g);
+    let s = settle(&agent, &g, e0);
+    assert_eq!(
+        methods(&s),
+        vec![pb::TrackingMethod::FirstTouch, pb::TrackingMethod::WpSync]
+    );
+    let vm = agent
+        .list()
+        .into_iter()
+        .find(|v| v.vm_id == g.vm_id)
+        .expect("listed");
+    assert_eq!(vm.handshake, "firecracker");
+    let w = window(&s, SHORT_MS);
+    let dirty_truth = (50 + oh.min(1)) * PAGE;
+    assert!(
+        rel_err(w.dirty_bytes, dirty_truth) <= 0.02,
+        "dirty {} vs {dirty_truth}",
+        w.dirty_bytes
+    );
+    assert!(
+        rel_err(s.touched_bytes, (250 + oh) * PAGE) <= 0.02,
+        "touched {}",
+        s.touched_bytes
+    );
+    let v = g.wait_event("verify", Duration::from_secs(60));
+    assert_eq!(v["ok"], true, "guest memory differs from the snapshot: {v}");
+    assert!(agent.terminate().success());
+    let v = g.verify_now();
+    assert_eq!(v["ok"], true, "after the agent stopped: {v}");
+}
+
+/// Twenty KVM guests on one agent at once, each with its own working set.
+#[test]
+fn twenty_kvm_guests_on_one_agent() {
+    let agent = Agent::start(opts("exhaustive"));
+    let guests: Vec<Guest> = (0..20)
+        .map(|i| {
+            let p = phase("p", vec![touch(Op::Read, 16, 20 + 10 * i)], 60_000);
+            let mut o = GuestOpts::new(
+                &format!("many-{i}"),
+                Script {
+                    phases: vec![p],
+                    checksum_every: 0,
+                },
+            );
+            o.mem_mib = 8;
+            o.fill_seed = Some(i);
+            Guest::start(&agent, o)
+        })
+        .collect();
+    assert_eq!(agent.list().len(), 20);
+    let e0 = guests.iter().map(|g| epoch_now(&agent, g)).max().unwrap();
+    for (i, g) in guests.iter().enumerate() {
+        let s = settle(&agent, g, e0);
+        let truth = (20 + 10 * i as u64 + overhead(g)) * PAGE;
+        let w = window(&s, SHORT_MS);
+        assert!(
+            rel_err(w.wss_bytes, truth) <= 0.02,
+            "{}: wss {} vs {truth}",
+            g.vm_id,
+            w.wss_bytes
+        );
+    }
+}
