@@ -220,14 +220,20 @@ pub fn parse(bytes: &[u8]) -> Result<Hello, HandshakeError> {
     }
 }
 
-/// Whether `bytes` already holds a complete JSON value (so reading can stop).
+/// Whether reading can stop: `bytes` holds a complete JSON value, or is
+/// already invalid in a way more bytes cannot fix (a syntax error that is
+/// not an early end). [`parse`] then says which.
 pub fn is_complete(bytes: &[u8]) -> bool {
     let text = trim(bytes);
     if text.is_empty() {
         return false;
     }
     let mut de = serde_json::Deserializer::from_slice(text).into_iter::<serde::de::IgnoredAny>();
-    matches!(de.next(), Some(Ok(_)))
+    match de.next() {
+        Some(Ok(_)) => true,
+        Some(Err(e)) => !e.is_eof(),
+        None => false,
+    }
 }
 
 fn trim(bytes: &[u8]) -> &[u8] {
@@ -387,6 +393,7 @@ fn validate(
 pub struct MapsEntry {
     pub start: u64,
     pub end: u64,
+    pub perms: String,
     pub shared: bool,
     pub offset: u64,
     pub inode: u64,
@@ -405,6 +412,7 @@ pub fn parse_maps(text: &str) -> Vec<MapsEntry> {
             Some(MapsEntry {
                 start: u64::from_str_radix(s, 16).ok()?,
                 end: u64::from_str_radix(e, 16).ok()?,
+                perms: perms.to_owned(),
                 shared: perms.as_bytes().get(3) == Some(&b's'),
                 offset: u64::from_str_radix(off, 16).ok()?,
                 inode: ino.parse().ok()?,
@@ -414,8 +422,9 @@ pub fn parse_maps(text: &str) -> Vec<MapsEntry> {
         .collect()
 }
 
-/// Check that every region is mapped in the peer, contiguously; for
-/// file-backed memory, that it maps `memory_ino` shared at the stated offsets.
+/// Check that every region is mapped in the peer, contiguously, readable and
+/// writable; for file-backed memory, that it maps `memory_ino` shared at the
+/// stated offsets; for anonymous memory, that it maps no file.
 pub fn check_mapped(
     layout: &Layout,
     maps: &[MapsEntry],
@@ -431,6 +440,18 @@ pub fn check_mapped(
                     r.host_addr, r.size
                 ));
             };
+            if !m.perms.starts_with("rw") {
+                return Err(format!(
+                    "region {i} ({:#x}+{:#x}): {at:#x} is mapped {} in the VMM process, not readable and writable",
+                    r.host_addr, r.size, m.perms
+                ));
+            }
+            if memory_ino.is_none() && m.inode != 0 {
+                return Err(format!(
+                    "region {i} ({:#x}+{:#x}): {at:#x} maps the file {:?}, not anonymous memory",
+                    r.host_addr, r.size, m.path
+                ));
+            }
             if let Some(ino) = memory_ino {
                 let want_off = r.file_offset + (at - r.host_addr);
                 let got_off = m.offset + (at - m.start);
@@ -470,6 +491,11 @@ mod tests {
         assert_eq!(l.total_bytes(), 268435456 + 4096);
         assert!(is_complete(FC.as_bytes()));
         assert!(!is_complete(&FC.as_bytes()[..40]));
+        assert!(
+            is_complete(b"{\"version\": bogus"),
+            "a syntax error ends reading"
+        );
+        assert!(is_complete(b"hello"));
     }
 
     /// `(case, message, expected error text fragment)`
@@ -580,9 +606,10 @@ mod tests {
         let maps = parse_maps(
             "7f0000000000-7f0000002000 rw-s 00000000 00:01 1234 /memfd:guest (deleted)\n\
              7f0000002000-7f0000004000 rw-s 00002000 00:01 1234 /memfd:guest (deleted)\n\
-             7f1000000000-7f1000001000 rw-p 00000000 00:00 0 \n",
+             7f1000000000-7f1000001000 rw-p 00000000 00:00 0 \n\
+             7f1000001000-7f1000002000 ---p 00000000 00:00 0 \n",
         );
-        assert_eq!(maps.len(), 3);
+        assert_eq!(maps.len(), 4);
         let l = |addr, size, off| Layout {
             page_size: 4096,
             regions: vec![LayoutRegion {
@@ -599,5 +626,9 @@ mod tests {
         let e = check_mapped(&l(0x7f10_0000_0000, 0x1000, 0), &maps, Some(1234)).unwrap_err();
         assert!(e.contains("private"), "{e}");
         assert!(check_mapped(&l(0x7f10_0000_0000, 0x1000, 0), &maps, None).is_ok());
+        let e = check_mapped(&l(0x7f10_0000_0000, 0x2000, 0), &maps, None).unwrap_err();
+        assert!(e.contains("not readable and writable"), "{e}");
+        let e = check_mapped(&l(0x7f00_0000_0000, 0x1000, 0), &maps, None).unwrap_err();
+        assert!(e.contains("not anonymous memory"), "{e}");
     }
 }

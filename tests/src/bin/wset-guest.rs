@@ -264,6 +264,19 @@ fn run(a: Args) -> anyhow::Result<()> {
         "addr": mem.addr(),
     }));
 
+    // Each line on stdin asks for a full verification; EOF ends the guest
+    // once its script is done.
+    let (verify_tx, verify_rx) = std::sync::mpsc::channel::<()>();
+    if a.wait_stdin {
+        std::thread::spawn(move || {
+            let stdin = std::io::stdin();
+            for _ in stdin.lock().lines().map_while(Result::ok) {
+                if verify_tx.send(()).is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let start = Instant::now();
     let mut mismatches = 0u64;
     let mut checks = 0u64;
@@ -284,6 +297,11 @@ fn run(a: Args) -> anyhow::Result<()> {
                 }
             }
             period += 1;
+            while verify_rx.try_recv().is_ok() {
+                emit(full_verify(
+                    &mem, &expected, first, pages, checks, mismatches,
+                ));
+            }
             if script.checksum_every > 0 && period.is_multiple_of(script.checksum_every) {
                 checks += 1;
                 if engine.checksum(&mem, first, pages)?
