@@ -125,17 +125,10 @@ fn bad_handshakes_are_refused_and_others_keep_being_served() {
     // 2 MiB whose upper half is PROT_NONE, and a shared memfd mapping that an
     // "anonymous" registration must not cover.
     let guarded = GuestMemory::new(BackingArg::Anon, 2 << 20).unwrap();
+    let upper = (guarded.addr() + (1 << 20)) as *mut libc::c_void;
     // SAFETY: changing the protection of the upper half of our own mapping.
-    assert_eq!(
-        unsafe {
-            libc::mprotect(
-                (guarded.addr() + (1 << 20)) as *mut _,
-                1 << 20,
-                libc::PROT_NONE,
-            )
-        },
-        0
-    );
+    let rc = unsafe { libc::mprotect(upper, 1 << 20, libc::PROT_NONE) };
+    assert_eq!(rc, 0);
     let file_map = GuestMemory::new(BackingArg::Memfd, 1 << 20).unwrap();
     let uffd = Uffd::create().unwrap();
     uffd.api(0).unwrap();
