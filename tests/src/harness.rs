@@ -484,3 +484,32 @@ pub fn window(s: &pb::VmSummary, window_ms: u64) -> &pb::WindowWorkingSet {
 pub fn rel_err(measured: u64, truth: u64) -> f64 {
     (measured as f64 - truth as f64).abs() / (truth as f64).max(1.0)
 }
+
+/// Make sure `n` free 2 MiB huge pages exist, reserving more if needed
+/// (root). Fails with what to do when the kernel cannot provide them.
+pub fn ensure_hugepages(n: u64) {
+    let free = || -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("HugePages_Free:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let have = free();
+    if have >= n {
+        return;
+    }
+    let total: u64 = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let want = total + (n - have);
+    let wrote = std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string());
+    assert!(
+        wrote.is_ok() && free() >= n,
+        "need {n} free 2 MiB huge pages for the hugetlbfs test, have {}: run as root, or reserve them with \
+         'echo {want} > /proc/sys/vm/nr_hugepages' ({wrote:?})",
+        free()
+    );
+}

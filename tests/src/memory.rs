@@ -14,6 +14,21 @@ pub const PAGE: u64 = 4096;
 pub enum BackingArg {
     Anon,
     Memfd,
+    /// A hugetlbfs memfd with 2 MiB pages (needs /proc/sys/vm/nr_hugepages).
+    Hugetlb,
+}
+
+/// The 2 MiB huge page size.
+pub const HUGE_2M: u64 = 2 << 20;
+
+impl BackingArg {
+    pub fn page_size(self) -> u64 {
+        if self == BackingArg::Hugetlb {
+            HUGE_2M
+        } else {
+            PAGE
+        }
+    }
 }
 
 /// A mapping of guest memory in the test VMM.
@@ -34,17 +49,33 @@ impl GuestMemory {
     pub fn new(backing: BackingArg, len: usize) -> std::io::Result<Self> {
         let (flags, fd) = match backing {
             BackingArg::Anon => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None),
-            BackingArg::Memfd => {
+            BackingArg::Memfd | BackingArg::Hugetlb => {
+                let huge = if backing == BackingArg::Hugetlb {
+                    libc::MFD_HUGETLB | libc::MFD_HUGE_2MB
+                } else {
+                    0
+                };
                 // SAFETY: memfd_create with a static C string.
-                let fd = unsafe { libc::memfd_create(c"wset-guest".as_ptr(), libc::MFD_CLOEXEC) };
+                let fd =
+                    unsafe { libc::memfd_create(c"wset-guest".as_ptr(), libc::MFD_CLOEXEC | huge) };
                 if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
+                    let e = std::io::Error::last_os_error();
+                    return Err(std::io::Error::new(e.kind(), format!("memfd_create: {e}")));
                 }
                 // SAFETY: a fresh fd we own.
                 let fd = unsafe { OwnedFd::from_raw_fd(fd) };
                 // SAFETY: ftruncate on our own fd.
                 if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
-                    return Err(std::io::Error::last_os_error());
+                    let e = std::io::Error::last_os_error();
+                    let hint = if huge != 0 {
+                        " (reserve huge pages: echo N > /proc/sys/vm/nr_hugepages)"
+                    } else {
+                        ""
+                    };
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("size guest memory: {e}{hint}"),
+                    ));
                 }
                 (libc::MAP_SHARED, Some(fd))
             }
@@ -62,11 +93,17 @@ impl GuestMemory {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
+            let e = std::io::Error::last_os_error();
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("map guest memory: {e}"),
+            ));
         }
-        // Keep THP out of the way: the tests count 4 KiB pages.
-        // SAFETY: advising our own mapping.
-        unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
+        if backing != BackingArg::Hugetlb {
+            // Keep THP out of the way: these guests count 4 KiB pages.
+            // SAFETY: advising our own mapping.
+            unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
+        }
         Ok(Self {
             ptr: p.cast(),
             len,
@@ -100,6 +137,25 @@ impl GuestMemory {
         assert!(off as usize + 4 <= self.len);
         // SAFETY: in bounds (asserted).
         unsafe { std::ptr::write_volatile(self.ptr.add(off as usize).cast::<u32>(), v) }
+    }
+
+    /// `MADV_DONTNEED` pages `[from, to)`, as a balloon driver's VMM does.
+    pub fn discard(&self, from: u32, to: u32) -> std::io::Result<()> {
+        let (off, len) = (from as u64 * PAGE, (to - from) as u64 * PAGE);
+        assert!(off + len <= self.len as u64);
+        // SAFETY: advising a range of our own mapping.
+        let rc = unsafe {
+            libc::madvise(
+                self.ptr.add(off as usize).cast(),
+                len as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if rc != 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     pub fn write_bytes(&self, off: u64, bytes: &[u8]) {
@@ -157,6 +213,8 @@ pub fn checksum_step(c: u32, v: u32) -> u32 {
 pub struct Expected {
     pub fill_seed: Option<u32>,
     pub overrides: BTreeMap<u32, u32>,
+    /// Pages dropped with MADV_DONTNEED on private memory: they read as zeros.
+    pub zeroed: std::collections::BTreeSet<u32>,
 }
 
 impl Expected {
@@ -166,6 +224,9 @@ impl Expected {
             && let Some(v) = self.overrides.get(&page)
         {
             return *v;
+        }
+        if self.zeroed.contains(&page) {
+            return 0;
         }
         self.fill_seed.map_or(0, |s| fill_word(s, w))
     }

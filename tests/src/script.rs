@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 pub enum Op {
     Read,
     Write,
+    /// The VMM drops the pages (`MADV_DONTNEED`), as for a balloon.
+    Discard,
 }
 
 /// Touch `pages` pages from `start` (guest page numbers), once per period.

@@ -71,6 +71,7 @@ fn backing_name(b: BackingArg) -> &'static str {
     match b {
         BackingArg::Anon => "anonymous",
         BackingArg::Memfd => "memfd",
+        BackingArg::Hugetlb => "hugetlbfs",
     }
 }
 
@@ -97,7 +98,7 @@ pub fn wset_register(
         "name": vm_id,
         "labels": labels,
         "backing": backing_name(backing),
-        "page_size": 4096,
+        "page_size": backing.page_size(),
         "regions": [{"host_addr": mem.addr(), "size": mem.len(), "file_offset": 0}],
     });
     let mut fds = vec![uffd.as_raw_fd()];

@@ -443,3 +443,101 @@ fn twenty_kvm_guests_on_one_agent() {
         );
     }
 }
+
+/// hugetlbfs guests are tracked at the kernel's granularity (2 MiB): the
+/// summary says so, and the working set counts whole huge pages.
+fn hugetlb_scenario(kind: &'static str) {
+    wset_tests::harness::ensure_hugepages(16);
+    let agent = Agent::start(opts("exhaustive"));
+    const HP: u32 = 512; // 4 KiB pages per 2 MiB page
+    let p = phase(
+        "p",
+        vec![
+            touch(Op::Read, 2 * HP + 7, 10),
+            touch(Op::Read, 5 * HP, 3),
+            touch(Op::Write, 7 * HP + 100, 1),
+        ],
+        60_000,
+    );
+    let mut o = GuestOpts::new(
+        &format!("huge-{kind}"),
+        Script {
+            phases: vec![p],
+            checksum_every: 0,
+        },
+    );
+    o.kind = kind;
+    o.backing = "hugetlb";
+    o.mem_mib = 16;
+    o.fill_seed = Some(8);
+    let g = Guest::start(&agent, o);
+    let e0 = epoch_now(&agent, &g);
+    let s = settle(&agent, &g, e0);
+    let huge = 2 * 1024 * 1024;
+    assert_eq!(s.granule_bytes, huge);
+    let vm = agent
+        .list()
+        .into_iter()
+        .find(|v| v.vm_id == g.vm_id)
+        .unwrap();
+    assert_eq!((vm.page_size_bytes, vm.granule_bytes), (huge, huge));
+    // Huge pages 2, 5 and 7, plus 0 for the KVM program and command pages.
+    let kvm = u64::from(kind == "kvm");
+    let w = window(&s, SHORT_MS);
+    assert_eq!(w.wss_bytes, (3 + kvm) * huge, "{s:#?}");
+    assert_eq!(w.dirty_bytes, (1 + kvm) * huge, "{s:#?}");
+}
+
+#[test]
+fn kvm_guest_on_hugetlbfs_tracked_at_2mib() {
+    hugetlb_scenario("kvm");
+}
+
+#[test]
+fn process_guest_on_hugetlbfs_tracked_at_2mib() {
+    hugetlb_scenario("process");
+}
+
+/// Balloon: the VMM drops pages with MADV_DONTNEED (UFFD_EVENT_REMOVE). On a
+/// Firecracker snapshot restore they must come back as zeros, not from the
+/// memory file, exactly as Firecracker's own handlers do; memory that was
+/// not dropped still comes from the file.
+#[test]
+fn firecracker_balloon_removal_reads_back_zeros() {
+    let dir = TempDir::new("fc-balloon");
+    let snapshot = dir.0.join("guest.mem");
+    let agent = Agent::start(AgentOpts {
+        snapshot: Some(snapshot.clone()),
+        ..opts("exhaustive")
+    });
+    let script = Script {
+        phases: vec![
+            phase("touch", vec![touch(Op::Read, 16, 100)], 600),
+            phase(
+                "balloon",
+                vec![touch(Op::Discard, 40, 30), touch(Op::Discard, 200, 50)],
+                300,
+            ),
+            phase("after", vec![touch(Op::Read, 16, 300)], 600),
+        ],
+        checksum_every: 0,
+    };
+    let mut o = GuestOpts::new("fc-balloon", script);
+    o.kind = "process";
+    o.handshake = "firecracker";
+    o.backing = "anon";
+    o.mem_mib = 8;
+    o.fill_seed = Some(41);
+    o.snapshot = Some(snapshot);
+    let mut g = Guest::start(&agent, o);
+    let v = g.wait_event("verify", Duration::from_secs(60));
+    assert_eq!(
+        v["ok"], true,
+        "dropped pages must read as zeros, the rest as the snapshot: {v}"
+    );
+    let s = agent.summary(&g.vm_id).unwrap();
+    assert!(
+        s.counters.unwrap().remove_events >= 1,
+        "no UFFD_EVENT_REMOVE seen"
+    );
+}

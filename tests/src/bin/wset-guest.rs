@@ -95,22 +95,23 @@ impl Engine {
         pages: u32,
         seed: u32,
     ) -> anyhow::Result<()> {
+        let write = match op {
+            // Dropping pages is the VMM's act, whatever runs the guest.
+            Op::Discard => return Ok(mem.discard(start, start + pages)?),
+            Op::Read => false,
+            Op::Write => true,
+        };
         match self {
             Engine::Kvm(g) => {
-                let gop = if op == Op::Read {
-                    GuestOp::Read
-                } else {
-                    GuestOp::Write
-                };
+                let gop = if write { GuestOp::Write } else { GuestOp::Read };
                 g.command(mem, gop, start, pages, PAGE as u32, seed)?;
             }
             Engine::Process => {
                 for p in start..start + pages {
-                    match op {
-                        Op::Read => {
-                            std::hint::black_box(mem.read_u32(p as u64 * PAGE));
-                        }
-                        Op::Write => mem.write_u32(p as u64 * PAGE, written_word(seed, p)),
+                    if write {
+                        mem.write_u32(p as u64 * PAGE, written_word(seed, p));
+                    } else {
+                        std::hint::black_box(mem.read_u32(p as u64 * PAGE));
                     }
                 }
             }
@@ -171,6 +172,13 @@ fn run(a: Args) -> anyhow::Result<()> {
     let script: Script =
         serde_json::from_str(&a.script).context("--script is not a valid script")?;
     let len = (a.mem_mib << 20) as usize;
+    if !(len as u64).is_multiple_of(a.backing.page_size()) {
+        bail!(
+            "--mem-mib {} is not a multiple of the {} byte page size",
+            a.mem_mib,
+            a.backing.page_size()
+        );
+    }
     let mem = GuestMemory::new(a.backing, len).context("map guest memory")?;
     let pages = mem.pages();
     if script.extent() > pages {
@@ -290,10 +298,21 @@ fn run(a: Args) -> anyhow::Result<()> {
             let t0 = Instant::now();
             for t in &phase.touches {
                 engine.touch(&mem, t.op, t.start, t.pages, a.write_seed)?;
-                if t.op == Op::Write {
-                    for p in t.start..t.start + t.pages {
-                        expected.overrides.insert(p, written_word(a.write_seed, p));
+                match t.op {
+                    Op::Write => {
+                        for p in t.start..t.start + t.pages {
+                            expected.overrides.insert(p, written_word(a.write_seed, p));
+                        }
                     }
+                    // MADV_DONTNEED zeroes private memory; shared memory keeps
+                    // its contents in the file.
+                    Op::Discard if a.backing == BackingArg::Anon => {
+                        for p in t.start..t.start + t.pages {
+                            expected.overrides.remove(&p);
+                            expected.zeroed.insert(p);
+                        }
+                    }
+                    _ => {}
                 }
             }
             period += 1;
@@ -329,19 +348,12 @@ fn run(a: Args) -> anyhow::Result<()> {
     emit(
         json!({"event": "done", "elapsed_ms": start.elapsed().as_millis() as u64, "vcpu_exits": exits}),
     );
-    if a.wait_stdin {
-        let mut line = String::new();
-        let stdin = std::io::stdin();
-        while stdin
-            .lock()
-            .read_line(&mut line)
-            .map(|n| n > 0)
-            .unwrap_or(false)
-        {
-            line.clear();
-            // A "verify" line asks for a fresh full check (e.g. after the agent stopped).
-            emit(full_verify(&mem, &expected, first, pages, 0, 0));
-        }
+    // A "verify" line on stdin asks for a fresh full check (e.g. after the
+    // agent stopped); EOF ends the guest.
+    while verify_rx.recv().is_ok() {
+        emit(full_verify(
+            &mem, &expected, first, pages, checks, mismatches,
+        ));
     }
     drop(uffd);
     Ok(())
