@@ -21,8 +21,18 @@ cargo clippy --workspace --all-targets --locked -- -D warnings || fail "clippy f
 step "building release binaries for the end-to-end tests"
 cargo build --workspace --release --locked --bins || fail "release build failed (above)"
 
-step "cargo test (unit, real-kernel, end-to-end)"
-WSET_BIN_DIR="$PWD/target/release" cargo test --workspace --locked -- --test-threads="${WSET_TEST_THREADS:-2}" \
-  || fail "tests failed (above)"
+step "cargo test (unit, real-kernel, end-to-end; the integrity run takes about 2 minutes)"
+log=$(mktemp)
+set +e
+WSET_BIN_DIR="$PWD/target/release" cargo test --workspace --locked --lib --bins --tests \
+  -- --test-threads="${WSET_TEST_THREADS:-2}" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+rm -f "$log"
+[ "$status" -eq 0 ] || fail "tests failed (above); $passed passed, $failed failed"
+[ "$passed" -gt 0 ] || fail "no test ran"
 
 step "all tests passed"
+echo "wset: $passed passed, $failed failed"

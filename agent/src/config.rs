@@ -64,6 +64,11 @@ pub struct Config {
     pub host_name: String,
     /// Seed of the sample draws; `None` draws a fresh seed per VM.
     pub sample_seed: Option<u64>,
+    /// On sampled memfd guests, track writes on every page (sync WP, one
+    /// fault per first write per page per interval) instead of sampling them.
+    pub exact_dirty: bool,
+    /// How long a tracker busy-polls for its next fault before sleeping.
+    pub spin: Duration,
 }
 
 impl Default for Config {
@@ -76,7 +81,7 @@ impl Default for Config {
             socket_mode: 0o660,
             grpc_addr: "127.0.0.1:7070".parse().expect("static address"),
             state_dir: "/var/lib/wset".into(),
-            interval: Duration::from_secs(1),
+            interval: Duration::from_millis(DEFAULT_INTERVAL_MS),
             cpus: default_cpus(),
             allowed_uids: vec![0],
             access_mode: AccessMode::Sampled {
@@ -88,9 +93,20 @@ impl Default for Config {
             summary: SummaryConfig::default(),
             host_name: hostname(),
             sample_seed: None,
+            exact_dirty: false,
+            spin: Duration::from_micros(DEFAULT_SPIN_US),
         }
     }
 }
+
+/// Default tracking interval (one epoch), milliseconds. Five epochs fit in
+/// the shortest default window (10 s); a watched hot page faults once per
+/// interval, so the guest's cost halves from a 1 s interval at the same
+/// statistical error.
+pub const DEFAULT_INTERVAL_MS: u64 = 2000;
+
+/// Default busy-poll window of a tracker after each event, microseconds.
+pub const DEFAULT_SPIN_US: u64 = 200;
 
 /// Default sample size (granules) for shmem read tracking: at most ±1.5% of
 /// guest memory at 95% confidence (1.96 * 0.5 / sqrt(4096)).

@@ -19,8 +19,8 @@ use wset_tracker::{Region, TrackerHandle, TrackerSpec, Uffd};
 
 use crate::config::{Config, SocketConfig};
 use crate::handshake::{self, Backing, Hello, Layout, WsetReply};
+use crate::now_ms;
 use crate::registry::{Registry, VmInfo};
-use crate::{methods_of, now_ms};
 
 /// How long a peer may take to send its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -444,6 +444,8 @@ async fn start(req: Request, cfg: &Config, registry: &Registry) -> Result<WsetRe
         vmm_holds_uffd,
         have_memory_fd: req.memory_fd.is_some(),
         granules,
+        custody_granules: (cfg.custody_max_bytes / granule).min(u32::MAX as u64) as u32,
+        exact_dirty: cfg.exact_dirty,
     });
     let custody_dir = cfg.state_dir.join("custody");
     std::fs::create_dir_all(&custody_dir)
@@ -479,6 +481,7 @@ async fn start(req: Request, cfg: &Config, registry: &Registry) -> Result<WsetRe
         pid: req.pid,
         interval: cfg.interval,
         cpu: registry.next_cpu(&cfg.cpus),
+        spin: cfg.spin,
         custody_path: Some(custody_path),
         custody_granules: (cfg.custody_max_bytes / granule).min(u32::MAX as u64) as u32,
         seed: cfg.sample_seed.unwrap_or_else(|| now_ms() ^ req.pid as u64),
@@ -501,7 +504,11 @@ async fn start(req: Request, cfg: &Config, registry: &Registry) -> Result<WsetRe
         handshake: req.handshake,
         plan: p.clone(),
     };
-    let methods = methods_of(&p);
+    let methods: Vec<&str> = p
+        .methods()
+        .into_iter()
+        .map(wset_tracker::Method::name)
+        .collect();
     if let Err((e, handle)) = registry.insert(info, handle) {
         // Lost a race with a registration of the same id: undo ours.
         tokio::task::spawn_blocking(move || handle.stop())

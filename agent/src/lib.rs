@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tracing::{info, warn};
-use wset_tracker::{Access, Dirty, Plan};
 
 pub use config::Config;
 use registry::Registry;
@@ -33,23 +32,28 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Short names of a plan's methods, as the handshake reply and logs show them.
-pub fn methods_of(p: &Plan) -> Vec<&'static str> {
-    let mut m = Vec::new();
-    if p.first_touch {
-        m.push("first_touch");
+/// Put back the pages of every custody file in `state_dir` (left by an
+/// agent that was killed), logging each outcome.
+pub fn recover_custody(state_dir: &std::path::Path) {
+    use wset_tracker::recover::{Recovered, recover_custody_file};
+    let Ok(dir) = std::fs::read_dir(state_dir.join("custody")) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "custody") {
+            continue;
+        }
+        match recover_custody_file(&path) {
+            Ok(Recovered::Restored { pages, vmm_pid }) => {
+                info!(file = %path.display(), pages, vmm_pid, "pages left by a previous agent put back; the VM runs untracked until its VMM registers again")
+            }
+            Ok(Recovered::VmmGone { vmm_pid, pages }) => {
+                warn!(file = %path.display(), pages, vmm_pid, "custody file of a VMM that is gone removed")
+            }
+            Err(e) => warn!(error = %e, "custody recovery failed; the file is kept"),
+        }
     }
-    match p.dirty {
-        Dirty::WpAsync => m.push("wp_async"),
-        Dirty::WpSync => m.push("wp_sync"),
-        Dirty::None => {}
-    }
-    match p.access {
-        Access::ShmemSampled { .. } => m.push("shmem_sampled"),
-        Access::ShmemExhaustive => m.push("shmem_exhaustive"),
-        Access::None => {}
-    }
-    m
 }
 
 /// Run the agent until `shutdown` resolves; then stop every tracker (each
@@ -69,6 +73,11 @@ pub async fn run(
     info!(features = %wset_tracker::uffd::feature::names(offered), "kernel userfaultfd features");
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("create state directory {}", cfg.state_dir.display()))?;
+    // Pages left in custody by an agent that died: put them back first.
+    let dir = cfg.state_dir.clone();
+    tokio::task::spawn_blocking(move || recover_custody(&dir))
+        .await
+        .context("custody recovery task")?;
 
     let mut tasks = Vec::new();
     for sock in &cfg.sockets {

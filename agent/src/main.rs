@@ -54,6 +54,14 @@ struct Args {
     /// makes sampled estimates reproducible.
     #[arg(long)]
     sample_seed: Option<u64>,
+    /// Writes on sampled memfd guests: "sampled" (with reads, no extra
+    /// faults) or "exact" (every page, sync write-protect).
+    #[arg(long, default_value = "sampled", value_parser = ["sampled", "exact"])]
+    dirty: String,
+    /// Microseconds a tracker busy-polls for its next fault before sleeping
+    /// (0: never). Spinning spares the guest the wake-up of a halted CPU per fault.
+    #[arg(long, default_value_t = wset_agent::config::DEFAULT_SPIN_US)]
+    spin_us: u64,
     /// Log as JSON lines.
     #[arg(long, env = "WSET_LOG_JSON")]
     log_json: bool,
@@ -107,6 +115,8 @@ fn config(a: Args) -> anyhow::Result<Config> {
         c.summary.windows_ms = a.windows_ms;
     }
     c.sample_seed = a.sample_seed;
+    c.exact_dirty = a.dirty == "exact";
+    c.spin = Duration::from_micros(a.spin_us);
     if !a.age_buckets_ms.is_empty() {
         let mut b = a.age_buckets_ms;
         b.sort_unstable();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use wset_proto::v1 as pb;
 use wset_tracker::summary::Summary;
-use wset_tracker::{Access, Dirty, TrackerState};
+use wset_tracker::{Method, TrackerState};
 
 use crate::config::Config;
 use crate::handshake::check_vm_id;
@@ -32,21 +32,16 @@ impl From<RegistryError> for Status {
 
 /// The methods of a plan, as wire enums.
 pub fn methods(p: &wset_tracker::Plan) -> Vec<pb::TrackingMethod> {
-    let mut m = Vec::new();
-    if p.first_touch {
-        m.push(pb::TrackingMethod::FirstTouch);
-    }
-    match p.dirty {
-        Dirty::WpAsync => m.push(pb::TrackingMethod::WpAsync),
-        Dirty::WpSync => m.push(pb::TrackingMethod::WpSync),
-        Dirty::None => {}
-    }
-    match p.access {
-        Access::ShmemSampled { .. } => m.push(pb::TrackingMethod::ShmemSampled),
-        Access::ShmemExhaustive => m.push(pb::TrackingMethod::ShmemExhaustive),
-        Access::None => {}
-    }
-    m
+    p.methods()
+        .into_iter()
+        .map(|m| match m {
+            Method::FirstTouch => pb::TrackingMethod::FirstTouch,
+            Method::WpAsync => pb::TrackingMethod::WpAsync,
+            Method::WpSync => pb::TrackingMethod::WpSync,
+            Method::ShmemSampled => pb::TrackingMethod::ShmemSampled,
+            Method::ShmemExhaustive => pb::TrackingMethod::ShmemExhaustive,
+        })
+        .collect()
 }
 
 fn state(s: TrackerState) -> pb::VmState {

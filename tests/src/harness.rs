@@ -90,6 +90,8 @@ pub struct AgentOpts {
     pub extra: Vec<String>,
     /// Serve Firecracker MISSING faults on the socket from this file.
     pub snapshot: Option<PathBuf>,
+    /// State directory (default: inside the agent's own scratch directory).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for AgentOpts {
@@ -100,6 +102,7 @@ impl Default for AgentOpts {
             access: "exhaustive".into(),
             extra: vec![],
             snapshot: None,
+            state_dir: None,
         }
     }
 }
@@ -121,7 +124,11 @@ impl Agent {
             .arg("--socket")
             .arg(&sock_arg)
             .arg("--state-dir")
-            .arg(dir.0.join("state"))
+            .arg(
+                opts.state_dir
+                    .clone()
+                    .unwrap_or_else(|| dir.0.join("state")),
+            )
             .arg("--grpc-addr")
             .arg("127.0.0.1:0")
             .arg("--interval-ms")
@@ -287,6 +294,13 @@ impl Agent {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// SIGKILL: the agent gets no chance to put anything back.
+    pub fn kill(&mut self) {
+        *self.channel.lock().unwrap() = None;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Agent {
@@ -348,12 +362,18 @@ pub struct Guest {
 impl Guest {
     /// Start a test VMM and wait until it has registered.
     pub fn start(agent: &Agent, o: GuestOpts) -> Self {
+        Self::start_at(&agent.socket, o)
+    }
+
+    /// Start a test VMM against the agent socket `socket` (unused with the
+    /// `none` handshake).
+    pub fn start_at(socket: &Path, o: GuestOpts) -> Self {
         if o.kind == "kvm" {
             require("/dev/kvm", "KVM guests need /dev/kvm");
         }
         let mut cmd = Command::new(bin("wset-guest"));
         cmd.arg("--socket")
-            .arg(&agent.socket)
+            .arg(socket)
             .args([
                 "--kind",
                 o.kind,

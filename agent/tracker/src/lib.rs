@@ -8,12 +8,13 @@
 pub mod custody;
 pub mod fdpass;
 pub mod plan;
+pub mod recover;
 pub mod shared;
 pub mod summary;
 pub mod tracker;
 pub mod uffd;
 
-pub use plan::{Access, AccessMode, BackingKind, Dirty, Plan, PlanInput};
+pub use plan::{Access, AccessMode, BackingKind, Dirty, Method, Plan, PlanInput};
 pub use shared::{TrackerState, VmShared};
 pub use tracker::{Region, StopReport, TrackerError, TrackerHandle, TrackerSpec};
 pub use uffd::Uffd;

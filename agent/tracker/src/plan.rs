@@ -32,8 +32,34 @@ pub enum Dirty {
     None,
     /// UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN(PAGE_IS_WRITTEN).
     WpAsync,
-    /// Synchronous write-protect faults, re-armed each interval.
+    /// Synchronous write-protect faults on every page, re-armed each interval.
     WpSync,
+    /// Writes seen on the pages the access method watches (it freezes each
+    /// one with a write-protect when it re-arms it): exact when every page is
+    /// watched, a sample estimate otherwise. No fault on unwatched pages.
+    Watched,
+}
+
+/// One tracking method, as summaries and replies name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    FirstTouch,
+    WpAsync,
+    WpSync,
+    ShmemSampled,
+    ShmemExhaustive,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::FirstTouch => "first_touch",
+            Method::WpAsync => "wp_async",
+            Method::WpSync => "wp_sync",
+            Method::ShmemSampled => "shmem_sampled",
+            Method::ShmemExhaustive => "shmem_exhaustive",
+        }
+    }
 }
 
 /// Read (and write) tracking beyond first touch.
@@ -61,6 +87,27 @@ pub struct Plan {
     pub notes: Vec<String>,
 }
 
+impl Plan {
+    /// The methods in force, in a stable order.
+    pub fn methods(&self) -> Vec<Method> {
+        let mut m = Vec::new();
+        if self.first_touch {
+            m.push(Method::FirstTouch);
+        }
+        match self.dirty {
+            Dirty::WpAsync => m.push(Method::WpAsync),
+            Dirty::WpSync => m.push(Method::WpSync),
+            Dirty::Watched | Dirty::None => {}
+        }
+        match self.access {
+            Access::ShmemSampled { .. } => m.push(Method::ShmemSampled),
+            Access::ShmemExhaustive => m.push(Method::ShmemExhaustive),
+            Access::None => {}
+        }
+        m
+    }
+}
+
 /// What [`plan`] needs to know.
 #[derive(Clone, Copy, Debug)]
 pub struct PlanInput {
@@ -75,6 +122,12 @@ pub struct PlanInput {
     pub have_memory_fd: bool,
     /// Granules in the VM.
     pub granules: u32,
+    /// Custody slots available to exhaustive tracking.
+    pub custody_granules: u32,
+    /// Track writes on every page with sync write-protect even when reads
+    /// are sampled (exact dirty bytes, at one fault per first write per
+    /// page per interval).
+    pub exact_dirty: bool,
 }
 
 /// Features a VMM should request at `UFFDIO_API` time for the best tracking
@@ -139,6 +192,28 @@ pub fn plan(input: PlanInput) -> Plan {
             );
             Access::None
         }
+        (_, _) if f & feature::WP_ASYNC != 0 => {
+            // With WP_ASYNC the kernel resolves every write-protect fault
+            // itself, so the freeze before saving a page would not stop a
+            // write, and a write between the save and the hole punch would be
+            // lost. Never sample such a uffd.
+            notes.push(
+                "read tracking off: the uffd was created with WP_ASYNC, under which a page cannot \
+                 be frozen before it is saved; create it without WP_ASYNC for read tracking"
+                    .into(),
+            );
+            Access::None
+        }
+        (_, AccessMode::Exhaustive) if input.custody_granules < input.granules => {
+            notes.push(format!(
+                "exhaustive tracking needs custody for all {} granules but {} are allowed \
+                 (--custody-max-bytes): sampling that many instead",
+                input.granules, input.custody_granules
+            ));
+            Access::ShmemSampled {
+                granules: input.custody_granules,
+            }
+        }
         (_, AccessMode::Exhaustive) => Access::ShmemExhaustive,
         (_, AccessMode::Sampled { granules }) if granules >= input.granules => {
             notes.push("sample covers every granule: tracking exhaustively".into());
@@ -149,12 +224,19 @@ pub fn plan(input: PlanInput) -> Plan {
 
     // Sampling freezes a page with a synchronous write-protect before saving
     // it, so it rules out WP_ASYNC (which would let a write through and lose it
-    // to the hole punch).
+    // to the hole punch). The same freeze shows writes on the watched pages.
     let dirty = if access != Access::None {
-        notes.push(
-            "dirty tracking by sync write-protect: sampling needs sync WP to freeze pages".into(),
-        );
-        Dirty::WpSync
+        if input.exact_dirty && access != Access::ShmemExhaustive {
+            notes.push(
+                "writes tracked on every page by sync write-protect (exact dirty requested)".into(),
+            );
+            Dirty::WpSync
+        } else {
+            if access != Access::ShmemExhaustive {
+                notes.push("writes sampled on the watched pages, like reads".into());
+            }
+            Dirty::Watched
+        }
     } else if f & feature::WP_ASYNC != 0 {
         Dirty::WpAsync
     } else {
@@ -187,87 +269,126 @@ mod tests {
             vmm_holds_uffd: true,
             have_memory_fd: true,
             granules: 16384,
+            custody_granules: 16384,
+            exact_dirty: false,
         }
     }
 
-    /// `(case, input, first_touch, dirty, access, register_mode)`
+    /// `(case, input, first_touch, dirty, access)`
     #[test]
     fn table() {
+        use Access::*;
+        use BackingKind::*;
         let fc = feature::EVENT_REMOVE;
-        let wset_anon = feature::EVENT_REMOVE | feature::WP_ASYNC | feature::WP_UNPOPULATED;
-        let wset_shmem = feature::EVENT_REMOVE | feature::MISSING_SHMEM;
+        let anon = feature::EVENT_REMOVE | feature::WP_ASYNC | feature::WP_UNPOPULATED;
+        let shmem = feature::EVENT_REMOVE | feature::MISSING_SHMEM;
+        let sampled = ShmemSampled { granules: 1024 };
+        let exhaustive = AccessMode::Exhaustive;
         let cases = [
             (
                 "firecracker uffd",
-                input(fc, BackingKind::Anonymous),
+                input(fc, Anonymous),
                 true,
                 Dirty::WpSync,
-                Access::None,
+                None,
             ),
             (
                 "anon with WP_ASYNC",
-                input(wset_anon, BackingKind::Anonymous),
+                input(anon, Anonymous),
                 true,
                 Dirty::WpAsync,
-                Access::None,
+                None,
             ),
             (
                 "shmem sampled",
-                input(wset_shmem, BackingKind::Shmem),
+                input(shmem, Shmem),
+                true,
+                Dirty::Watched,
+                sampled,
+            ),
+            (
+                "shmem sampled, exact dirty",
+                PlanInput {
+                    exact_dirty: true,
+                    ..input(shmem, Shmem)
+                },
                 true,
                 Dirty::WpSync,
-                Access::ShmemSampled { granules: 1024 },
+                sampled,
+            ),
+            (
+                "shmem exhaustive (exact dirty is implied)",
+                PlanInput {
+                    access_mode: exhaustive,
+                    exact_dirty: true,
+                    ..input(shmem, Shmem)
+                },
+                true,
+                Dirty::Watched,
+                ShmemExhaustive,
+            ),
+            (
+                "exhaustive beyond custody",
+                PlanInput {
+                    access_mode: exhaustive,
+                    custody_granules: 100,
+                    ..input(shmem, Shmem)
+                },
+                true,
+                Dirty::Watched,
+                ShmemSampled { granules: 100 },
             ),
             (
                 "shmem without MISSING_SHMEM",
-                input(feature::EVENT_REMOVE, BackingKind::Shmem),
+                input(feature::EVENT_REMOVE, Shmem),
                 false,
                 Dirty::WpSync,
-                Access::None,
+                None,
             ),
             (
                 "shmem, VMM dropped its uffd",
                 PlanInput {
                     vmm_holds_uffd: false,
-                    ..input(wset_shmem, BackingKind::Shmem)
+                    ..input(shmem, Shmem)
                 },
                 true,
                 Dirty::WpSync,
-                Access::None,
+                None,
             ),
+            // A uffd with WP_ASYNC cannot freeze pages: never sampled.
             (
-                "shmem with WP_ASYNC but sampling",
-                input(wset_shmem | feature::WP_ASYNC, BackingKind::Shmem),
+                "shmem with WP_ASYNC",
+                input(shmem | feature::WP_ASYNC, Shmem),
                 true,
-                Dirty::WpSync,
-                Access::ShmemSampled { granules: 1024 },
+                Dirty::WpAsync,
+                None,
             ),
             (
                 "shmem with WP_ASYNC, access off",
                 PlanInput {
                     access_mode: AccessMode::Off,
-                    ..input(wset_shmem | feature::WP_ASYNC, BackingKind::Shmem)
+                    ..input(shmem | feature::WP_ASYNC, Shmem)
                 },
                 true,
                 Dirty::WpAsync,
-                Access::None,
+                None,
             ),
             (
                 "sample larger than VM",
                 PlanInput {
                     granules: 512,
-                    ..input(wset_shmem, BackingKind::Shmem)
+                    ..input(shmem, Shmem)
                 },
                 true,
-                Dirty::WpSync,
-                Access::ShmemExhaustive,
+                Dirty::Watched,
+                ShmemExhaustive,
             ),
             (
                 "hugetlb",
-                input(feature::MISSING_HUGETLBFS, BackingKind::Hugetlb),
+                input(feature::MISSING_HUGETLBFS, Hugetlb),
                 true,
-                Dirty::WpSync,
-                Access::ShmemSampled { granules: 1024 },
+                Dirty::Watched,
+                sampled,
             ),
         ];
         for (name, inp, first_touch, dirty, access) in cases {
@@ -284,6 +405,17 @@ mod tests {
     }
 
     #[test]
+    fn methods_name_what_is_in_force() {
+        let p = plan(input(feature::MISSING_SHMEM, BackingKind::Shmem));
+        assert_eq!(p.methods(), vec![Method::FirstTouch, Method::ShmemSampled]);
+        let p = plan(input(feature::WP_ASYNC, BackingKind::Anonymous));
+        assert_eq!(
+            p.methods().iter().map(|m| m.name()).collect::<Vec<_>>(),
+            ["first_touch", "wp_async"]
+        );
+    }
+
+    #[test]
     fn refusals_say_why() {
         let p = plan(PlanInput {
             vmm_holds_uffd: false,
@@ -296,6 +428,15 @@ mod tests {
         );
         let p = plan(input(feature::EVENT_REMOVE, BackingKind::Anonymous));
         assert!(p.notes.iter().any(|n| n.contains("memfd")), "{:?}", p.notes);
+        let p = plan(input(
+            feature::MISSING_SHMEM | feature::WP_ASYNC,
+            BackingKind::Shmem,
+        ));
+        assert!(
+            p.notes.iter().any(|n| n.contains("cannot be frozen")),
+            "{:?}",
+            p.notes
+        );
     }
 
     #[test]

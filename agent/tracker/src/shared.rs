@@ -66,6 +66,7 @@ pub struct EpochCounts {
     pub accessed: u32,
     pub written: u32,
     pub sample_accessed: u32,
+    pub sample_written: u32,
 }
 
 /// The shared state of one tracked VM.
@@ -83,8 +84,9 @@ pub struct VmShared {
     /// Distinct granules accessed / written in each epoch, by `epoch % EPOCH_RING`.
     accessed_in: [AtomicU32; EPOCH_RING],
     written_in: [AtomicU32; EPOCH_RING],
-    /// Distinct sampled granules accessed in each epoch.
+    /// Distinct sampled granules accessed / written in each epoch.
     sample_accessed_in: [AtomicU32; EPOCH_RING],
+    sample_written_in: [AtomicU32; EPOCH_RING],
     pub counters: Counters,
     latency: [AtomicU64; LATENCY_BOUNDS_NS.len() + 1],
     state: AtomicU8,
@@ -123,6 +125,7 @@ impl VmShared {
             accessed_in: std::array::from_fn(|_| AtomicU32::new(0)),
             written_in: std::array::from_fn(|_| AtomicU32::new(0)),
             sample_accessed_in: std::array::from_fn(|_| AtomicU32::new(0)),
+            sample_written_in: std::array::from_fn(|_| AtomicU32::new(0)),
             counters: Counters::default(),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             state: AtomicU8::new(TrackerState::Tracking as u8),
@@ -170,6 +173,9 @@ impl VmShared {
         if write && self.write[g].load(Relaxed) != e {
             self.write[g].store(e, Relaxed);
             self.written_in[e as usize % EPOCH_RING].fetch_add(1, Relaxed);
+            if self.in_sample[g] {
+                self.sample_written_in[e as usize % EPOCH_RING].fetch_add(1, Relaxed);
+            }
         }
     }
 
@@ -179,6 +185,7 @@ impl VmShared {
         self.accessed_in[next].store(0, Relaxed);
         self.written_in[next].store(0, Relaxed);
         self.sample_accessed_in[next].store(0, Relaxed);
+        self.sample_written_in[next].store(0, Relaxed);
         self.epoch.store(e + 1, Release);
     }
 
@@ -225,6 +232,7 @@ impl VmShared {
             accessed: self.accessed_in[i].load(Relaxed),
             written: self.written_in[i].load(Relaxed),
             sample_accessed: self.sample_accessed_in[i].load(Relaxed),
+            sample_written: self.sample_written_in[i].load(Relaxed),
         })
     }
 

@@ -99,6 +99,7 @@ pub fn summarize(s: &VmShared, plan: &Plan, cfg: &SummaryConfig, now_ms: u64) ->
     let mut wss_exact = vec![0u64; spans.len()];
     let mut wss_sample = vec![0u64; spans.len()];
     let mut dirty = vec![0u64; spans.len()];
+    let mut dirty_sample = vec![0u64; spans.len()];
     let mut age_counts = vec![0u64; cfg.age_buckets_ms.len()];
     let mut age_sample = vec![0u64; cfg.age_buckets_ms.len()];
     let slices = cfg.heat_slices.clamp(1, n.max(1));
@@ -130,6 +131,9 @@ pub fn summarize(s: &VmShared, plan: &Plan, cfg: &SummaryConfig, now_ms: u64) ->
             }
             if w != NEVER && w >= from {
                 dirty[i] += 1;
+                if in_s {
+                    dirty_sample[i] += 1;
+                }
             }
         }
         if a != NEVER && a >= cur.saturating_sub(shortest) {
@@ -159,6 +163,8 @@ pub fn summarize(s: &VmShared, plan: &Plan, cfg: &SummaryConfig, now_ms: u64) ->
     }
 
     let scale = |count: u64| -> u64 { ((count as f64 / k as f64) * n as f64).round() as u64 * gb };
+    // Writes are sampled with reads when the access method watches them.
+    let sampled_writes = sampled && plan.dirty == Dirty::Watched;
     let windows = cfg
         .windows_ms
         .iter()
@@ -172,10 +178,15 @@ pub fn summarize(s: &VmShared, plan: &Plan, cfg: &SummaryConfig, now_ms: u64) ->
             } else {
                 exact
             };
+            let dirty_bytes = if sampled_writes {
+                scale(dirty_sample[i]).max(dirty[i] * gb)
+            } else {
+                dirty[i] * gb
+            };
             WindowStat {
                 window_ms: w,
                 wss_bytes: wss.min(memory_bytes),
-                dirty_bytes: dirty[i] * gb,
+                dirty_bytes: dirty_bytes.min(memory_bytes),
                 complete: tracked_ms >= w,
             }
         })
@@ -225,7 +236,13 @@ pub fn summarize(s: &VmShared, plan: &Plan, cfg: &SummaryConfig, now_ms: u64) ->
                 c.accessed as u64 * gb
             };
             let secs = interval as f64 / 1000.0;
-            (acc as f64 / secs, (c.written as u64 * gb) as f64 / secs)
+            let written = c.written as u64 * gb;
+            let written = if sampled_writes {
+                scale(c.sample_written as u64).max(written)
+            } else {
+                written
+            };
+            (acc as f64 / secs, written as f64 / secs)
         }
         None => (0.0, 0.0),
     };
@@ -257,6 +274,10 @@ fn error_estimate(
     let dirty = match plan.dirty {
         Dirty::WpAsync => "writes exact (WP_ASYNC + PAGEMAP_SCAN)",
         Dirty::WpSync => "writes exact (sync write-protect)",
+        Dirty::Watched if matches!(plan.access, Access::ShmemExhaustive) => {
+            "writes exact (seen on every page as it is re-armed)"
+        }
+        Dirty::Watched => "writes sampled on the same granules as reads",
         Dirty::None => "writes not tracked",
     };
     match plan.access {

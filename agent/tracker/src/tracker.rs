@@ -47,6 +47,9 @@ pub struct TrackerSpec {
     pub pid: i32,
     pub interval: Duration,
     pub cpu: Option<usize>,
+    /// How long the thread busy-polls for the next event after one, before
+    /// sleeping (0: never spin).
+    pub spin: Duration,
     /// Where the custody file goes (required for access methods).
     pub custody_path: Option<PathBuf>,
     /// Custody slots for exhaustive access tracking (sampled tracking uses
@@ -371,6 +374,7 @@ struct Tracker {
     pidfd: Option<OwnedFd>,
     timer: OwnedFd,
     cpu: Option<usize>,
+    spin_ns: u64,
     shared: Arc<VmShared>,
     custody: Option<Custody>,
     /// Per granule: custody slot, [`ARMED_HOLE`] or [`UNARMED`] (access methods only).
@@ -467,6 +471,7 @@ impl Tracker {
             pidfd,
             timer,
             cpu: spec.cpu,
+            spin_ns: spec.spin.as_nanos() as u64,
             shared,
             custody,
             slot_of: vec![UNARMED; if access { granules } else { 0 }].into_boxed_slice(),
@@ -493,7 +498,9 @@ impl Tracker {
                     mode: self.plan.register_mode,
                     source,
                 })?;
-            if self.plan.dirty != Dirty::None {
+            // Watched writes need no protection up front: each watched page
+            // is write-protected when the access method arms it.
+            if matches!(self.plan.dirty, Dirty::WpSync | Dirty::WpAsync) {
                 match self.uffd.write_protect(r.host_addr, r.len, true, true) {
                     Ok(_) => {}
                     Err(source) => {
@@ -567,10 +574,23 @@ impl Tracker {
                 revents: 0,
             },
         ];
+        // Busy-poll for `spin_ns` after each event before sleeping: faults
+        // come in bursts (after every tick), and waking a halted CPU for each
+        // one costs the guest far more than the spin costs us.
+        let mut spin_until = 0u64;
         loop {
-            let timeout = if self.deferred.is_empty() { -1 } else { 1 };
+            let timeout = if !self.deferred.is_empty() {
+                1
+            } else if self.spin_ns > 0 && now_ns() < spin_until {
+                0
+            } else {
+                -1
+            };
             // SAFETY: `fds` is a valid array of pollfd of the given length.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, timeout) };
+            if n > 0 {
+                spin_until = now_ns() + self.spin_ns;
+            }
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -607,7 +627,9 @@ impl Tracker {
         }
     }
 
-    /// Read and handle messages until none is pending.
+    /// Read and handle messages. A short batch means the queue was empty, so
+    /// poll again instead of spending a read that would return EAGAIN (with
+    /// one vCPU faulting at a time, that read would double the syscalls).
     fn drain(&mut self) -> io::Result<Option<(TrackerState, String)>> {
         loop {
             let n = match self.uffd.read_msgs(&mut self.msgs[..]) {
@@ -628,6 +650,9 @@ impl Tracker {
                 if let Some(end) = self.handle(ev, t0)? {
                     return Ok(Some(end));
                 }
+            }
+            if n < MSG_BATCH {
+                return Ok(None);
             }
         }
     }
@@ -778,11 +803,22 @@ impl Tracker {
         }
     }
 
+    /// Whether a later write to granule `g` must fault (so a page served for
+    /// a read is mapped write-protected).
+    #[inline]
+    fn watches_writes(&self, g: usize) -> bool {
+        match self.plan.dirty {
+            Dirty::WpAsync | Dirty::WpSync => true,
+            Dirty::Watched => self.shared.in_sample(g),
+            Dirty::None => false,
+        }
+    }
+
     /// Serve a first touch (or a touch after the VMM dropped the page): from
     /// the snapshot file when there is one, else zeros.
     #[inline]
     fn serve_fresh(&mut self, g: usize, ga: u64, write: bool) -> io::Result<Resolve> {
-        let wp = !write && self.plan.dirty != Dirty::None;
+        let wp = !write && self.watches_writes(g);
         let src = match &self.source {
             Some(s) if !self.removed[g] => {
                 let off = self.file_offset(g) as usize;
@@ -804,8 +840,8 @@ impl Tracker {
 
     /// Put a page from custody back into the guest.
     fn restore(&mut self, g: usize, ga: u64, slot: u32, write: bool) -> io::Result<Resolve> {
+        let wp = !write && self.watches_writes(g);
         let custody = self.custody.as_mut().expect("custody slot without custody");
-        let wp = !write && self.plan.dirty != Dirty::None;
         // SAFETY: the slot pointer is valid for one granule.
         let r = unsafe {
             self.uffd
@@ -834,7 +870,8 @@ impl Tracker {
                     let _ = self.uffd.write_protect(r.host_addr, r.len, true, true)?;
                 }
             }
-            Dirty::None => {}
+            // Watched pages are re-protected by rearm_access below.
+            Dirty::Watched | Dirty::None => {}
         }
         if self.custody.is_some() {
             self.rearm_access()?;

@@ -4,11 +4,12 @@
 //! and stores, and the test thread only sleeps, during the measured window.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+mod common;
+use common::Mem;
 use wset_tracker::plan::{self, AccessMode, BackingKind, PlanInput};
 use wset_tracker::{Region, TrackerHandle, TrackerSpec, Uffd};
 
@@ -39,27 +40,10 @@ static GLOBAL: Counting = Counting;
 #[test]
 fn serving_faults_and_ticks_allocates_nothing() {
     const PAGES: usize = 1024;
-    let len = PAGES * 4096;
-    // SAFETY: memfd_create with a static name.
-    let fd = unsafe { libc::memfd_create(c"wset-noalloc".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: a fresh fd.
-    let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sizing our memfd.
-    assert_eq!(unsafe { libc::ftruncate(memfd.as_raw_fd(), len as i64) }, 0);
-    // SAFETY: a shared mapping of our memfd.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            memfd.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    let base = p as usize;
+    let mem = Mem::memfd(PAGES);
+    let len = mem.len;
+    let memfd = mem.memfd.as_ref().expect("memfd");
+    let base = mem.ptr as usize;
     for i in 0..PAGES {
         // SAFETY: in bounds of the mapping.
         unsafe { *((base + i * 4096) as *mut u64) = i as u64 };
@@ -76,6 +60,8 @@ fn serving_faults_and_ticks_allocates_nothing() {
         vmm_holds_uffd: true,
         have_memory_fd: true,
         granules: PAGES as u32,
+        custody_granules: PAGES as u32,
+        exact_dirty: false,
     });
     let dir = std::env::temp_dir().join(format!("wset-noalloc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -94,6 +80,7 @@ fn serving_faults_and_ticks_allocates_nothing() {
         pid: std::process::id() as i32,
         interval: Duration::from_millis(50),
         cpu: None,
+        spin: Duration::ZERO,
         custody_path: Some(dir.join("vm.custody")),
         custody_granules: PAGES as u32,
         seed: 1,

@@ -2,7 +2,7 @@
 //! guest and touches memory in a known pattern while the tracker thread
 //! serves its faults. Needs /dev/userfaultfd (or the syscall) as root.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -12,73 +12,12 @@ use wset_tracker::summary::{SummaryConfig, summarize};
 use wset_tracker::uffd::feature;
 use wset_tracker::{Region, TrackerHandle, TrackerSpec, TrackerState, Uffd};
 
-const PAGE: u64 = 4096;
 const INTERVAL: Duration = Duration::from_millis(100);
 
-struct Mem {
-    ptr: *mut u8,
-    len: usize,
-    memfd: Option<OwnedFd>,
-}
-// SAFETY: test memory shared between the toucher thread and the checks.
-unsafe impl Send for Mem {}
-// SAFETY: as above; accesses are plain loads/stores of bytes.
-unsafe impl Sync for Mem {}
+mod common;
+use common::{Mem, PAGE};
 
 impl Mem {
-    fn anon(pages: usize) -> Self {
-        let len = pages * PAGE as usize;
-        // SAFETY: a fresh anonymous private mapping.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        Self {
-            ptr: p.cast(),
-            len,
-            memfd: None,
-        }
-    }
-
-    fn memfd(pages: usize) -> Self {
-        let len = pages * PAGE as usize;
-        // SAFETY: memfd_create with a static name.
-        let fd = unsafe { libc::memfd_create(c"wset-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fresh fd.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: ftruncate on our fd.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }, 0);
-        // SAFETY: a shared mapping of our memfd.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        Self {
-            ptr: p.cast(),
-            len,
-            memfd: Some(fd),
-        }
-    }
-
-    fn addr(&self) -> u64 {
-        self.ptr as u64
-    }
-
     fn read(&self, page: usize) -> u64 {
         // SAFETY: in bounds; volatile so the access really happens.
         unsafe { std::ptr::read_volatile(self.ptr.add(page * PAGE as usize).cast::<u64>()) }
@@ -122,13 +61,6 @@ impl Mem {
     }
 }
 
-impl Drop for Mem {
-    fn drop(&mut self) {
-        // SAFETY: unmapping our own mapping.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 fn pattern(seed: u64, page: usize, word: usize) -> u64 {
     seed ^ ((page as u64) << 20) ^ word as u64 ^ 0x5bd1_e995
 }
@@ -155,6 +87,7 @@ fn spec(
         pid: std::process::id() as i32,
         interval: INTERVAL,
         cpu: Some(0),
+        spin: Duration::from_micros(200),
         custody_path: custody,
         custody_granules: (mem.len as u64 / PAGE) as u32,
         seed: 7,
@@ -231,6 +164,8 @@ fn anonymous_first_touch_and_wp_async_dirty_are_exact() {
         vmm_holds_uffd: true,
         have_memory_fd: false,
         granules: 256,
+        custody_granules: 256,
+        exact_dirty: false,
     });
     assert_eq!(p.dirty, wset_tracker::Dirty::WpAsync);
     let h = TrackerHandle::spawn(spec(uffd, &mem, p.clone(), None, None)).unwrap();
@@ -280,6 +215,8 @@ fn firecracker_style_uffd_gets_sync_wp_dirty_tracking() {
         vmm_holds_uffd: true,
         have_memory_fd: false,
         granules: 64,
+        custody_granules: 64,
+        exact_dirty: false,
     });
     assert_eq!(p.dirty, wset_tracker::Dirty::WpSync);
     let h = TrackerHandle::spawn(spec(uffd, &mem, p.clone(), None, None)).unwrap();
@@ -319,6 +256,8 @@ fn shmem_tracker(
         vmm_holds_uffd: true,
         have_memory_fd: true,
         granules: pages as u32,
+        custody_granules: pages as u32,
+        exact_dirty: false,
     });
     let dir = custody_dir(name);
     let memfd = mem.memfd.as_ref().unwrap().try_clone().unwrap();

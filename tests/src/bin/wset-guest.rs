@@ -284,8 +284,12 @@ fn run(a: Args) -> anyhow::Result<()> {
                 }
             }
         });
+    } else {
+        // Nobody will ask: close the channel so the end of the script ends the guest.
+        drop(verify_tx);
     }
     let start = Instant::now();
+    let mut periods_total = 0u64;
     let mut mismatches = 0u64;
     let mut checks = 0u64;
     for (i, phase) in script.phases.iter().enumerate() {
@@ -316,6 +320,7 @@ fn run(a: Args) -> anyhow::Result<()> {
                 }
             }
             period += 1;
+            periods_total += 1;
             while verify_rx.try_recv().is_ok() {
                 emit(full_verify(
                     &mem, &expected, first, pages, checks, mismatches,
@@ -346,7 +351,7 @@ fn run(a: Args) -> anyhow::Result<()> {
         Engine::Process => 0,
     };
     emit(
-        json!({"event": "done", "elapsed_ms": start.elapsed().as_millis() as u64, "vcpu_exits": exits}),
+        json!({"event": "done", "elapsed_ms": start.elapsed().as_millis() as u64, "vcpu_exits": exits, "periods": periods_total}),
     );
     // A "verify" line on stdin asks for a fresh full check (e.g. after the
     // agent stopped); EOF ends the guest.

@@ -1,0 +1,80 @@
+//! Test memory shared by the tracker's real-kernel tests and benchmarks:
+//! anonymous or memfd-backed mappings that unmap themselves.
+
+#![allow(dead_code)]
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+pub const PAGE: u64 = 4096;
+
+/// A mapping of `len` bytes, private anonymous or shared over a memfd.
+pub struct Mem {
+    pub ptr: *mut u8,
+    pub len: usize,
+    pub memfd: Option<OwnedFd>,
+}
+
+// SAFETY: test memory shared between toucher threads and checks; every
+// access is a volatile load or store of plain bytes.
+unsafe impl Send for Mem {}
+// SAFETY: as above.
+unsafe impl Sync for Mem {}
+
+impl Mem {
+    pub fn anon(pages: usize) -> Self {
+        Self::map(pages, None)
+    }
+
+    pub fn memfd(pages: usize) -> Self {
+        let len = pages * PAGE as usize;
+        // SAFETY: memfd_create with a static name.
+        let fd = unsafe { libc::memfd_create(c"wset-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh fd that nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sizing our own memfd.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }, 0);
+        Self::map(pages, Some(fd))
+    }
+
+    fn map(pages: usize, fd: Option<OwnedFd>) -> Self {
+        let len = pages * PAGE as usize;
+        let (flags, raw) = match &fd {
+            Some(f) => (libc::MAP_SHARED, f.as_raw_fd()),
+            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
+        };
+        // SAFETY: a fresh mapping, anonymous or of our own memfd.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                raw,
+                0,
+            )
+        };
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        Self {
+            ptr: p.cast(),
+            len,
+            memfd: fd,
+        }
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+}
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}

@@ -1,0 +1,124 @@
+//! Guest slowdown with tracking on vs off: the same guest workload runs for a
+//! fixed time untracked (no agent) and tracked by the real agent at its
+//! default settings (2 s interval, 200 us busy-poll; sampled read tracking of 4096 granules on
+//! memfd memory, WP_ASYNC dirty tracking on anonymous memory), in
+//! alternating rounds; the ratio of work done is the slowdown.
+//!
+//! Run: cargo build --release --bins && cargo bench -p wset-tests --bench guest_slowdown
+//! WSET_BENCH_SECS sets each round's length (default 10), WSET_BENCH_ROUNDS
+//! the number of rounds per configuration (default 5).
+
+use std::time::Duration;
+
+use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts};
+use wset_tests::script::{Op, Phase, Script, Touch};
+
+fn secs() -> u64 {
+    std::env::var("WSET_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10)
+}
+
+fn rounds() -> usize {
+    std::env::var("WSET_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5)
+}
+
+fn default_agent() -> Agent {
+    Agent::start(AgentOpts {
+        interval_ms: 2000,
+        windows_ms: vec![10_000, 60_000, 300_000, 1_800_000],
+        access: "4096".into(),
+        extra: vec![],
+        snapshot: None,
+        state_dir: None,
+    })
+}
+
+/// Work done (periods of the script) in one round.
+fn round(kind: &'static str, backing: &'static str, tracked: bool) -> f64 {
+    let p = Phase {
+        name: "work".into(),
+        touches: vec![
+            Touch {
+                op: Op::Read,
+                start: 16,
+                pages: 4000,
+            },
+            Touch {
+                op: Op::Write,
+                start: 8000,
+                pages: 1000,
+            },
+        ],
+        duration_ms: secs() * 1000,
+        period_ms: 0,
+    };
+    let mut o = GuestOpts::new(
+        &format!("bench-{kind}-{backing}"),
+        Script {
+            phases: vec![p],
+            checksum_every: 0,
+        },
+    );
+    o.kind = kind;
+    o.backing = backing;
+    o.mem_mib = 256;
+    o.fill_seed = Some(1);
+    let (agent, mut g) = if tracked {
+        let a = default_agent();
+        let g = Guest::start(&a, o);
+        (Some(a), g)
+    } else {
+        o.handshake = "none";
+        (
+            None,
+            Guest::start_at(std::path::Path::new("/nonexistent"), o),
+        )
+    };
+    let done = g.wait_event("done", Duration::from_secs(secs() + 120));
+    drop(g);
+    drop(agent);
+    done["periods"].as_f64().expect("periods")
+        / (done["elapsed_ms"].as_f64().expect("elapsed") / 1000.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    println!(
+        "guest slowdown, tracking on (agent defaults) vs off, {} alternating rounds of {} s, median:",
+        rounds(),
+        secs()
+    );
+    for (kind, backing) in [
+        ("kvm", "memfd"),
+        ("kvm", "anon"),
+        ("process", "memfd"),
+        ("process", "anon"),
+    ] {
+        let (mut off, mut on) = (Vec::new(), Vec::new());
+        for r in 0..rounds() {
+            if r % 2 == 0 {
+                off.push(round(kind, backing, false));
+                on.push(round(kind, backing, true));
+            } else {
+                on.push(round(kind, backing, true));
+                off.push(round(kind, backing, false));
+            }
+            eprintln!("{kind}/{backing}: round {}/{} done", r + 1, rounds());
+        }
+        let (off, on) = (median(off), median(on));
+        println!(
+            "  {kind:>7} guest, {backing:>5}: untracked {off:>9.1} passes/s, tracked {on:>9.1} passes/s, ratio {:.3}x, slowdown {:+.2}% (target <= 2%)",
+            on / off,
+            (1.0 - on / off) * 100.0
+        );
+    }
+}
