@@ -422,6 +422,33 @@ pub fn parse_maps(text: &str) -> Vec<MapsEntry> {
         .collect()
 }
 
+/// Bytes of `AnonHugePages` (transparent huge pages) in `/proc/<pid>/smaps`
+/// text, counted for the mappings that overlap the layout's regions.
+pub fn thp_bytes(smaps: &str, layout: &Layout) -> u64 {
+    let mut total = 0;
+    let mut overlaps = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((s, e)) = range.split_once('-')
+            && let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16))
+        {
+            overlaps = layout
+                .regions
+                .iter()
+                .any(|r| s < r.host_addr + r.size && r.host_addr < e);
+        } else if overlaps && let Some(v) = line.strip_prefix("AnonHugePages:") {
+            total += v
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0)
+                * 1024;
+        }
+    }
+    total
+}
+
 /// Check that every region is mapped in the peer, contiguously, readable and
 /// writable; for file-backed memory, that it maps `memory_ino` shared at the
 /// stated offsets; for anonymous memory, that it maps no file.
@@ -599,6 +626,24 @@ mod tests {
                 backing: Backing::Memfd
             }
         );
+    }
+
+    #[test]
+    fn thp_is_counted_for_overlapping_mappings_only() {
+        let smaps = "7f0000000000-7f0000400000 rw-p 00000000 00:00 0 \n\
+                     Size:               4096 kB\n\
+                     AnonHugePages:      2048 kB\n\
+                     7f1000000000-7f1000400000 rw-p 00000000 00:00 0 \n\
+                     AnonHugePages:      4096 kB\n";
+        let l = Layout {
+            page_size: 4096,
+            regions: vec![LayoutRegion {
+                host_addr: 0x7f00_0010_0000,
+                size: 0x1000,
+                file_offset: 0,
+            }],
+        };
+        assert_eq!(thp_bytes(smaps, &l), 2 << 20);
     }
 
     #[test]

@@ -509,6 +509,18 @@ async fn start(req: Request, cfg: &Config, registry: &Registry) -> Result<WsetRe
         .into_iter()
         .map(wset_tracker::Method::name)
         .collect();
+    let mut notes = p.notes.clone();
+    if req.backing == BackingKind::Anonymous {
+        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", req.pid)).unwrap_or_default();
+        let thp = handshake::thp_bytes(&smaps, &req.layout);
+        if thp > 0 {
+            notes.push(format!(
+                "{} MiB of guest memory is mapped with transparent huge pages; the kernel splits \
+                 one when it is written, so writes are still tracked per 4 KiB",
+                thp >> 20
+            ));
+        }
+    }
     if let Err((e, handle)) = registry.insert(info, handle) {
         // Lost a race with a registration of the same id: undo ours.
         tokio::task::spawn_blocking(move || handle.stop())
@@ -521,7 +533,7 @@ async fn start(req: Request, cfg: &Config, registry: &Registry) -> Result<WsetRe
         memory_bytes = req.layout.total_bytes(),
         methods = ?methods,
         features = %feature::names(features),
-        notes = ?p.notes,
+        notes = ?notes,
         "VM registered"
     );
     Ok(WsetReply {
@@ -529,7 +541,7 @@ async fn start(req: Request, cfg: &Config, registry: &Registry) -> Result<WsetRe
         vm_id: Some(req.vm_id),
         methods: methods.iter().map(|m| m.to_string()).collect(),
         granule_bytes: Some(granule),
-        notes: p.notes,
+        notes,
         ..Default::default()
     })
 }

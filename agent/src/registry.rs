@@ -189,6 +189,7 @@ impl Registry {
             harvests: c.harvests.load(Relaxed),
             sampled_pages: c.sampled_pages.load(Relaxed),
             remove_events: c.remove_events.load(Relaxed),
+            huge_written_bytes: c.huge_written_bytes.load(Relaxed),
             fault_service_latency: shared
                 .latency_histogram()
                 .into_iter()

@@ -16,6 +16,8 @@ pub enum BackingArg {
     Memfd,
     /// A hugetlbfs memfd with 2 MiB pages (needs /proc/sys/vm/nr_hugepages).
     Hugetlb,
+    /// Private anonymous memory advised for transparent huge pages.
+    Thp,
 }
 
 /// The 2 MiB huge page size.
@@ -48,7 +50,7 @@ unsafe impl Sync for GuestMemory {}
 impl GuestMemory {
     pub fn new(backing: BackingArg, len: usize) -> std::io::Result<Self> {
         let (flags, fd) = match backing {
-            BackingArg::Anon => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None),
+            BackingArg::Anon | BackingArg::Thp => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None),
             BackingArg::Memfd | BackingArg::Hugetlb => {
                 let huge = if backing == BackingArg::Hugetlb {
                     libc::MFD_HUGETLB | libc::MFD_HUGE_2MB
@@ -99,10 +101,15 @@ impl GuestMemory {
                 format!("map guest memory: {e}"),
             ));
         }
-        if backing != BackingArg::Hugetlb {
+        let advice = match backing {
+            BackingArg::Hugetlb => None,
+            BackingArg::Thp => Some(libc::MADV_HUGEPAGE),
             // Keep THP out of the way: these guests count 4 KiB pages.
+            BackingArg::Anon | BackingArg::Memfd => Some(libc::MADV_NOHUGEPAGE),
+        };
+        if let Some(advice) = advice {
             // SAFETY: advising our own mapping.
-            unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
+            unsafe { libc::madvise(p, len, advice) };
         }
         Ok(Self {
             ptr: p.cast(),
@@ -137,6 +144,20 @@ impl GuestMemory {
         assert!(off as usize + 4 <= self.len);
         // SAFETY: in bounds (asserted).
         unsafe { std::ptr::write_volatile(self.ptr.add(off as usize).cast::<u32>(), v) }
+    }
+
+    /// Unmap pages `[from, to)` from the VMM (they must not be touched again).
+    pub fn unmap(&self, from: u32, to: u32) -> std::io::Result<()> {
+        let (off, len) = (from as u64 * PAGE, (to - from) as u64 * PAGE);
+        assert!(off + len <= self.len as u64);
+        // SAFETY: unmapping part of our own mapping; the caller promises not
+        // to touch it again (Drop unmapping it once more is harmless).
+        let rc = unsafe { libc::munmap(self.ptr.add(off as usize).cast(), len as usize) };
+        if rc != 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     /// `MADV_DONTNEED` pages `[from, to)`, as a balloon driver's VMM does.

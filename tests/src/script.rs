@@ -12,6 +12,8 @@ pub enum Op {
     Write,
     /// The VMM drops the pages (`MADV_DONTNEED`), as for a balloon.
     Discard,
+    /// The VMM unmaps the pages (the guest must not touch them again).
+    Unmap,
 }
 
 /// Touch `pages` pages from `start` (guest page numbers), once per period.
@@ -50,6 +52,7 @@ impl Phase {
     pub fn accessed(&self) -> BTreeSet<u32> {
         self.touches
             .iter()
+            .filter(|t| matches!(t.op, Op::Read | Op::Write))
             .flat_map(|t| t.start..t.start + t.pages)
             .collect()
     }

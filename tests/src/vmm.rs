@@ -69,7 +69,7 @@ pub fn wset_features(socket: &Path, backing: BackingArg) -> std::io::Result<u64>
 
 fn backing_name(b: BackingArg) -> &'static str {
     match b {
-        BackingArg::Anon => "anonymous",
+        BackingArg::Anon | BackingArg::Thp => "anonymous",
         BackingArg::Memfd => "memfd",
         BackingArg::Hugetlb => "hugetlbfs",
     }

@@ -354,3 +354,62 @@ fn peers_outside_the_uid_allow_list_cannot_register() {
     assert_unaffected(&agent, &good, "a refused uid");
     let _ = std::io::stdout().flush();
 }
+
+/// A VMM that unmaps its guest memory while staying alive: the agent hears
+/// of it through UFFD_EVENT_UNMAP (not the pidfd) and retires the VM.
+#[test]
+fn a_vmm_that_unmaps_its_memory_is_retired() {
+    let agent = Agent::start(AgentOpts {
+        access: "exhaustive".into(),
+        ..Default::default()
+    });
+    let good = good_guest(&agent);
+    let script = Script {
+        phases: vec![
+            Phase {
+                name: "use".into(),
+                touches: vec![Touch {
+                    op: Op::Read,
+                    start: 16,
+                    pages: 50,
+                }],
+                duration_ms: 600,
+                period_ms: 50,
+            },
+            Phase {
+                name: "unmap".into(),
+                touches: vec![Touch {
+                    op: Op::Unmap,
+                    start: 512,
+                    pages: 512,
+                }],
+                duration_ms: 1,
+                period_ms: 50,
+            },
+        ],
+        checksum_every: 0,
+    };
+    let mut o = GuestOpts::new("unmapper", script);
+    o.kind = "process";
+    o.mem_mib = 8;
+    let mut g = Guest::start(&agent, o);
+    g.wait_event("done", Duration::from_secs(30));
+    agent.wait_summary("unmapper", Duration::from_secs(10), "retired", |s| {
+        s.state == pb::VmState::Retired as i32
+    });
+    let vm = agent
+        .list()
+        .into_iter()
+        .find(|v| v.vm_id == "unmapper")
+        .expect("still listed");
+    assert!(
+        vm.retired_reason.contains("unmapped guest memory"),
+        "{}",
+        vm.retired_reason
+    );
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(g.pid() as i32), None).is_ok(),
+        "the VMM must still be alive"
+    );
+    assert_unaffected(&agent, &good, "a VMM unmapped its memory");
+}

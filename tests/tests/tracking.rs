@@ -574,3 +574,46 @@ fn firecracker_balloon_removal_reads_back_zeros() {
         "no UFFD_EVENT_REMOVE seen"
     );
 }
+
+/// Transparent huge pages: anonymous memory backed by THP before
+/// registration is accepted, the reply says so, and writes are still tracked
+/// per 4 KiB (the kernel splits a write-protected huge page when it is
+/// written; a write it reported per 2 MiB would show in huge_written_bytes).
+#[test]
+fn process_guest_on_transparent_huge_pages() {
+    let agent = Agent::start(opts("exhaustive"));
+    let writes = vec![
+        touch(Op::Write, 1029, 1),
+        touch(Op::Write, 2057, 1),
+        touch(Op::Write, 3080, 1),
+    ];
+    let mut o = GuestOpts::new(
+        "thp",
+        Script {
+            phases: vec![phase("p", writes, 60_000)],
+            checksum_every: 0,
+        },
+    );
+    o.kind = "process";
+    o.backing = "thp";
+    o.mem_mib = 16;
+    o.fill_seed = Some(3);
+    let g = Guest::start(&agent, o);
+    let notes = g.registered["reply"]["notes"].to_string();
+    assert!(
+        notes.contains("transparent huge pages"),
+        "no THP noted at registration (could the kernel give this guest huge pages? \
+         /sys/kernel/mm/transparent_hugepage/enabled must be madvise or always): {notes}"
+    );
+    let e0 = epoch_now(&agent, &g);
+    let s = settle(&agent, &g, e0);
+    assert_eq!(s.granule_bytes, PAGE);
+    let w = window(&s, SHORT_MS);
+    let huge = s.counters.as_ref().unwrap().huge_written_bytes;
+    eprintln!(
+        "thp: dirty {} bytes for 3 written 4 KiB pages; reported inside huge pages: {huge}",
+        w.dirty_bytes
+    );
+    assert_eq!(huge, 0, "the kernel reported writes per 2 MiB: {s:#?}");
+    assert_eq!(w.dirty_bytes, 3 * PAGE, "{s:#?}");
+}

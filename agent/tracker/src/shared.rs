@@ -58,6 +58,9 @@ pub struct Counters {
     pub custody_full: AtomicU64,
     pub pages_in_custody: AtomicU64,
     pub retries: AtomicU64,
+    /// Bytes reported written inside transparent huge pages, where the
+    /// kernel tracks writes per 2 MiB.
+    pub huge_written_bytes: AtomicU64,
 }
 
 /// Per-epoch distinct-granule counts.

@@ -315,15 +315,27 @@ fn error_estimate(
                     .load(std::sync::atomic::Ordering::Relaxed)
             ),
         },
-        Access::None => ErrorEstimate {
-            relative_error: 0.0,
-            confidence: 1.0,
-            lower_bound: true,
-            basis: format!(
-                "first touches and {dirty} at {gb} B granules; reads of pages already present are \
-                 not visible on this backing, so the working set is a lower bound"
-            ),
-        },
+        Access::None => {
+            let huge = s
+                .counters
+                .huge_written_bytes
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let thp = if huge > 0 {
+                "; part of the memory is mapped with transparent huge pages, whose writes the \
+                 kernel reports per 2 MiB"
+            } else {
+                ""
+            };
+            ErrorEstimate {
+                relative_error: 0.0,
+                confidence: 1.0,
+                lower_bound: true,
+                basis: format!(
+                    "first touches and {dirty} at {gb} B granules; reads of pages already present \
+                     are not visible on this backing, so the working set is a lower bound{thp}"
+                ),
+            }
+        }
     }
 }
 

@@ -888,7 +888,7 @@ impl Tracker {
         let scan = pagemap::Scan {
             flags: pagemap::PM_SCAN_WP_MATCHING | pagemap::PM_SCAN_CHECK_WPASYNC,
             category_mask: pagemap::PAGE_IS_WRITTEN,
-            return_mask: pagemap::PAGE_IS_WRITTEN,
+            return_mask: pagemap::PAGE_IS_WRITTEN | pagemap::PAGE_IS_HUGE,
         };
         for ri in 0..self.regions.len() {
             let r = self.regions[ri];
@@ -903,6 +903,13 @@ impl Tracker {
                         Err(e) => return Err(e),
                     };
                 for pr in &self.scan_buf[..n] {
+                    if pr.categories & pagemap::PAGE_IS_HUGE != 0 {
+                        // A transparent huge page: the kernel tracks it per PMD.
+                        self.shared
+                            .counters
+                            .huge_written_bytes
+                            .fetch_add(pr.end - pr.start, Relaxed);
+                    }
                     let mut a = pr.start;
                     while a < pr.end {
                         let g = self.region_base[ri] + ((a - r.host_addr) / self.granule) as usize;

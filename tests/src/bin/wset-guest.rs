@@ -98,6 +98,7 @@ impl Engine {
         let write = match op {
             // Dropping pages is the VMM's act, whatever runs the guest.
             Op::Discard => return Ok(mem.discard(start, start + pages)?),
+            Op::Unmap => return Ok(mem.unmap(start, start + pages)?),
             Op::Read => false,
             Op::Write => true,
         };
@@ -310,7 +311,7 @@ fn run(a: Args) -> anyhow::Result<()> {
                     }
                     // MADV_DONTNEED zeroes private memory; shared memory keeps
                     // its contents in the file.
-                    Op::Discard if a.backing == BackingArg::Anon => {
+                    Op::Discard if matches!(a.backing, BackingArg::Anon | BackingArg::Thp) => {
                         for p in t.start..t.start + t.pages {
                             expected.overrides.remove(&p);
                             expected.zeroed.insert(p);

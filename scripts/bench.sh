@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every wset benchmark and prints its ratios against a baseline measured
+# in the same run. Method and latest figures: BENCHMARKS.md.
+# Usage: sudo scripts/bench.sh   (WSET_BENCH_SECS, WSET_BENCH_ROUNDS tune the guest runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+step "checking prerequisites"
+require_root
+require_device /dev/userfaultfd "the benchmarks drive real userfaultfds"
+require_device /dev/kvm "the guest-slowdown benchmark runs real KVM guests"
+install_packages "${WSET_TEST_PACKAGES[@]}"
+
+step "building release binaries"
+cargo build --release --locked --workspace --bins || fail "build failed (above)"
+
+step "fault path: tracker vs a minimal handler (about 2 minutes)"
+cargo bench --locked -p wset-tracker --bench fault_path || fail "fault_path benchmark failed (above)"
+
+step "guest slowdown: tracking on vs off (about 10 minutes)"
+cargo bench --locked -p wset-tests --bench guest_slowdown || fail "guest_slowdown benchmark failed (above)"
