@@ -4,7 +4,7 @@
 //! is retired, and a well-behaved KVM guest on the same agent keeps being
 //! served through all of it.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -299,11 +299,8 @@ fn a_vmm_that_dies_is_retired_and_others_continue() {
     assert_unaffected(&agent, &good, "a VMM died");
 }
 
-#[test]
-fn peers_outside_the_uid_allow_list_cannot_register() {
-    let agent = Agent::start(AgentOpts::default());
-    let good = good_guest(&agent);
-    // 0660 root:root: another uid cannot even connect.
+/// Run a test VMM as uid/gid 65534 against the agent; (succeeded, its stdout).
+fn register_as_nobody(agent: &Agent) -> (bool, String) {
     let out = std::process::Command::new(bin("wset-guest"))
         .arg("--socket")
         .arg(&agent.socket)
@@ -319,40 +316,29 @@ fn peers_outside_the_uid_allow_list_cannot_register() {
         .gid(65534)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !out.status.success() && text.contains("Permission denied"),
-        "{text}"
-    );
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn peers_outside_the_uid_allow_list_cannot_register() {
+    let agent = Agent::start(AgentOpts::default());
+    let good = good_guest(&agent);
+    // 0660 root:root: another uid cannot even connect.
+    let (ok, text) = register_as_nobody(&agent);
+    assert!(!ok && text.contains("Permission denied"), "{text}");
     // Opened up by mode, the uid allow-list still refuses, with a log line.
     std::fs::set_permissions(
         &agent.socket,
         std::os::unix::fs::PermissionsExt::from_mode(0o666),
     )
     .unwrap();
-    let out = std::process::Command::new(bin("wset-guest"))
-        .arg("--socket")
-        .arg(&agent.socket)
-        .args([
-            "--kind",
-            "process",
-            "--backing",
-            "anon",
-            "--script",
-            r#"{"phases":[]}"#,
-        ])
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !out.status.success() && text.contains("uid 65534"),
-        "{text}"
-    );
+    let (ok, text) = register_as_nobody(&agent);
+    assert!(!ok && text.contains("uid 65534"), "{text}");
     agent.wait_log("peer uid 65534", Duration::from_secs(5));
     assert_unaffected(&agent, &good, "a refused uid");
-    let _ = std::io::stdout().flush();
 }
 
 /// A VMM that unmaps its guest memory while staying alive: the agent hears

@@ -380,36 +380,49 @@ fn process_guest_anonymous_first_touch_and_dirty_exact() {
     anonymous_scenario("process");
 }
 
+/// An agent serving Firecracker MISSING faults from a snapshot memory file,
+/// and a test VMM restoring from it with Firecracker's exact handshake.
+/// The scratch directory must outlive both.
+fn firecracker_restore(
+    tag: &str,
+    script: Script,
+    kind: &'static str,
+    mem_mib: u64,
+    fill_seed: u32,
+) -> (TempDir, Agent, Guest) {
+    let dir = TempDir::new(tag);
+    let snapshot = dir.0.join("guest.mem");
+    let agent = Agent::start(AgentOpts {
+        snapshot: Some(snapshot.clone()),
+        ..opts("exhaustive")
+    });
+    let mut o = GuestOpts::new(tag, script);
+    o.kind = kind;
+    o.handshake = "firecracker";
+    o.backing = "anon";
+    o.mem_mib = mem_mib;
+    o.fill_seed = Some(fill_seed);
+    o.snapshot = Some(snapshot);
+    let g = Guest::start(&agent, o);
+    (dir, agent, g)
+}
+
 /// Firecracker's exact handshake, snapshot restore: every page comes from the
 /// memory file configured for the socket; dirty tracking by sync WP; after
 /// SIGTERM the agent populates what the guest had not touched yet, so no
 /// page reads back as zeros.
 #[test]
 fn firecracker_snapshot_restore_served_from_memory_file() {
-    let dir = TempDir::new("fc");
-    let snapshot = dir.0.join("guest.mem");
-    let mut agent = Agent::start(AgentOpts {
-        snapshot: Some(snapshot.clone()),
-        ..opts("exhaustive")
-    });
     let p = phase(
         "p",
         vec![touch(Op::Read, 16, 200), touch(Op::Write, 300, 50)],
         3000,
     );
-    let mut o = GuestOpts::new(
-        "fc",
-        Script {
-            phases: vec![p],
-            checksum_every: 0,
-        },
-    );
-    o.handshake = "firecracker";
-    o.backing = "anon";
-    o.mem_mib = 16;
-    o.fill_seed = Some(99);
-    o.snapshot = Some(snapshot);
-    let mut g = Guest::start(&agent, o);
+    let script = Script {
+        phases: vec![p],
+        checksum_every: 0,
+    };
+    let (_dir, mut agent, mut g) = firecracker_restore("fc", script, "kvm", 16, 99);
     assert!(g.vm_id.starts_with("fc-"));
     let oh = overhead(&g);
     let e0 = epoch_now(&agent, &g);
@@ -537,12 +550,6 @@ fn process_guest_on_hugetlbfs_tracked_at_2mib() {
 /// not dropped still comes from the file.
 #[test]
 fn firecracker_balloon_removal_reads_back_zeros() {
-    let dir = TempDir::new("fc-balloon");
-    let snapshot = dir.0.join("guest.mem");
-    let agent = Agent::start(AgentOpts {
-        snapshot: Some(snapshot.clone()),
-        ..opts("exhaustive")
-    });
     let script = Script {
         phases: vec![
             phase("touch", vec![touch(Op::Read, 16, 100)], 600),
@@ -555,14 +562,7 @@ fn firecracker_balloon_removal_reads_back_zeros() {
         ],
         checksum_every: 0,
     };
-    let mut o = GuestOpts::new("fc-balloon", script);
-    o.kind = "process";
-    o.handshake = "firecracker";
-    o.backing = "anon";
-    o.mem_mib = 8;
-    o.fill_seed = Some(41);
-    o.snapshot = Some(snapshot);
-    let mut g = Guest::start(&agent, o);
+    let (_dir, agent, mut g) = firecracker_restore("fc-balloon", script, "process", 8, 41);
     let v = g.wait_event("verify", Duration::from_secs(60));
     assert_eq!(
         v["ok"], true,

@@ -11,7 +11,7 @@ use std::time::Duration;
 mod common;
 use common::Mem;
 use wset_tracker::plan::{self, AccessMode, BackingKind, PlanInput};
-use wset_tracker::{Region, TrackerHandle, TrackerSpec, Uffd};
+use wset_tracker::{TrackerHandle, TrackerSpec, Uffd};
 
 struct Counting;
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
@@ -41,7 +41,6 @@ static GLOBAL: Counting = Counting;
 fn serving_faults_and_ticks_allocates_nothing() {
     const PAGES: usize = 1024;
     let mem = Mem::memfd(PAGES);
-    let len = mem.len;
     let memfd = mem.memfd.as_ref().expect("memfd");
     let base = mem.ptr as usize;
     for i in 0..PAGES {
@@ -65,26 +64,13 @@ fn serving_faults_and_ticks_allocates_nothing() {
     });
     let dir = std::env::temp_dir().join(format!("wset-noalloc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let memory_fd = Some(memfd.try_clone().unwrap());
+    let custody = Some(dir.join("vm.custody"));
+    let spec = common::spec(uffd, &mem, p, Duration::from_millis(50), memory_fd, custody);
     let h = TrackerHandle::spawn(TrackerSpec {
-        name: "wset-noalloc".into(),
-        uffd,
-        regions: vec![Region {
-            host_addr: base as u64,
-            len: len as u64,
-            file_offset: 0,
-        }],
-        granule_bytes: 4096,
-        plan: p,
-        memory_fd: Some(memfd.try_clone().unwrap()),
-        source: None,
-        pid: std::process::id() as i32,
-        interval: Duration::from_millis(50),
         cpu: None,
         spin: Duration::ZERO,
-        custody_path: Some(dir.join("vm.custody")),
-        custody_granules: PAGES as u32,
-        seed: 1,
-        started_ms: 0,
+        ..spec
     })
     .unwrap();
     let stop = Arc::new(AtomicBool::new(false));

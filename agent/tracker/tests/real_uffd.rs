@@ -2,7 +2,6 @@
 //! guest and touches memory in a known pattern while the tracker thread
 //! serves its faults. Needs /dev/userfaultfd (or the syscall) as root.
 
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -10,7 +9,7 @@ use std::time::{Duration, Instant};
 use wset_tracker::plan::{self, AccessMode, BackingKind, PlanInput};
 use wset_tracker::summary::{SummaryConfig, summarize};
 use wset_tracker::uffd::feature;
-use wset_tracker::{Region, TrackerHandle, TrackerSpec, TrackerState, Uffd};
+use wset_tracker::{TrackerHandle, TrackerState, Uffd};
 
 const INTERVAL: Duration = Duration::from_millis(100);
 
@@ -63,36 +62,6 @@ impl Mem {
 
 fn pattern(seed: u64, page: usize, word: usize) -> u64 {
     seed ^ ((page as u64) << 20) ^ word as u64 ^ 0x5bd1_e995
-}
-
-fn spec(
-    uffd: Uffd,
-    mem: &Mem,
-    plan: plan::Plan,
-    memory_fd: Option<OwnedFd>,
-    custody: Option<std::path::PathBuf>,
-) -> TrackerSpec {
-    TrackerSpec {
-        name: "wset-test".into(),
-        uffd,
-        regions: vec![Region {
-            host_addr: mem.addr(),
-            len: mem.len as u64,
-            file_offset: 0,
-        }],
-        granule_bytes: PAGE,
-        plan,
-        memory_fd,
-        source: None,
-        pid: std::process::id() as i32,
-        interval: INTERVAL,
-        cpu: Some(0),
-        spin: Duration::from_micros(200),
-        custody_path: custody,
-        custody_granules: (mem.len as u64 / PAGE) as u32,
-        seed: 7,
-        started_ms: 0,
-    }
 }
 
 fn cfg() -> SummaryConfig {
@@ -168,7 +137,8 @@ fn anonymous_first_touch_and_wp_async_dirty_are_exact() {
         exact_dirty: false,
     });
     assert_eq!(p.dirty, wset_tracker::Dirty::WpAsync);
-    let h = TrackerHandle::spawn(spec(uffd, &mem, p.clone(), None, None)).unwrap();
+    let h =
+        TrackerHandle::spawn(common::spec(uffd, &mem, p.clone(), INTERVAL, None, None)).unwrap();
     // Phase 1: read pages 0..100, write 100..150 (first touches).
     for pg in 0..100 {
         assert_eq!(mem.read(pg), 0);
@@ -219,7 +189,8 @@ fn firecracker_style_uffd_gets_sync_wp_dirty_tracking() {
         exact_dirty: false,
     });
     assert_eq!(p.dirty, wset_tracker::Dirty::WpSync);
-    let h = TrackerHandle::spawn(spec(uffd, &mem, p.clone(), None, None)).unwrap();
+    let h =
+        TrackerHandle::spawn(common::spec(uffd, &mem, p.clone(), INTERVAL, None, None)).unwrap();
     for pg in 0..64 {
         mem.write(pg, pg as u64);
     }
@@ -261,12 +232,14 @@ fn shmem_tracker(
     });
     let dir = custody_dir(name);
     let memfd = mem.memfd.as_ref().unwrap().try_clone().unwrap();
-    let h = TrackerHandle::spawn(spec(
+    let custody = Some(dir.join("vm.custody"));
+    let h = TrackerHandle::spawn(common::spec(
         uffd,
         &mem,
         p.clone(),
+        INTERVAL,
         Some(memfd),
-        Some(dir.join("vm.custody")),
+        custody,
     ))
     .unwrap();
     (mem, h, p, dir)

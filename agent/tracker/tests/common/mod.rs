@@ -4,6 +4,10 @@
 #![allow(dead_code)]
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use wset_tracker::{Plan, Region, TrackerSpec, Uffd};
 
 pub const PAGE: u64 = 4096;
 
@@ -76,5 +80,38 @@ impl Drop for Mem {
     fn drop(&mut self) {
         // SAFETY: unmapping our own mapping.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// A tracker over all of `mem` in this process, pinned to CPU 0 with the
+/// agent's default busy-poll; tests override fields with struct update.
+pub fn spec(
+    uffd: Uffd,
+    mem: &Mem,
+    plan: Plan,
+    interval: Duration,
+    memory_fd: Option<OwnedFd>,
+    custody: Option<PathBuf>,
+) -> TrackerSpec {
+    TrackerSpec {
+        name: "wset-test".into(),
+        uffd,
+        regions: vec![Region {
+            host_addr: mem.addr(),
+            len: mem.len as u64,
+            file_offset: 0,
+        }],
+        granule_bytes: PAGE,
+        plan,
+        memory_fd,
+        source: None,
+        pid: std::process::id() as i32,
+        interval,
+        cpu: Some(0),
+        spin: Duration::from_micros(200),
+        custody_path: custody,
+        custody_granules: (mem.len as u64 / PAGE) as u32,
+        seed: 7,
+        started_ms: 0,
     }
 }
