@@ -58,6 +58,11 @@ impl TempDir {
         let p = std::env::temp_dir().join(format!("wset-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("create temp dir");
+        // Reachable by other uids whatever the umask (the allow-list test
+        // connects as uid 65534).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod temp dir");
         Self(p)
     }
 }

@@ -300,8 +300,15 @@ fn a_vmm_that_dies_is_retired_and_others_continue() {
 }
 
 /// Run a test VMM as uid/gid 65534 against the agent; (succeeded, its stdout).
+/// The binary is copied to a world-readable place first: the build directory
+/// may sit where that uid cannot reach (under /root, say).
 fn register_as_nobody(agent: &Agent) -> (bool, String) {
-    let out = std::process::Command::new(bin("wset-guest"))
+    use std::os::unix::fs::PermissionsExt;
+    let dir = wset_tests::harness::TempDir::new("nobody");
+    let guest = dir.0.join("wset-guest");
+    std::fs::copy(bin("wset-guest"), &guest).unwrap();
+    std::fs::set_permissions(&guest, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(&guest)
         .arg("--socket")
         .arg(&agent.socket)
         .args([
