@@ -91,11 +91,13 @@ pub fn bind(sock: &SocketConfig, mode: u32) -> io::Result<UnixListener> {
 }
 
 /// Accept VMMs on `listener` until `shutdown` fires.
+/// `offered` is what the kernel's userfaultfd offers, probed once at start-up.
 pub async fn serve(
     listener: UnixListener,
     sock: SocketConfig,
     cfg: Arc<Config>,
     registry: Arc<Registry>,
+    offered: u64,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let sock = Arc::new(sock);
@@ -105,7 +107,7 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
                     let (cfg, registry, sock) = (cfg.clone(), registry.clone(), sock.clone());
-                    tokio::spawn(async move { connection(stream, &sock, &cfg, &registry).await });
+                    tokio::spawn(async move { connection(stream, &sock, &cfg, &registry, offered).await });
                 }
                 Err(e) => {
                     warn!(socket = %sock.path.display(), error = %e, "accept failed");
@@ -122,6 +124,7 @@ async fn connection(
     sock: &SocketConfig,
     cfg: &Config,
     registry: &Registry,
+    offered: u64,
 ) {
     let (pid, uid) = match getsockopt(&stream, sockopt::PeerCredentials) {
         Ok(c) => (c.pid(), c.uid()),
@@ -163,7 +166,7 @@ async fn connection(
             allowed: cfg.allowed_uids.clone(),
         })
     } else {
-        register(hello, fds, pid, sock, cfg, registry).await
+        register(hello, fds, pid, sock, cfg, registry, offered).await
     };
     let reply = match outcome {
         Ok(r) => r,
@@ -257,10 +260,10 @@ async fn register(
     sock: &SocketConfig,
     cfg: &Config,
     registry: &Registry,
+    offered: u64,
 ) -> Result<WsetReply, IntakeError> {
     match hello {
         Hello::WsetFeatures { backing } => {
-            let offered = Uffd::kernel_features()?;
             let rec = plan::recommended_features(offered, kind_of(backing));
             Ok(WsetReply {
                 ok: true,

@@ -89,6 +89,7 @@ pub async fn run(
             sock.clone(),
             cfg.clone(),
             registry.clone(),
+            offered,
             stop_rx.clone(),
         )));
     }

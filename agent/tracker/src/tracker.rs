@@ -383,7 +383,8 @@ struct Tracker {
     sample: Box<[u32]>,
     /// Per granule: the VMM dropped it (REMOVE): serve zeros, not the snapshot.
     removed: Box<[bool]>,
-    /// Per granule: served by us from the snapshot (to populate the rest on release).
+    /// Per granule, for snapshot-backed VMs only (empty otherwise): served by
+    /// us from the snapshot, so release populates the rest.
     served: Box<[bool]>,
     zero: Box<[u8]>,
     msgs: Box<[UffdMsg; MSG_BATCH]>,
@@ -457,6 +458,7 @@ impl Tracker {
         })?;
         // A VMM that is already gone is noticed at the first tick instead.
         let pidfd = pidfd_open(spec.pid).ok();
+        let snapshot_backed = source.is_some();
         let t = Self {
             name: spec.name,
             uffd: spec.uffd,
@@ -477,7 +479,7 @@ impl Tracker {
             slot_of: vec![UNARMED; if access { granules } else { 0 }].into_boxed_slice(),
             sample: sample.into_boxed_slice(),
             removed: vec![false; granules].into_boxed_slice(),
-            served: vec![false; granules].into_boxed_slice(),
+            served: vec![false; if snapshot_backed { granules } else { 0 }].into_boxed_slice(),
             zero: vec![0u8; granule as usize].into_boxed_slice(),
             msgs: Box::new([UffdMsg::default(); MSG_BATCH]),
             deferred: Vec::with_capacity(DEFERRED_CAP),
@@ -672,9 +674,18 @@ impl Tracker {
         None
     }
 
-    fn file_offset(&self, g: usize) -> u64 {
+    /// The region holding granule `g`, and `g`'s byte offset inside it.
+    fn region_of(&self, g: usize) -> (&Region, u64) {
         let i = self.region_base.partition_point(|&b| b <= g) - 1;
-        self.regions[i].file_offset + (g - self.region_base[i]) as u64 * self.granule
+        (
+            &self.regions[i],
+            (g - self.region_base[i]) as u64 * self.granule,
+        )
+    }
+
+    fn file_offset(&self, g: usize) -> u64 {
+        let (r, within) = self.region_of(g);
+        r.file_offset + within
     }
 
     fn handle(&mut self, ev: Event, t0: u64) -> io::Result<Option<(TrackerState, String)>> {
@@ -739,31 +750,25 @@ impl Tracker {
             return Ok(true);
         };
         let e = self.shared.epoch();
-        let write = flags & fault_flag::WRITE != 0;
-        let res = if flags & fault_flag::WP != 0 {
-            self.shared.counters.wp_faults.fetch_add(1, Relaxed);
-            self.shared.record(g, e, true);
-            match self.custody_slot(g) {
-                Some(slot) => self.restore(g, ga, slot, true)?,
-                None => {
-                    if !self.slot_of.is_empty() {
-                        self.slot_of[g] = UNARMED;
-                    }
-                    self.uffd.write_protect(ga, self.granule, false, false)?
-                }
-            }
+        let wp_fault = flags & fault_flag::WP != 0;
+        let write = wp_fault || flags & fault_flag::WRITE != 0;
+        let counter = if wp_fault {
+            &self.shared.counters.wp_faults
         } else {
-            self.shared.counters.missing_faults.fetch_add(1, Relaxed);
-            self.shared.record(g, e, write);
-            match self.custody_slot(g) {
-                Some(slot) => self.restore(g, ga, slot, write)?,
-                None => {
-                    if !self.slot_of.is_empty() {
-                        self.slot_of[g] = UNARMED;
-                    }
-                    self.serve_fresh(g, ga, write)?
-                }
-            }
+            &self.shared.counters.missing_faults
+        };
+        counter.fetch_add(1, Relaxed);
+        self.shared.record(g, e, write);
+        let slot = self.custody_slot(g);
+        if slot.is_none() && !self.slot_of.is_empty() {
+            // Accessed: the granule must be re-armed at the next tick.
+            self.slot_of[g] = UNARMED;
+        }
+        let res = match slot {
+            // A page in custody comes back, whichever fault it was.
+            Some(slot) => self.restore(g, ga, slot, write)?,
+            None if wp_fault => self.uffd.write_protect(ga, self.granule, false, false)?,
+            None => self.serve_fresh(g, ga, write)?,
         };
         match res {
             Resolve::Done | Resolve::Gone => Ok(true),
@@ -832,7 +837,9 @@ impl Tracker {
             _ => self.zero.as_ptr(),
         };
         self.removed[g] = false;
-        self.served[g] = true;
+        if let Some(s) = self.served.get_mut(g) {
+            *s = true;
+        }
         // SAFETY: `src` points at `granule` readable bytes (the snapshot
         // mapping or our zero buffer).
         unsafe { self.uffd.copy(ga, src, self.granule, wp) }
@@ -1021,8 +1028,8 @@ impl Tracker {
     }
 
     fn granule_addr(&self, g: usize) -> u64 {
-        let i = self.region_base.partition_point(|&b| b <= g) - 1;
-        self.regions[i].host_addr + (g - self.region_base[i]) as u64 * self.granule
+        let (r, within) = self.region_of(g);
+        r.host_addr + within
     }
 
     /// Leave the guest as if we had never been there: every page in custody

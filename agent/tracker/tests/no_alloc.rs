@@ -10,8 +10,8 @@ use std::time::Duration;
 
 mod common;
 use common::Mem;
-use wset_tracker::plan::{self, AccessMode, BackingKind, PlanInput};
-use wset_tracker::{TrackerHandle, TrackerSpec, Uffd};
+use wset_tracker::plan::{AccessMode, BackingKind};
+use wset_tracker::{TrackerHandle, TrackerSpec};
 
 struct Counting;
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
@@ -47,21 +47,7 @@ fn serving_faults_and_ticks_allocates_nothing() {
         // SAFETY: in bounds of the mapping.
         unsafe { *((base + i * 4096) as *mut u64) = i as u64 };
     }
-    let offered = Uffd::kernel_features().expect("userfaultfd: run as root");
-    let uffd = Uffd::create().unwrap();
-    let features = uffd
-        .api(plan::recommended_features(offered, BackingKind::Shmem))
-        .unwrap();
-    let p = plan::plan(PlanInput {
-        features,
-        backing: BackingKind::Shmem,
-        access_mode: AccessMode::Exhaustive,
-        vmm_holds_uffd: true,
-        have_memory_fd: true,
-        granules: PAGES as u32,
-        custody_granules: PAGES as u32,
-        exact_dirty: false,
-    });
+    let (uffd, p) = common::planned_uffd(BackingKind::Shmem, AccessMode::Exhaustive, PAGES);
     let dir = std::env::temp_dir().join(format!("wset-noalloc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let memory_fd = Some(memfd.try_clone().unwrap());

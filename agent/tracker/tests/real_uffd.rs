@@ -122,20 +122,7 @@ fn anonymous_first_touch_and_wp_async_dirty_are_exact() {
         "kernel lacks WP_ASYNC (6.7+): {offered:#x}"
     );
     let mem = Arc::new(Mem::anon(256));
-    let uffd = Uffd::create().unwrap();
-    let features = uffd
-        .api(plan::recommended_features(offered, BackingKind::Anonymous))
-        .unwrap();
-    let p = plan::plan(PlanInput {
-        features,
-        backing: BackingKind::Anonymous,
-        access_mode: AccessMode::Off,
-        vmm_holds_uffd: true,
-        have_memory_fd: false,
-        granules: 256,
-        custody_granules: 256,
-        exact_dirty: false,
-    });
+    let (uffd, p) = common::planned_uffd(BackingKind::Anonymous, AccessMode::Off, 256);
     assert_eq!(p.dirty, wset_tracker::Dirty::WpAsync);
     let h =
         TrackerHandle::spawn(common::spec(uffd, &mem, p.clone(), INTERVAL, None, None)).unwrap();
@@ -215,21 +202,7 @@ fn shmem_tracker(
 ) -> (Arc<Mem>, TrackerHandle, plan::Plan, std::path::PathBuf) {
     let mem = Arc::new(Mem::memfd(pages));
     mem.fill(0x1234);
-    let offered = Uffd::kernel_features().unwrap();
-    let uffd = Uffd::create().unwrap();
-    let features = uffd
-        .api(plan::recommended_features(offered, BackingKind::Shmem))
-        .unwrap();
-    let p = plan::plan(PlanInput {
-        features,
-        backing: BackingKind::Shmem,
-        access_mode: mode,
-        vmm_holds_uffd: true,
-        have_memory_fd: true,
-        granules: pages as u32,
-        custody_granules: pages as u32,
-        exact_dirty: false,
-    });
+    let (uffd, p) = common::planned_uffd(BackingKind::Shmem, mode, pages);
     let dir = custody_dir(name);
     let memfd = mem.memfd.as_ref().unwrap().try_clone().unwrap();
     let custody = Some(dir.join("vm.custody"));

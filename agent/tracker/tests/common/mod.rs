@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use wset_tracker::plan::{self, AccessMode, BackingKind, PlanInput};
 use wset_tracker::{Plan, Region, TrackerSpec, Uffd};
 
 pub const PAGE: u64 = 4096;
@@ -114,4 +115,29 @@ pub fn spec(
         seed: 7,
         started_ms: 0,
     }
+}
+
+/// A uffd created the way the agent recommends for `backing` (the VMM keeps
+/// it, and passes the memfd for shmem), and the plan the agent would make.
+pub fn planned_uffd(
+    backing: BackingKind,
+    access_mode: AccessMode,
+    granules: usize,
+) -> (Uffd, Plan) {
+    let offered = Uffd::kernel_features().expect("userfaultfd unavailable: run the tests as root");
+    let uffd = Uffd::create().unwrap();
+    let features = uffd
+        .api(plan::recommended_features(offered, backing))
+        .unwrap();
+    let p = plan::plan(PlanInput {
+        features,
+        backing,
+        access_mode,
+        vmm_holds_uffd: true,
+        have_memory_fd: backing != BackingKind::Anonymous,
+        granules: granules as u32,
+        custody_granules: granules as u32,
+        exact_dirty: false,
+    });
+    (uffd, p)
 }
