@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every wset test: formatting, lints, unit tests, real-kernel tests
-# (userfaultfd, KVM) and the end-to-end tests. Installs what it needs as root.
+# (userfaultfd, KVM), the end-to-end tests, and the RWP kernel lane (a Linux
+# 7.3+ kernel booted under QEMU, scripts/kernel-lane.sh). Installs what it
+# needs as root.
 # Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,7 @@ step "cargo fmt --check"
 cargo fmt --all -- --check || fail "formatting differs: run 'cargo fmt --all'"
 
 step "cargo clippy (warnings are errors)"
-cargo clippy --workspace --all-targets --locked -- -D warnings || fail "clippy found problems (above)"
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings || fail "clippy found problems (above)"
 
 step "building release binaries for the end-to-end tests"
 cargo build --workspace --release --locked --bins || fail "release build failed (above)"
@@ -27,6 +29,10 @@ set +e
 WSET_BIN_DIR="$PWD/target/release" cargo test --workspace --locked --lib --bins --tests \
   -- --test-threads="${WSET_TEST_THREADS:-2}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+step "RWP kernel lane (Linux 7.3+ under QEMU: the RWP tests, then the same scenarios as above)"
+scripts/kernel-lane.sh 2>&1 | tee -a "$log"
+lane_status=${PIPESTATUS[0]}
+[ "$lane_status" -eq 0 ] || status=$lane_status
 set -e
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use wset_tracker::AccessMode;
 use wset_tracker::summary::SummaryConfig;
+use wset_tracker::{AccessMode, RwpMode};
 
 /// One listening socket, optionally tied to a snapshot memory file: MISSING
 /// faults of a Firecracker VM arriving on it are served from that file.
@@ -53,6 +53,8 @@ pub struct Config {
     pub allowed_uids: Vec<u32>,
     /// Read tracking on shmem guests.
     pub access_mode: AccessMode,
+    /// Read/write-protect mode (Linux 7.3+) where a VMM's uffd allows it.
+    pub rwp: RwpMode,
     /// Custody capacity per VM for exhaustive tracking, bytes.
     pub custody_max_bytes: u64,
     /// Largest guest memory accepted, bytes.
@@ -87,6 +89,7 @@ impl Default for Config {
             access_mode: AccessMode::Sampled {
                 granules: DEFAULT_SAMPLE_GRANULES,
             },
+            rwp: RwpMode::Async,
             custody_max_bytes: 16 << 30,
             max_vm_bytes: 1 << 40,
             retired_ttl: Duration::from_secs(600),

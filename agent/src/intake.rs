@@ -316,7 +316,7 @@ async fn register(
                 source,
                 handshake: "firecracker",
             };
-            start(req, cfg, registry).await
+            start(req, cfg, registry, offered).await
         }
         Hello::WsetRegister(h) => {
             let backing = h
@@ -361,7 +361,7 @@ async fn register(
                 source: None,
                 handshake: "wset.v1",
             };
-            start(req, cfg, registry).await
+            start(req, cfg, registry, offered).await
         }
     }
 }
@@ -434,7 +434,12 @@ struct Request {
 }
 
 /// Choose methods, start the tracker, and add the VM to the registry.
-async fn start(req: Request, cfg: &Config, registry: &Registry) -> Result<WsetReply, IntakeError> {
+async fn start(
+    req: Request,
+    cfg: &Config,
+    registry: &Registry,
+    offered: u64,
+) -> Result<WsetReply, IntakeError> {
     let uffd = Uffd::from_owned(req.uffd);
     let features = uffd.features()?;
     let granule = req.layout.page_size;
@@ -442,6 +447,8 @@ async fn start(req: Request, cfg: &Config, registry: &Registry) -> Result<WsetRe
     let vmm_holds_uffd = uffd::process_holds(req.pid, uffd.as_raw_fd());
     let p = plan::plan(PlanInput {
         features,
+        offered,
+        rwp: cfg.rwp,
         backing: req.backing,
         access_mode: cfg.access_mode,
         vmm_holds_uffd,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use wset_agent::config::{Config, SocketConfig};
-use wset_tracker::AccessMode;
+use wset_tracker::{AccessMode, RwpMode};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,6 +41,12 @@ struct Args {
     /// Read tracking on memfd guests: "off", "exhaustive", or a sample size in granules.
     #[arg(long, default_value = "4096", value_parser = parse_access)]
     access: AccessMode,
+    /// Read/write-protect mode (Linux 7.3+), used wherever a VMM's uffd has
+    /// UFFD_FEATURE_RWP: "async" (the kernel resolves accesses, harvested each
+    /// interval), "sync" (a fault message per first access: read/write detail)
+    /// or "off" (mainline methods only).
+    #[arg(long, default_value = "async", value_parser = parse_rwp)]
+    rwp: RwpMode,
     /// Working-set windows in milliseconds, e.g. "10000,60000,300000,1800000".
     #[arg(long, value_delimiter = ',')]
     windows_ms: Vec<u64>,
@@ -84,6 +90,15 @@ fn parse_access(s: &str) -> Result<AccessMode, String> {
     }
 }
 
+fn parse_rwp(s: &str) -> Result<RwpMode, String> {
+    match s {
+        "async" => Ok(RwpMode::Async),
+        "sync" => Ok(RwpMode::Sync),
+        "off" => Ok(RwpMode::Off),
+        _ => Err(format!("{s:?}: expected async, sync or off")),
+    }
+}
+
 fn config(a: Args) -> anyhow::Result<Config> {
     let mut c = Config::default();
     if !a.sockets.is_empty() {
@@ -111,6 +126,7 @@ fn config(a: Args) -> anyhow::Result<Config> {
     }
     c.allowed_uids.extend(a.allow_uid);
     c.access_mode = a.access;
+    c.rwp = a.rwp;
     if !a.windows_ms.is_empty() {
         c.summary.windows_ms = a.windows_ms;
     }

@@ -190,6 +190,9 @@ impl Registry {
             sampled_pages: c.sampled_pages.load(Relaxed),
             remove_events: c.remove_events.load(Relaxed),
             huge_written_bytes: c.huge_written_bytes.load(Relaxed),
+            rwp_read_faults: c.rwp_read_faults.load(Relaxed),
+            rwp_write_faults: c.rwp_write_faults.load(Relaxed),
+            harvest_ns_total: c.harvest_ns.load(Relaxed),
             fault_service_latency: shared
                 .latency_histogram()
                 .into_iter()

@@ -40,6 +40,9 @@ pub fn methods(p: &wset_tracker::Plan) -> Vec<pb::TrackingMethod> {
             Method::WpSync => pb::TrackingMethod::WpSync,
             Method::ShmemSampled => pb::TrackingMethod::ShmemSampled,
             Method::ShmemExhaustive => pb::TrackingMethod::ShmemExhaustive,
+            Method::RwpAsync => pb::TrackingMethod::RwpAsync,
+            Method::RwpSync => pb::TrackingMethod::RwpSync,
+            Method::SoftDirty => pb::TrackingMethod::SoftDirty,
         })
         .collect()
 }
@@ -67,6 +70,7 @@ fn vm_info(v: &VmView) -> pb::VmInfo {
         page_size_bytes: v.info.page_size,
         granule_bytes: v.info.granule_bytes,
         handshake: v.info.handshake.to_owned(),
+        notes: v.info.plan.notes.clone(),
     }
 }
 

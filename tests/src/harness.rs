@@ -336,6 +336,8 @@ pub struct GuestOpts {
     pub fill_seed: Option<u32>,
     pub snapshot: Option<PathBuf>,
     pub labels: String,
+    /// More wset-guest arguments.
+    pub extra: Vec<String>,
 }
 
 impl GuestOpts {
@@ -350,6 +352,7 @@ impl GuestOpts {
             fill_seed: None,
             snapshot: None,
             labels: "{}".into(),
+            extra: Vec::new(),
         }
     }
 }
@@ -404,6 +407,7 @@ impl Guest {
         if let Some(p) = &o.snapshot {
             cmd.arg("--snapshot").arg(p);
         }
+        cmd.args(&o.extra);
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -14,7 +14,7 @@ pub mod summary;
 pub mod tracker;
 pub mod uffd;
 
-pub use plan::{Access, AccessMode, BackingKind, Dirty, Method, Plan, PlanInput};
+pub use plan::{Access, AccessMode, BackingKind, Dirty, Method, Plan, PlanInput, RwpMode};
 pub use shared::{TrackerState, VmShared};
 pub use tracker::{Region, StopReport, TrackerError, TrackerHandle, TrackerSpec};
 pub use uffd::Uffd;

@@ -38,6 +38,23 @@ pub enum Dirty {
     /// one with a write-protect when it re-arms it): exact when every page is
     /// watched, a sample estimate otherwise. No fault on unwatched pages.
     Watched,
+    /// Soft-dirty bits, harvested with PAGEMAP_SCAN(PAGE_IS_SOFT_DIRTY) and
+    /// reset through `/proc/<pid>/clear_refs`: every write on every page, no
+    /// fault message. Used on RWP VMs, where write-protect cannot be (a VMA
+    /// is write-tracked or access-tracked, not both).
+    SoftDirty,
+}
+
+/// What the operator asks of RWP (Linux 7.3+) where the uffd allows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RwpMode {
+    /// Never use RWP: mainline methods only.
+    Off,
+    /// The kernel resolves accesses; harvested each interval (the default).
+    Async,
+    /// Every first access after protection is a fault message served by the
+    /// tracker: per-fault read/write detail, at one round trip per access.
+    Sync,
 }
 
 /// One tracking method, as summaries and replies name it.
@@ -48,6 +65,9 @@ pub enum Method {
     WpSync,
     ShmemSampled,
     ShmemExhaustive,
+    RwpAsync,
+    RwpSync,
+    SoftDirty,
 }
 
 impl Method {
@@ -58,6 +78,9 @@ impl Method {
             Method::WpSync => "wp_sync",
             Method::ShmemSampled => "shmem_sampled",
             Method::ShmemExhaustive => "shmem_exhaustive",
+            Method::RwpAsync => "rwp_async",
+            Method::RwpSync => "rwp_sync",
+            Method::SoftDirty => "soft_dirty",
         }
     }
 }
@@ -72,6 +95,12 @@ pub enum Access {
     },
     /// Custody and hole punching on every granule.
     ShmemExhaustive,
+    /// Linux 7.3+ read/write-protect mode on every page; `sync` serves each
+    /// access as a fault message, otherwise the kernel resolves accesses and
+    /// the tracker harvests them.
+    Rwp {
+        sync: bool,
+    },
 }
 
 /// The methods chosen for one VM.
@@ -97,11 +126,14 @@ impl Plan {
         match self.dirty {
             Dirty::WpAsync => m.push(Method::WpAsync),
             Dirty::WpSync => m.push(Method::WpSync),
+            Dirty::SoftDirty => m.push(Method::SoftDirty),
             Dirty::Watched | Dirty::None => {}
         }
         match self.access {
             Access::ShmemSampled { .. } => m.push(Method::ShmemSampled),
             Access::ShmemExhaustive => m.push(Method::ShmemExhaustive),
+            Access::Rwp { sync: false } => m.push(Method::RwpAsync),
+            Access::Rwp { sync: true } => m.push(Method::RwpSync),
             Access::None => {}
         }
         m
@@ -113,6 +145,9 @@ impl Plan {
 pub struct PlanInput {
     /// The uffd's features, fixed by its creator.
     pub features: u64,
+    /// The features the running kernel offers (to tell a VMM what it missed).
+    pub offered: u64,
+    pub rwp: RwpMode,
     pub backing: BackingKind,
     pub access_mode: AccessMode,
     /// The VMM holds its own copy of the uffd, so if the agent dies a punched
@@ -134,6 +169,17 @@ pub struct PlanInput {
 /// on a kernel offering `offered`, for memory backed as `backing`.
 pub fn recommended_features(offered: u64, backing: BackingKind) -> u64 {
     let mut want = feature::EVENT_REMOVE | feature::EVENT_UNMAP | feature::THREAD_ID;
+    if offered & feature::RWP != 0 {
+        // RWP tracks reads and writes on every backing; write-protect is not
+        // used beside it (a VMA is write-tracked or access-tracked).
+        want |= feature::RWP | feature::RWP_ASYNC;
+        match backing {
+            BackingKind::Anonymous => {}
+            BackingKind::Shmem => want |= feature::MISSING_SHMEM,
+            BackingKind::Hugetlb => want |= feature::MISSING_HUGETLBFS,
+        }
+        return want & offered;
+    }
     match backing {
         BackingKind::Anonymous => want |= feature::WP_ASYNC | feature::WP_UNPOPULATED,
         BackingKind::Shmem => want |= feature::MISSING_SHMEM | feature::WP_HUGETLBFS_SHMEM,
@@ -161,6 +207,58 @@ pub fn plan(input: PlanInput) -> Plan {
                 "MISSING_SHMEM"
             }
         ));
+    }
+
+    let rwp_ok = f & feature::RWP != 0;
+    if !rwp_ok && input.offered & feature::RWP != 0 && input.rwp != RwpMode::Off {
+        notes.push(
+            "RWP off: the kernel offers read/write-protect mode but this uffd was created \
+             without UFFD_FEATURE_RWP (a uffd's features are fixed at UFFDIO_API, as \
+             Firecracker's are); request RWP|RWP_ASYNC there for every read and write"
+                .into(),
+        );
+    }
+    if rwp_ok && input.rwp != RwpMode::Off && input.access_mode != AccessMode::Off {
+        let sync = input.rwp == RwpMode::Sync;
+        notes.push(if sync {
+            "read/write-protect mode (Linux 7.3+), sync: every first access per interval is a \
+             fault message, classified read or write"
+                .into()
+        } else {
+            "read/write-protect mode (Linux 7.3+), async: the kernel resolves accesses, the \
+             tracker harvests them with PAGEMAP_SCAN each interval"
+                .into()
+        });
+        let dirty = if input.backing == BackingKind::Hugetlb {
+            notes.push(
+                "writes not tracked: the kernel keeps no soft-dirty bits on hugetlbfs and \
+                 write-protect cannot share a VMA with RWP (--rwp off tracks writes there, \
+                 through custody)"
+                    .into(),
+            );
+            Dirty::None
+        } else {
+            notes.push(
+                "writes by soft-dirty bits: the agent resets them through /proc/<pid>/clear_refs, \
+                 for the VMM's whole address space"
+                    .into(),
+            );
+            Dirty::SoftDirty
+        };
+        let mut register_mode = mode::RWP;
+        if missing_ok {
+            register_mode |= mode::MISSING;
+        }
+        return Plan {
+            register_mode,
+            first_touch: missing_ok,
+            dirty,
+            access: Access::Rwp { sync },
+            notes,
+        };
+    }
+    if rwp_ok && input.rwp == RwpMode::Off {
+        notes.push("RWP off by configuration (--rwp off)".into());
     }
 
     let access = match (input.backing, input.access_mode) {
@@ -264,6 +362,8 @@ mod tests {
     fn input(features: u64, backing: BackingKind) -> PlanInput {
         PlanInput {
             features,
+            offered: 0x1ffff,
+            rwp: RwpMode::Async,
             backing,
             access_mode: AccessMode::Sampled { granules: 1024 },
             vmm_holds_uffd: true,
@@ -282,6 +382,7 @@ mod tests {
         let fc = feature::EVENT_REMOVE;
         let anon = feature::EVENT_REMOVE | feature::WP_ASYNC | feature::WP_UNPOPULATED;
         let shmem = feature::EVENT_REMOVE | feature::MISSING_SHMEM;
+        let rwp = feature::RWP | feature::RWP_ASYNC;
         let sampled = ShmemSampled { granules: 1024 };
         let exhaustive = AccessMode::Exhaustive;
         let cases = [
@@ -390,6 +491,72 @@ mod tests {
                 Dirty::Watched,
                 sampled,
             ),
+            // Linux 7.3+: RWP wherever the uffd has it, on every backing.
+            (
+                "rwp anonymous",
+                input(rwp, Anonymous),
+                true,
+                Dirty::SoftDirty,
+                Rwp { sync: false },
+            ),
+            (
+                "rwp shmem, no memfd passed, VMM dropped its uffd (RWP needs neither)",
+                PlanInput {
+                    have_memory_fd: false,
+                    vmm_holds_uffd: false,
+                    ..input(rwp | feature::MISSING_SHMEM, Shmem)
+                },
+                true,
+                Dirty::SoftDirty,
+                Rwp { sync: false },
+            ),
+            (
+                "rwp shmem without MISSING_SHMEM",
+                input(rwp, Shmem),
+                false,
+                Dirty::SoftDirty,
+                Rwp { sync: false },
+            ),
+            (
+                "rwp hugetlb, sync",
+                PlanInput {
+                    rwp: RwpMode::Sync,
+                    ..input(rwp | feature::MISSING_HUGETLBFS, Hugetlb)
+                },
+                true,
+                Dirty::None,
+                Rwp { sync: true },
+            ),
+            (
+                "rwp off by configuration",
+                PlanInput {
+                    rwp: RwpMode::Off,
+                    ..input(rwp | feature::WP_ASYNC, Anonymous)
+                },
+                true,
+                Dirty::WpAsync,
+                None,
+            ),
+            (
+                "rwp with access off",
+                PlanInput {
+                    access_mode: AccessMode::Off,
+                    ..input(rwp | feature::WP_ASYNC, Anonymous)
+                },
+                true,
+                Dirty::WpAsync,
+                None,
+            ),
+            (
+                "firecracker uffd on an RWP kernel",
+                PlanInput {
+                    offered: 0x7ffff,
+                    ..input(fc, Anonymous)
+                },
+                true,
+                Dirty::WpSync,
+                None,
+            ),
         ];
         for (name, inp, first_touch, dirty, access) in cases {
             let p = plan(inp);
@@ -400,7 +567,10 @@ mod tests {
                 p.notes
             );
             assert_eq!(p.register_mode & mode::MISSING != 0, first_touch, "{name}");
-            assert!(p.register_mode & mode::WP != 0, "{name}");
+            // A VMA is write-tracked or access-tracked, never both.
+            let rwp_access = matches!(access, Rwp { .. });
+            assert_eq!(p.register_mode & mode::RWP != 0, rwp_access, "{name}");
+            assert_eq!(p.register_mode & mode::WP != 0, !rwp_access, "{name}");
         }
     }
 
@@ -428,6 +598,17 @@ mod tests {
         );
         let p = plan(input(feature::EVENT_REMOVE, BackingKind::Anonymous));
         assert!(p.notes.iter().any(|n| n.contains("memfd")), "{:?}", p.notes);
+        let p = plan(PlanInput {
+            offered: 0x7ffff,
+            ..input(feature::EVENT_REMOVE, BackingKind::Anonymous)
+        });
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n.contains("without UFFD_FEATURE_RWP")),
+            "{:?}",
+            p.notes
+        );
         let p = plan(input(
             feature::MISSING_SHMEM | feature::WP_ASYNC,
             BackingKind::Shmem,
@@ -446,5 +627,11 @@ mod tests {
         assert_eq!(r & !offered, 0);
         assert!(r & feature::MISSING_SHMEM != 0);
         assert_eq!(recommended_features(0, BackingKind::Anonymous), 0);
+        let r = recommended_features(0x7ffff, BackingKind::Anonymous);
+        assert_eq!(
+            r & (feature::RWP | feature::RWP_ASYNC),
+            feature::RWP | feature::RWP_ASYNC
+        );
+        assert_eq!(r & feature::WP_ASYNC, 0, "no write-protect beside RWP");
     }
 }

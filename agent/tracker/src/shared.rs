@@ -61,6 +61,12 @@ pub struct Counters {
     /// Bytes reported written inside transparent huge pages, where the
     /// kernel tracks writes per 2 MiB.
     pub huge_written_bytes: AtomicU64,
+    /// RWP faults served in sync mode (or during a harvest's freeze), by
+    /// what the fault flags say the access was.
+    pub rwp_read_faults: AtomicU64,
+    pub rwp_write_faults: AtomicU64,
+    /// Time spent in harvests (scan, re-protect, reset), in nanoseconds.
+    pub harvest_ns: AtomicU64,
 }
 
 /// Per-epoch distinct-granule counts.

@@ -278,6 +278,7 @@ fn error_estimate(
             "writes exact (seen on every page as it is re-armed)"
         }
         Dirty::Watched => "writes sampled on the same granules as reads",
+        Dirty::SoftDirty => "writes exact (soft-dirty bits, harvested with the accesses)",
         Dirty::None => "writes not tracked",
     };
     match plan.access {
@@ -303,6 +304,17 @@ fn error_estimate(
                 ),
             }
         }
+        Access::Rwp { sync } => ErrorEstimate {
+            relative_error: 0.0,
+            confidence: 1.0,
+            lower_bound: false,
+            basis: format!(
+                "every access, read or write, seen by read/write-protect mode ({}) at {gb} B granules, \
+                 attributed to {interval_ms} ms intervals (the harvest freezes the guest's first \
+                 accesses while it scans, so none falls between intervals); {dirty}",
+                if sync { "sync" } else { "async" }
+            ),
+        },
         Access::ShmemExhaustive => ErrorEstimate {
             relative_error: 0.0,
             confidence: 1.0,

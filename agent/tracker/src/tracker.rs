@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::custody::{Custody, CustodyHeader};
 use crate::plan::{Access, Dirty, Plan};
 use crate::shared::{TrackerState, VmShared};
-use crate::uffd::{Event, Resolve, Uffd, UffdMsg, fault_flag, pagemap};
+use crate::uffd::{Event, Resolve, Uffd, UffdMsg, fault_flag, feature, pagemap};
 
 /// One contiguous range of guest memory in the VMM's address space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +70,15 @@ pub enum TrackerError {
         mode: u64,
         source: io::Error,
     },
+    #[error("UFFDIO_SET_MODE to {mode} failed: {source}")]
+    SetMode {
+        mode: &'static str,
+        source: io::Error,
+    },
+    #[error(
+        "open /proc/{pid}/clear_refs to reset soft-dirty bits: {source} (the agent needs root)"
+    )]
+    ClearRefs { pid: i32, source: io::Error },
     #[error("write-protecting {start:#x}+{len:#x} failed: {source}")]
     Protect {
         start: u64,
@@ -371,6 +380,10 @@ struct Tracker {
     source: Option<SourceMap>,
     _source_file: Option<File>,
     pagemap: Option<File>,
+    /// The VMM's pid.
+    pid: i32,
+    /// `/proc/<pid>/clear_refs`, for soft-dirty dirty tracking.
+    clear_refs: Option<File>,
     pidfd: Option<OwnedFd>,
     timer: OwnedFd,
     cpu: Option<usize>,
@@ -406,7 +419,11 @@ impl Tracker {
             region_base.push(acc);
             acc += (r.len / granule) as usize;
         }
-        let access = spec.plan.access != Access::None;
+        // Custody-based access methods; RWP needs no custody.
+        let access = matches!(
+            spec.plan.access,
+            Access::ShmemSampled { .. } | Access::ShmemExhaustive
+        );
         let (custody, sample) = if access {
             let path = spec
                 .custody_path
@@ -436,7 +453,8 @@ impl Tracker {
         } else {
             (None, Vec::new())
         };
-        let pagemap = if spec.plan.dirty == Dirty::WpAsync {
+        let rwp = matches!(spec.plan.access, Access::Rwp { .. });
+        let pagemap = if spec.plan.dirty == Dirty::WpAsync || rwp {
             Some(
                 File::open(format!("/proc/{}/pagemap", spec.pid)).map_err(|source| {
                     TrackerError::Pagemap {
@@ -444,6 +462,19 @@ impl Tracker {
                         source,
                     }
                 })?,
+            )
+        } else {
+            None
+        };
+        let clear_refs = if spec.plan.dirty == Dirty::SoftDirty {
+            Some(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(format!("/proc/{}/clear_refs", spec.pid))
+                    .map_err(|source| TrackerError::ClearRefs {
+                        pid: spec.pid,
+                        source,
+                    })?,
             )
         } else {
             None
@@ -470,6 +501,8 @@ impl Tracker {
             source,
             _source_file: spec.source,
             pagemap,
+            clear_refs,
+            pid: spec.pid,
             pidfd,
             timer,
             cpu: spec.cpu,
@@ -489,8 +522,24 @@ impl Tracker {
         Ok(t)
     }
 
-    /// Register every region and write-protect it.
+    /// Register every region and protect it as the plan says.
     fn arm(&self) -> Result<(), TrackerError> {
+        if let Access::Rwp { sync } = self.plan.access {
+            // The uffd may arrive in either mode (RWP_ASYNC requested or not).
+            let (mode, r) = if sync {
+                ("sync", self.uffd.set_mode(0, feature::RWP_ASYNC))
+            } else {
+                ("async", self.uffd.set_mode(feature::RWP_ASYNC, 0))
+            };
+            r.map_err(|source| TrackerError::SetMode { mode, source })?;
+        }
+        if self.plan.dirty == Dirty::SoftDirty {
+            self.clear_soft_dirty()
+                .map_err(|source| TrackerError::ClearRefs {
+                    pid: self.pid,
+                    source,
+                })?;
+        }
         for r in &self.regions {
             self.uffd
                 .register(r.host_addr, r.len, self.plan.register_mode)
@@ -500,6 +549,15 @@ impl Tracker {
                     mode: self.plan.register_mode,
                     source,
                 })?;
+            if matches!(self.plan.access, Access::Rwp { .. })
+                && let Err(source) = self.uffd.rw_protect(r.host_addr, r.len, true)
+            {
+                return Err(TrackerError::Protect {
+                    start: r.host_addr,
+                    len: r.len,
+                    source,
+                });
+            }
             // Watched writes need no protection up front: each watched page
             // is write-protected when the access method arms it.
             if matches!(self.plan.dirty, Dirty::WpSync | Dirty::WpAsync) {
@@ -750,12 +808,15 @@ impl Tracker {
             return Ok(true);
         };
         let e = self.shared.epoch();
-        let wp_fault = flags & fault_flag::WP != 0;
+        let rwp_fault = flags & fault_flag::RWP != 0;
+        let wp_fault = !rwp_fault && flags & fault_flag::WP != 0;
         let write = wp_fault || flags & fault_flag::WRITE != 0;
-        let counter = if wp_fault {
-            &self.shared.counters.wp_faults
-        } else {
-            &self.shared.counters.missing_faults
+        let c = &self.shared.counters;
+        let counter = match (rwp_fault, wp_fault, write) {
+            (true, _, false) => &c.rwp_read_faults,
+            (true, _, true) => &c.rwp_write_faults,
+            (false, true, _) => &c.wp_faults,
+            (false, false, _) => &c.missing_faults,
         };
         counter.fetch_add(1, Relaxed);
         self.shared.record(g, e, write);
@@ -767,6 +828,8 @@ impl Tracker {
         let res = match slot {
             // A page in custody comes back, whichever fault it was.
             Some(slot) => self.restore(g, ga, slot, write)?,
+            // Releasing the page wakes the thread waiting on it.
+            None if rwp_fault => self.uffd.rw_protect(ga, self.granule, false)?,
             None if wp_fault => self.uffd.write_protect(ga, self.granule, false, false)?,
             None => self.serve_fresh(g, ga, write)?,
         };
@@ -815,7 +878,8 @@ impl Tracker {
         match self.plan.dirty {
             Dirty::WpAsync | Dirty::WpSync => true,
             Dirty::Watched => self.shared.in_sample(g),
-            Dirty::None => false,
+            // Soft-dirty bits see writes without any protection.
+            Dirty::SoftDirty | Dirty::None => false,
         }
     }
 
@@ -870,6 +934,10 @@ impl Tracker {
     /// The interval tick: harvest, re-arm, advance the epoch.
     fn tick(&mut self) -> io::Result<()> {
         let e = self.shared.epoch();
+        let t0 = now_ns();
+        if let Access::Rwp { sync } = self.plan.access {
+            self.harvest_rwp(e, sync)?;
+        }
         match self.plan.dirty {
             Dirty::WpAsync => self.harvest_wp_async(e)?,
             Dirty::WpSync => {
@@ -877,15 +945,101 @@ impl Tracker {
                     let _ = self.uffd.write_protect(r.host_addr, r.len, true, true)?;
                 }
             }
-            // Watched pages are re-protected by rearm_access below.
-            Dirty::Watched | Dirty::None => {}
+            // Watched pages are re-protected by rearm_access below; soft-dirty
+            // bits are harvested with RWP's.
+            Dirty::Watched | Dirty::SoftDirty | Dirty::None => {}
         }
         if self.custody.is_some() {
             self.rearm_access()?;
         }
-        self.shared.counters.harvests.fetch_add(1, Relaxed);
+        let c = &self.shared.counters;
+        c.harvest_ns.fetch_add(now_ns().saturating_sub(t0), Relaxed);
+        c.harvests.fetch_add(1, Relaxed);
         self.shared.advance_epoch(e);
         Ok(())
+    }
+
+    /// Reset the VMM's soft-dirty bits (its whole address space: the kernel
+    /// offers no narrower reset).
+    fn clear_soft_dirty(&self) -> io::Result<()> {
+        use std::io::Write;
+        match &self.clear_refs {
+            Some(f) => {
+                let mut f: &File = f;
+                f.write_all(b"4")
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// RWP harvest: freeze, scan, re-protect, thaw. While frozen (sync mode)
+    /// a first access to a protected page waits for this thread, so nothing
+    /// slips between the scan and the re-protect or the soft-dirty reset;
+    /// those accesses are served (and recorded in the next epoch) right
+    /// after the tick.
+    fn harvest_rwp(&mut self, e: u32, sync: bool) -> io::Result<()> {
+        if self.pagemap.is_none() {
+            return Ok(());
+        }
+        if !sync {
+            self.uffd.set_mode(0, feature::RWP_ASYNC)?;
+        }
+        let r = self.scan_and_reprotect(e);
+        let reset = if r.is_ok() {
+            self.clear_soft_dirty()
+        } else {
+            Ok(())
+        };
+        // Thaw whatever happened: a guest must never stay frozen.
+        let thaw = if sync {
+            Ok(())
+        } else {
+            self.uffd.set_mode(feature::RWP_ASYNC, 0)
+        };
+        r.and(reset).and(thaw)
+    }
+
+    fn scan_and_reprotect(&mut self, e: u32) -> io::Result<()> {
+        let Some(pm) = self.pagemap.as_ref() else {
+            return Ok(());
+        };
+        let soft_dirty = self.plan.dirty == Dirty::SoftDirty;
+        let anyof = pagemap::PAGE_IS_ACCESSED
+            | if soft_dirty {
+                pagemap::PAGE_IS_SOFT_DIRTY
+            } else {
+                0
+            };
+        let scan = pagemap::Scan {
+            flags: 0,
+            // Only present pages: a never-touched page is not protected, but
+            // it has not been accessed either.
+            category_mask: pagemap::PAGE_IS_PRESENT,
+            category_anyof_mask: anyof,
+            return_mask: anyof,
+        };
+        let (shared, uffd, base, granule) =
+            (&self.shared, &self.uffd, &self.region_base, self.granule);
+        scan_regions(pm, &self.regions, &mut self.scan_buf, scan, |ri, r, pr| {
+            // Every write after the reset and the protect is also an
+            // access, so a page that is soft-dirty but not accessed was
+            // written before (at most in the first interval).
+            if pr.categories & pagemap::PAGE_IS_ACCESSED == 0 {
+                return Ok(());
+            }
+            let written = pr.categories & pagemap::PAGE_IS_SOFT_DIRTY != 0;
+            let mut a = pr.start - (pr.start - r.host_addr) % granule;
+            while a < pr.end {
+                shared.record(
+                    base[ri] + ((a - r.host_addr) / granule) as usize,
+                    e,
+                    written,
+                );
+                a += granule;
+            }
+            uffd.rw_protect(pr.start, pr.end - pr.start, true)?;
+            Ok(())
+        })
     }
 
     fn harvest_wp_async(&mut self, e: u32) -> io::Result<()> {
@@ -895,42 +1049,25 @@ impl Tracker {
         let scan = pagemap::Scan {
             flags: pagemap::PM_SCAN_WP_MATCHING | pagemap::PM_SCAN_CHECK_WPASYNC,
             category_mask: pagemap::PAGE_IS_WRITTEN,
+            category_anyof_mask: 0,
             return_mask: pagemap::PAGE_IS_WRITTEN | pagemap::PAGE_IS_HUGE,
         };
-        for ri in 0..self.regions.len() {
-            let r = self.regions[ri];
-            let end = r.host_addr + r.len;
-            let mut start = r.host_addr;
-            while start < end {
-                let (n, walk_end) =
-                    match pagemap::scan(pm.as_fd(), start, end, scan, &mut self.scan_buf) {
-                        Ok(x) => x,
-                        // The VMM is gone; the pidfd will say so.
-                        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
-                        Err(e) => return Err(e),
-                    };
-                for pr in &self.scan_buf[..n] {
-                    if pr.categories & pagemap::PAGE_IS_HUGE != 0 {
-                        // A transparent huge page: the kernel tracks it per PMD.
-                        self.shared
-                            .counters
-                            .huge_written_bytes
-                            .fetch_add(pr.end - pr.start, Relaxed);
-                    }
-                    let mut a = pr.start;
-                    while a < pr.end {
-                        let g = self.region_base[ri] + ((a - r.host_addr) / self.granule) as usize;
-                        self.shared.record(g, e, true);
-                        a += self.granule;
-                    }
-                }
-                if walk_end <= start {
-                    break;
-                }
-                start = walk_end;
+        let (shared, base, granule) = (&self.shared, &self.region_base, self.granule);
+        scan_regions(pm, &self.regions, &mut self.scan_buf, scan, |ri, r, pr| {
+            if pr.categories & pagemap::PAGE_IS_HUGE != 0 {
+                // A transparent huge page: the kernel tracks it per PMD.
+                shared
+                    .counters
+                    .huge_written_bytes
+                    .fetch_add(pr.end - pr.start, Relaxed);
             }
-        }
-        Ok(())
+            let mut a = pr.start;
+            while a < pr.end {
+                shared.record(base[ri] + ((a - r.host_addr) / granule) as usize, e, true);
+                a += granule;
+            }
+            Ok(())
+        })
     }
 
     /// Take every watched granule that was accessed since it was last armed
@@ -1067,8 +1204,13 @@ impl Tracker {
             if self.source.is_some() {
                 self.populate_unserved();
             }
+            let rwp = matches!(self.plan.access, Access::Rwp { .. });
             for r in &self.regions {
-                let _ = self.uffd.write_protect(r.host_addr, r.len, false, false);
+                if rwp {
+                    let _ = self.uffd.rw_protect(r.host_addr, r.len, false);
+                } else {
+                    let _ = self.uffd.write_protect(r.host_addr, r.len, false, false);
+                }
                 let _ = self.uffd.unregister(r.host_addr, r.len);
             }
         }
@@ -1115,6 +1257,37 @@ impl Tracker {
             let _ = self.uffd.wake(r.host_addr, r.len);
         }
     }
+}
+
+/// PAGEMAP_SCAN every region with `scan`, calling `each(region index,
+/// region, page run)` for every run reported. A VMM that is gone ends the
+/// scan quietly (its pidfd says so).
+fn scan_regions(
+    pm: &File,
+    regions: &[Region],
+    buf: &mut [pagemap::PageRegion],
+    scan: pagemap::Scan,
+    mut each: impl FnMut(usize, &Region, &pagemap::PageRegion) -> io::Result<()>,
+) -> io::Result<()> {
+    for (ri, r) in regions.iter().enumerate() {
+        let end = r.host_addr + r.len;
+        let mut start = r.host_addr;
+        while start < end {
+            let (n, walk_end) = match pagemap::scan(pm.as_fd(), start, end, scan, buf) {
+                Ok(x) => x,
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            for pr in &buf[..n] {
+                each(ri, r, pr)?;
+            }
+            if walk_end <= start {
+                break;
+            }
+            start = walk_end;
+        }
+    }
+    Ok(())
 }
 
 fn nix_fstat(fd: RawFd) -> io::Result<(u64, u64)> {

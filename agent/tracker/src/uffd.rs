@@ -693,7 +693,10 @@ pub mod pagemap {
     #[derive(Clone, Copy, Debug)]
     pub struct Scan {
         pub flags: u64,
+        /// Pages must be in every one of these categories...
         pub category_mask: u64,
+        /// ...and in at least one of these (0: no such condition).
+        pub category_anyof_mask: u64,
         pub return_mask: u64,
     }
 
@@ -718,7 +721,7 @@ pub mod pagemap {
             max_pages: 0,
             category_inverted: 0,
             category_mask: s.category_mask,
-            category_anyof_mask: 0,
+            category_anyof_mask: s.category_anyof_mask,
             return_mask: s.return_mask,
         };
         // SAFETY: PAGEMAP_SCAN reads/writes one `pm_scan_arg` and writes at most

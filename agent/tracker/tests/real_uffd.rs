@@ -167,6 +167,8 @@ fn firecracker_style_uffd_gets_sync_wp_dirty_tracking() {
     let features = uffd.api(feature::EVENT_REMOVE).unwrap();
     let p = plan::plan(PlanInput {
         features,
+        offered: features,
+        rwp: wset_tracker::RwpMode::Async,
         backing: BackingKind::Anonymous,
         access_mode: AccessMode::Sampled { granules: 16 },
         vmm_holds_uffd: true,

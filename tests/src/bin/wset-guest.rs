@@ -63,6 +63,10 @@ struct Args {
     /// After the script, wait until stdin closes before exiting.
     #[arg(long)]
     wait_stdin: bool,
+    /// Close the VMM's own copy of the uffd once the agent has it, so the
+    /// agent holds the only one (as a VMM that hands its uffd off does).
+    #[arg(long)]
+    drop_uffd: bool,
 }
 
 fn emit(v: serde_json::Value) {
@@ -253,6 +257,12 @@ fn run(a: Args) -> anyhow::Result<()> {
             json!({"ok": true, "vm_id": null, "untracked": true}),
             None,
         ),
+    };
+    let uffd = if a.drop_uffd {
+        drop(uffd);
+        None
+    } else {
+        uffd
     };
     let mut engine = match a.kind {
         Kind::Kvm => Engine::Kvm(Box::new(KvmGuest::new(&mem)?)),

@@ -131,6 +131,8 @@ pub fn planned_uffd(
         .unwrap();
     let p = plan::plan(PlanInput {
         features,
+        offered: features,
+        rwp: wset_tracker::RwpMode::Async,
         backing,
         access_mode,
         vmm_holds_uffd: true,

@@ -1,0 +1,456 @@
+//! RWP (Linux 7.3+) on the real kernel: the kernel behaviour the agent relies
+//! on, and the agent's RWP methods end to end. Built only with the
+//! `kernel-lane` feature and run inside the RWP kernel lane
+//! (`scripts/kernel-lane.sh`), which boots a 7.3+ kernel under QEMU. On a
+//! kernel without RWP every test fails and says so.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use wset_proto::v1 as pb;
+use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, window};
+use wset_tests::memory::{BackingArg, GuestMemory, PAGE};
+use wset_tests::script::{Op, Phase, Script, Touch};
+use wset_tracker::Uffd;
+use wset_tracker::uffd::{Event, UffdMsg, fault_flag, feature, mode, pagemap};
+
+fn require_rwp() -> u64 {
+    let f = Uffd::kernel_features().expect("create a userfaultfd");
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    assert!(
+        f & feature::RWP != 0 && f & feature::RWP_ASYNC != 0,
+        "kernel {} offers no RWP (features {:#x}): these tests need Linux 7.3+ with \
+         CONFIG_USERFAULTFD_RWP=y; run them with scripts/kernel-lane.sh",
+        release.trim(),
+        f
+    );
+    f
+}
+
+/// Which of `pages` pages starting at `mem` the scan reports in `category`.
+fn scan_pages(mem: &GuestMemory, category: u64, flags: u64) -> Vec<bool> {
+    let pm = std::fs::File::open("/proc/self/pagemap").expect("open pagemap");
+    let mut out = vec![pagemap::PageRegion::default(); 256];
+    let mut hit = vec![false; mem.pages() as usize];
+    let (mut start, end) = (mem.addr(), mem.addr() + mem.len() as u64);
+    while start < end {
+        let s = pagemap::Scan {
+            flags,
+            category_mask: category,
+            category_anyof_mask: 0,
+            return_mask: category,
+        };
+        let (n, walk_end) = pagemap::scan(pm.as_fd(), start, end, s, &mut out).expect("scan");
+        for r in &out[..n] {
+            let mut a = r.start;
+            while a < r.end {
+                hit[((a - mem.addr()) / PAGE) as usize] = true;
+                a += PAGE;
+            }
+        }
+        if walk_end <= start {
+            break;
+        }
+        start = walk_end;
+    }
+    hit
+}
+
+fn pages_where(v: &[bool]) -> Vec<usize> {
+    v.iter()
+        .enumerate()
+        .filter_map(|(i, &b)| b.then_some(i))
+        .collect()
+}
+
+fn populated(backing: BackingArg, pages: u32) -> GuestMemory {
+    let mem = GuestMemory::new(backing, (pages as u64 * PAGE) as usize).expect("guest memory");
+    mem.fill(3, 0, pages);
+    mem
+}
+
+fn rwp_uffd(features: u64) -> Uffd {
+    let u = Uffd::create().expect("create uffd");
+    u.api(features).expect("UFFDIO_API with RWP");
+    u
+}
+
+/// Async RWP: the kernel resolves accesses itself and PAGEMAP_SCAN reports
+/// exactly the pages read or written since they were protected.
+fn async_harvest(backing: BackingArg) {
+    require_rwp();
+    let mem = populated(backing, 64);
+    let u = rwp_uffd(feature::RWP | feature::RWP_ASYNC);
+    u.register(mem.addr(), mem.len() as u64, mode::RWP)
+        .expect("register RWP");
+    for round in 0..3u32 {
+        u.rw_protect(mem.addr(), mem.len() as u64, true)
+            .expect("protect");
+        assert!(
+            pages_where(&scan_pages(&mem, pagemap::PAGE_IS_ACCESSED, 0)).is_empty(),
+            "nothing accessed right after protecting"
+        );
+        let base = round * 20;
+        let mut truth = Vec::new();
+        for p in base..base + 5 {
+            let _ = mem.read_u32(p as u64 * PAGE);
+            truth.push(p as usize);
+        }
+        for p in base + 5..base + 10 {
+            mem.write_u32(p as u64 * PAGE + 8, p);
+            truth.push(p as usize);
+        }
+        let seen = pages_where(&scan_pages(&mem, pagemap::PAGE_IS_ACCESSED, 0));
+        assert_eq!(seen, truth, "{backing:?} round {round}");
+    }
+    // Contents intact: the written words and the fill everywhere else.
+    for round in 0..3u32 {
+        for p in round * 20 + 5..round * 20 + 10 {
+            assert_eq!(mem.read_u32(p as u64 * PAGE + 8), p);
+        }
+    }
+}
+
+#[test]
+fn async_harvest_reports_exactly_the_accessed_pages_anonymous() {
+    async_harvest(BackingArg::Anon);
+}
+
+#[test]
+fn async_harvest_reports_exactly_the_accessed_pages_memfd() {
+    async_harvest(BackingArg::Memfd);
+}
+
+/// Sync RWP: each first access after protection is a fault message with
+/// the RWP flag, and WRITE on writes; resolving with RWPROTECT (cleared)
+/// lets the thread go on.
+#[test]
+fn sync_faults_say_read_or_write() {
+    require_rwp();
+    let mem = Arc::new(populated(BackingArg::Memfd, 16));
+    let u = rwp_uffd(feature::RWP | feature::RWP_ASYNC);
+    u.register(mem.addr(), mem.len() as u64, mode::RWP)
+        .expect("register RWP");
+    u.rw_protect(mem.addr(), mem.len() as u64, true)
+        .expect("protect");
+    // Async until now; sync from here.
+    u.set_mode(0, feature::RWP_ASYNC).expect("SET_MODE sync");
+    let done = Arc::new(AtomicBool::new(false));
+    let toucher = {
+        let (mem, done) = (mem.clone(), done.clone());
+        std::thread::spawn(move || {
+            let _ = mem.read_u32(0);
+            mem.write_u32(PAGE, 7);
+            let _ = mem.read_u32(2 * PAGE);
+            mem.write_u32(2 * PAGE + 4, 9);
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let mut seen = Vec::new();
+    let mut msgs = [UffdMsg::default(); 8];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !done.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "faults seen: {seen:?}"
+        );
+        let n = u.read_msgs(&mut msgs).expect("read uffd");
+        for m in &msgs[..n] {
+            if let Event::PageFault { flags, address, .. } = m.decode() {
+                let page = (address - mem.addr()) / PAGE;
+                seen.push((page, flags));
+                let a = address & !(PAGE - 1);
+                u.rw_protect(a, PAGE, false).expect("resolve");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    toucher.join().unwrap();
+    eprintln!("sync faults: {seen:x?}");
+    assert_eq!(
+        seen,
+        vec![
+            (0, fault_flag::RWP),
+            (1, fault_flag::RWP | fault_flag::WRITE),
+            (2, fault_flag::RWP),
+        ],
+        "a read faults with RWP, a write with RWP|WRITE, and an access after \
+         the page was released does not fault"
+    );
+    assert_eq!(mem.read_u32(PAGE), 7);
+    assert_eq!(mem.read_u32(2 * PAGE + 4), 9);
+}
+
+/// Soft-dirty bits beside async RWP (how the agent tracks writes on RWP
+/// VMAs, where write-protect cannot be): after a reset, exactly the pages
+/// written are soft-dirty, whether read first or not, and RWP still reports
+/// every page accessed.
+#[test]
+fn soft_dirty_sees_every_write_beside_rwp() {
+    require_rwp();
+    for backing in [BackingArg::Anon, BackingArg::Memfd] {
+        let mem = populated(backing, 32);
+        let u = rwp_uffd(feature::RWP | feature::RWP_ASYNC);
+        u.register(mem.addr(), mem.len() as u64, mode::RWP)
+            .expect("register RWP");
+        for round in 0..3 {
+            std::fs::write("/proc/self/clear_refs", "4").expect("reset soft-dirty bits");
+            u.rw_protect(mem.addr(), mem.len() as u64, true)
+                .expect("protect");
+            // 0..4 read; 4..8 written; 8..12 read, then written; 12..16
+            // written, then read; 16..32 untouched.
+            for p in 0..4u64 {
+                let _ = mem.read_u32(p * PAGE);
+            }
+            for p in 4..8u64 {
+                mem.write_u32(p * PAGE, 1);
+            }
+            for p in 8..12u64 {
+                let _ = mem.read_u32(p * PAGE);
+                mem.write_u32(p * PAGE, 1);
+            }
+            for p in 12..16u64 {
+                mem.write_u32(p * PAGE, 1);
+                let _ = mem.read_u32(p * PAGE);
+            }
+            let acc = pages_where(&scan_pages(&mem, pagemap::PAGE_IS_ACCESSED, 0));
+            let sd = pages_where(&scan_pages(&mem, pagemap::PAGE_IS_SOFT_DIRTY, 0));
+            assert_eq!(
+                acc,
+                (0..16).collect::<Vec<_>>(),
+                "{backing:?} round {round}"
+            );
+            assert_eq!(sd, (4..16).collect::<Vec<_>>(), "{backing:?} round {round}");
+        }
+    }
+}
+
+/// A uffd created as Firecracker creates it (only EVENT_REMOVE requested,
+/// regions registered MISSING): RWP cannot be added later, write-protect can.
+#[test]
+fn firecracker_style_uffd_takes_write_protect_but_not_rwp() {
+    require_rwp();
+    let mem = populated(BackingArg::Anon, 16);
+    let u = Uffd::create().expect("uffd");
+    u.api(feature::EVENT_REMOVE).expect("UFFDIO_API");
+    let (a, len) = (mem.addr(), mem.len() as u64);
+    u.register(a, len, mode::MISSING).expect("register MISSING");
+    let e = u
+        .register(a, len, mode::MISSING | mode::RWP)
+        .expect_err("RWP needs UFFD_FEATURE_RWP at UFFDIO_API time");
+    assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+    u.register(a, len, mode::MISSING | mode::WP)
+        .expect("MISSING|WP needs no feature up front");
+    // And with RWP requested, MISSING|RWP works on a MISSING range.
+    let u2 = rwp_uffd(feature::RWP | feature::EVENT_REMOVE);
+    let mem2 = populated(BackingArg::Anon, 16);
+    u2.register(mem2.addr(), mem2.len() as u64, mode::MISSING)
+        .expect("register MISSING");
+    u2.register(mem2.addr(), mem2.len() as u64, mode::MISSING | mode::RWP)
+        .expect("re-register MISSING|RWP");
+}
+
+/// Protection is never left behind: closing the last copy of a uffd whose
+/// pages are protected in sync mode (so every access would wait for a
+/// handler) restores every PTE, and the memory reads back intact.
+#[test]
+fn closing_the_uffd_releases_protected_pages() {
+    require_rwp();
+    for backing in [BackingArg::Anon, BackingArg::Memfd] {
+        let mem = Arc::new(populated(backing, 64));
+        let expected: Vec<u32> = (0..64).map(|p| mem.read_u32(p * PAGE + 12)).collect();
+        let u = rwp_uffd(feature::RWP | feature::RWP_ASYNC);
+        u.register(mem.addr(), mem.len() as u64, mode::RWP)
+            .expect("register RWP");
+        u.set_mode(0, feature::RWP_ASYNC).expect("sync mode");
+        u.rw_protect(mem.addr(), mem.len() as u64, true)
+            .expect("protect");
+        drop(u);
+        let done = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (mem, done) = (mem.clone(), done.clone());
+            std::thread::spawn(move || {
+                let got: Vec<u32> = (0..64).map(|p| mem.read_u32(p * PAGE + 12)).collect();
+                mem.write_u32(5 * PAGE, 77);
+                done.store(true, Ordering::SeqCst);
+                got
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !done.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{backing:?}: an access still waits 30 s after the uffd closed"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(reader.join().unwrap(), expected, "{backing:?}");
+        assert_eq!(mem.read_u32(5 * PAGE), 77);
+    }
+}
+
+fn agent_opts(extra: &[&str]) -> AgentOpts {
+    AgentOpts {
+        interval_ms: 250,
+        windows_ms: vec![1000, 4000],
+        access: "exhaustive".into(),
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+        snapshot: None,
+        state_dir: None,
+    }
+}
+
+fn steady_guest(agent: &Agent, vm_id: &str, backing: &'static str) -> Guest {
+    let script = Script {
+        phases: vec![Phase {
+            name: "steady".into(),
+            touches: vec![
+                Touch {
+                    op: Op::Read,
+                    start: 16,
+                    pages: 300,
+                },
+                Touch {
+                    op: Op::Write,
+                    start: 1000,
+                    pages: 100,
+                },
+            ],
+            duration_ms: 15_000,
+            period_ms: 100,
+        }],
+        checksum_every: 0,
+    };
+    let mut o = GuestOpts::new(vm_id, script);
+    o.kind = "process";
+    o.backing = backing;
+    o.mem_mib = 16;
+    o.fill_seed = Some(9);
+    Guest::start(agent, o)
+}
+
+/// The agent in sync mode: every first access per interval is a fault
+/// message, and the fault flags classify it. The guest reads 300 pages and
+/// writes 100 others, each at least twice per interval, so each interval
+/// brings exactly 300 read faults and 100 write faults (give or take the
+/// interval the two counter readings fall in).
+#[test]
+fn agent_sync_mode_classifies_every_read_and_write() {
+    require_rwp();
+    let agent = Agent::start(agent_opts(&["--rwp", "sync"]));
+    let mut g = steady_guest(&agent, "rwp-sync", "anon");
+    g.wait_event("phase", Duration::from_secs(30));
+    let e0 = agent.summary(&g.vm_id).expect("summary").epoch;
+    let need = e0 + 6;
+    let s1 = agent.wait_summary(&g.vm_id, Duration::from_secs(60), "settled", |s| {
+        s.epoch >= need
+    });
+    let need = s1.epoch + 12;
+    let s2 = agent.wait_summary(&g.vm_id, Duration::from_secs(60), "12 more", |s| {
+        s.epoch >= need
+    });
+    let methods: Vec<_> = s2
+        .methods
+        .iter()
+        .map(|&m| pb::TrackingMethod::try_from(m).unwrap())
+        .collect();
+    assert_eq!(
+        methods,
+        vec![
+            pb::TrackingMethod::FirstTouch,
+            pb::TrackingMethod::SoftDirty,
+            pb::TrackingMethod::RwpSync
+        ]
+    );
+    let w = window(&s2, 1000);
+    assert_eq!(w.wss_bytes, 400 * PAGE, "{s2:#?}");
+    assert_eq!(w.dirty_bytes, 100 * PAGE, "{s2:#?}");
+    let (c1, c2) = (s1.counters.unwrap(), s2.counters.unwrap());
+    let k = c2.harvests - c1.harvests;
+    let reads = c2.rwp_read_faults - c1.rwp_read_faults;
+    let writes = c2.rwp_write_faults - c1.rwp_write_faults;
+    eprintln!("{k} intervals: {reads} read faults, {writes} write faults");
+    assert!(
+        reads.abs_diff(300 * k) <= 300,
+        "{reads} read faults in {k} intervals, expected 300 each"
+    );
+    assert!(
+        writes.abs_diff(100 * k) <= 100,
+        "{writes} write faults in {k} intervals, expected 100 each"
+    );
+    let v = g.wait_event("verify", Duration::from_secs(120));
+    assert_eq!(v["ok"], true, "memory damaged while tracked: {v}");
+}
+
+/// Async mode takes no fault message at all: the kernel resolves every
+/// access and the harvest finds it.
+#[test]
+fn agent_async_mode_takes_no_fault_messages() {
+    require_rwp();
+    let agent = Agent::start(agent_opts(&[]));
+    let mut g = steady_guest(&agent, "rwp-async", "memfd");
+    g.wait_event("phase", Duration::from_secs(30));
+    let e0 = agent.summary(&g.vm_id).expect("summary").epoch;
+    let need = e0 + 10;
+    let s = agent.wait_summary(&g.vm_id, Duration::from_secs(60), "settled", |s| {
+        s.epoch >= need
+    });
+    let w = window(&s, 1000);
+    assert_eq!(w.wss_bytes, 400 * PAGE, "{s:#?}");
+    assert_eq!(w.dirty_bytes, 100 * PAGE, "{s:#?}");
+    let c = s.counters.unwrap();
+    eprintln!(
+        "async: {} harvests in {} ms, read faults {}, write faults {}, missing {}",
+        c.harvests,
+        c.harvest_ns_total / 1_000_000,
+        c.rwp_read_faults,
+        c.rwp_write_faults,
+        c.missing_faults
+    );
+    // Only accesses that fell inside a harvest's freeze come as messages.
+    assert!(
+        c.rwp_read_faults + c.rwp_write_faults < c.harvests * 400 / 4,
+        "async mode should not fault on most accesses: {c:?}"
+    );
+    let v = g.wait_event("verify", Duration::from_secs(120));
+    assert_eq!(v["ok"], true, "memory damaged while tracked: {v}");
+}
+
+/// hugetlbfs (2 MiB pages) under async RWP: the harvest reports exactly the
+/// huge pages accessed. Soft-dirty bits are not kept for hugetlbfs (every
+/// huge page reads as soft-dirty after a reset), which is why the agent
+/// does not use them there; if a kernel starts keeping them, this fails and
+/// the planner can use them.
+#[test]
+fn hugetlbfs_async_harvest_reports_the_accessed_huge_pages() {
+    require_rwp();
+    wset_tests::harness::ensure_hugepages(4);
+    const HUGE: u64 = 2 << 20;
+    let mem = GuestMemory::new(BackingArg::Hugetlb, (4 * HUGE) as usize).expect("hugetlbfs memory");
+    mem.fill(3, 0, mem.pages());
+    let u = rwp_uffd(feature::RWP | feature::RWP_ASYNC);
+    u.register(mem.addr(), mem.len() as u64, mode::RWP)
+        .expect("register RWP");
+    let huge_pages = |category| -> Vec<usize> {
+        let hit = scan_pages(&mem, category, 0);
+        (0..4).filter(|h| hit[h * 512]).collect()
+    };
+    for round in 0..3u64 {
+        std::fs::write("/proc/self/clear_refs", "4").expect("reset soft-dirty bits");
+        u.rw_protect(mem.addr(), mem.len() as u64, true)
+            .expect("protect");
+        assert_eq!(huge_pages(pagemap::PAGE_IS_ACCESSED), Vec::<usize>::new());
+        let _ = mem.read_u32(round % 4 * HUGE + 100);
+        mem.write_u32((round + 1) % 4 * HUGE + 8, 5);
+        let mut want = vec![(round % 4) as usize, ((round + 1) % 4) as usize];
+        want.sort();
+        assert_eq!(huge_pages(pagemap::PAGE_IS_ACCESSED), want, "round {round}");
+        assert_eq!(
+            huge_pages(pagemap::PAGE_IS_SOFT_DIRTY),
+            vec![0, 1, 2, 3],
+            "round {round}: hugetlbfs soft-dirty bits now follow writes; use them for dirty tracking"
+        );
+    }
+}
