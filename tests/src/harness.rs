@@ -509,6 +509,14 @@ pub fn window(s: &pb::VmSummary, window_ms: u64) -> &pb::WindowWorkingSet {
         .unwrap_or_else(|| panic!("no {window_ms} ms window in {s:#?}"))
 }
 
+/// The tracking methods a summary names.
+pub fn methods(s: &pb::VmSummary) -> Vec<pb::TrackingMethod> {
+    s.methods
+        .iter()
+        .map(|&m| pb::TrackingMethod::try_from(m).expect("known method"))
+        .collect()
+}
+
 /// |measured - truth| / truth.
 pub fn rel_err(measured: u64, truth: u64) -> f64 {
     (measured as f64 - truth as f64).abs() / (truth as f64).max(1.0)

@@ -39,6 +39,39 @@ fn default_period() -> u64 {
     50
 }
 
+impl Touch {
+    pub fn read(start: u32, pages: u32) -> Self {
+        Self {
+            op: Op::Read,
+            start,
+            pages,
+        }
+    }
+
+    pub fn write(start: u32, pages: u32) -> Self {
+        Self {
+            op: Op::Write,
+            start,
+            pages,
+        }
+    }
+}
+
+impl Script {
+    /// One phase, "steady", repeating `touches` every 100 ms for `duration_ms`.
+    pub fn steady(touches: Vec<Touch>, duration_ms: u64) -> Self {
+        Self {
+            phases: vec![Phase {
+                name: "steady".into(),
+                touches,
+                duration_ms,
+                period_ms: 100,
+            }],
+            checksum_every: 0,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Script {
     pub phases: Vec<Phase>,

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use wset_proto::v1 as pb;
-use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, window};
+use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, methods, window};
 use wset_tests::memory::{BackingArg, GuestMemory, PAGE};
-use wset_tests::script::{Op, Phase, Script, Touch};
+use wset_tests::script::{Script, Touch};
 use wset_tracker::Uffd;
 use wset_tracker::uffd::{Event, UffdMsg, fault_flag, feature, mode, pagemap};
 
@@ -34,27 +34,22 @@ fn scan_pages(mem: &GuestMemory, category: u64, flags: u64) -> Vec<bool> {
     let pm = std::fs::File::open("/proc/self/pagemap").expect("open pagemap");
     let mut out = vec![pagemap::PageRegion::default(); 256];
     let mut hit = vec![false; mem.pages() as usize];
-    let (mut start, end) = (mem.addr(), mem.addr() + mem.len() as u64);
-    while start < end {
-        let s = pagemap::Scan {
-            flags,
-            category_mask: category,
-            category_anyof_mask: 0,
-            return_mask: category,
-        };
-        let (n, walk_end) = pagemap::scan(pm.as_fd(), start, end, s, &mut out).expect("scan");
-        for r in &out[..n] {
-            let mut a = r.start;
-            while a < r.end {
-                hit[((a - mem.addr()) / PAGE) as usize] = true;
-                a += PAGE;
-            }
+    let s = pagemap::Scan {
+        flags,
+        category_mask: category,
+        category_anyof_mask: 0,
+        return_mask: category,
+    };
+    let end = mem.addr() + mem.len() as u64;
+    pagemap::scan_all(pm.as_fd(), mem.addr(), end, s, &mut out, |r| {
+        let mut a = r.start;
+        while a < r.end {
+            hit[((a - mem.addr()) / PAGE) as usize] = true;
+            a += PAGE;
         }
-        if walk_end <= start {
-            break;
-        }
-        start = walk_end;
-    }
+        Ok(())
+    })
+    .expect("scan");
     hit
 }
 
@@ -297,32 +292,12 @@ fn agent_opts(extra: &[&str]) -> AgentOpts {
         windows_ms: vec![1000, 4000],
         access: "exhaustive".into(),
         extra: extra.iter().map(|s| s.to_string()).collect(),
-        snapshot: None,
-        state_dir: None,
+        ..AgentOpts::default()
     }
 }
 
 fn steady_guest(agent: &Agent, vm_id: &str, backing: &'static str) -> Guest {
-    let script = Script {
-        phases: vec![Phase {
-            name: "steady".into(),
-            touches: vec![
-                Touch {
-                    op: Op::Read,
-                    start: 16,
-                    pages: 300,
-                },
-                Touch {
-                    op: Op::Write,
-                    start: 1000,
-                    pages: 100,
-                },
-            ],
-            duration_ms: 15_000,
-            period_ms: 100,
-        }],
-        checksum_every: 0,
-    };
+    let script = Script::steady(vec![Touch::read(16, 300), Touch::write(1000, 100)], 15_000);
     let mut o = GuestOpts::new(vm_id, script);
     o.kind = "process";
     o.backing = backing;
@@ -351,13 +326,8 @@ fn agent_sync_mode_classifies_every_read_and_write() {
     let s2 = agent.wait_summary(&g.vm_id, Duration::from_secs(60), "12 more", |s| {
         s.epoch >= need
     });
-    let methods: Vec<_> = s2
-        .methods
-        .iter()
-        .map(|&m| pb::TrackingMethod::try_from(m).unwrap())
-        .collect();
     assert_eq!(
-        methods,
+        methods(&s2),
         vec![
             pb::TrackingMethod::FirstTouch,
             pb::TrackingMethod::SoftDirty,

@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use wset_proto::v1 as pb;
-use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, rel_err, window};
+use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, methods, rel_err, window};
 use wset_tests::memory::PAGE;
-use wset_tests::script::{Op, Phase, Script, Touch};
+use wset_tests::script::{Script, Touch};
 use wset_tracker::uffd::feature;
 
 const INTERVAL_MS: u64 = 250;
@@ -26,39 +26,18 @@ fn opts(extra: &[&str]) -> AgentOpts {
         windows_ms: vec![SHORT_MS, LONG_MS],
         access: "exhaustive".into(),
         extra: extra.iter().map(|s| s.to_string()).collect(),
-        snapshot: None,
-        state_dir: None,
+        ..AgentOpts::default()
     }
 }
 
 fn steady(reads: (u32, u32), writes: (u32, u32), ms: u64) -> Script {
-    Script {
-        phases: vec![Phase {
-            name: "steady".into(),
-            touches: vec![
-                Touch {
-                    op: Op::Read,
-                    start: reads.0,
-                    pages: reads.1,
-                },
-                Touch {
-                    op: Op::Write,
-                    start: writes.0,
-                    pages: writes.1,
-                },
-            ],
-            duration_ms: ms,
-            period_ms: 100,
-        }],
-        checksum_every: 0,
-    }
-}
-
-fn methods(s: &pb::VmSummary) -> Vec<pb::TrackingMethod> {
-    s.methods
-        .iter()
-        .map(|&m| pb::TrackingMethod::try_from(m).expect("known method"))
-        .collect()
+    Script::steady(
+        vec![
+            Touch::read(reads.0, reads.1),
+            Touch::write(writes.0, writes.1),
+        ],
+        ms,
+    )
 }
 
 /// The first summary whose short window lies wholly after `epoch0`.
@@ -273,31 +252,14 @@ fn hugetlbfs_guest_tracked_at_2mib() {
     let huge = 2 << 20;
     wset_tests::harness::ensure_hugepages(16);
     let agent = Agent::start(opts(&[]));
-    let script = Script {
-        phases: vec![Phase {
-            name: "steady".into(),
-            touches: vec![
-                Touch {
-                    op: Op::Read,
-                    start: 2 * HP + 7,
-                    pages: 10,
-                },
-                Touch {
-                    op: Op::Read,
-                    start: 5 * HP,
-                    pages: 3,
-                },
-                Touch {
-                    op: Op::Write,
-                    start: 7 * HP + 100,
-                    pages: 1,
-                },
-            ],
-            duration_ms: 12_000,
-            period_ms: 100,
-        }],
-        checksum_every: 0,
-    };
+    let script = Script::steady(
+        vec![
+            Touch::read(2 * HP + 7, 10),
+            Touch::read(5 * HP, 3),
+            Touch::write(7 * HP + 100, 1),
+        ],
+        12_000,
+    );
     let mut g = start_guest(&agent, "sc-huge", "hugetlb", script);
     let s = measure(&agent, &mut g, 3 * huge, huge);
     assert_eq!(s.granule_bytes, huge);

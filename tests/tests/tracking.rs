@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use wset_proto::v1 as pb;
-use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, TempDir, rel_err, window};
+use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, TempDir, methods, rel_err, window};
 use wset_tests::memory::PAGE;
 use wset_tests::script::{Op, Phase, Script, Touch};
 
@@ -46,13 +46,6 @@ fn overhead(g: &Guest) -> u64 {
     g.registered["overhead_pages"]
         .as_array()
         .map_or(0, Vec::len) as u64
-}
-
-fn methods(s: &pb::VmSummary) -> Vec<pb::TrackingMethod> {
-    s.methods
-        .iter()
-        .map(|&m| pb::TrackingMethod::try_from(m).expect("known method"))
-        .collect()
 }
 
 /// Wait until the summary's shortest window covers only the phase that

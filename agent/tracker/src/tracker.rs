@@ -978,9 +978,6 @@ impl Tracker {
     /// those accesses are served (and recorded in the next epoch) right
     /// after the tick.
     fn harvest_rwp(&mut self, e: u32, sync: bool) -> io::Result<()> {
-        if self.pagemap.is_none() {
-            return Ok(());
-        }
         if !sync {
             self.uffd.set_mode(0, feature::RWP_ASYNC)?;
         }
@@ -1271,20 +1268,11 @@ fn scan_regions(
 ) -> io::Result<()> {
     for (ri, r) in regions.iter().enumerate() {
         let end = r.host_addr + r.len;
-        let mut start = r.host_addr;
-        while start < end {
-            let (n, walk_end) = match pagemap::scan(pm.as_fd(), start, end, scan, buf) {
-                Ok(x) => x,
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            for pr in &buf[..n] {
-                each(ri, r, pr)?;
-            }
-            if walk_end <= start {
-                break;
-            }
-            start = walk_end;
+        match pagemap::scan_all(pm.as_fd(), r.host_addr, end, scan, buf, |pr| {
+            each(ri, r, pr)
+        }) {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+            other => other?,
         }
     }
     Ok(())

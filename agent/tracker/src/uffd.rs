@@ -732,6 +732,29 @@ pub mod pagemap {
         }
         Ok((ret as usize, arg.walk_end))
     }
+
+    /// Scan all of `[start, end)`, calling `each` for every page run
+    /// reported, `out.len()` runs per call.
+    pub fn scan_all(
+        pagemap: BorrowedFd<'_>,
+        mut start: u64,
+        end: u64,
+        s: Scan,
+        out: &mut [PageRegion],
+        mut each: impl FnMut(&PageRegion) -> io::Result<()>,
+    ) -> io::Result<()> {
+        while start < end {
+            let (n, walk_end) = scan(pagemap, start, end, s, out)?;
+            for r in &out[..n] {
+                each(r)?;
+            }
+            if walk_end <= start {
+                break;
+            }
+            start = walk_end;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
