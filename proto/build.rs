@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 
 fn main() {
-    let files = ["proto/wset/v1/agent.proto"];
+    let files = [
+        "proto/wset/v1/agent.proto",
+        "proto/wset/v1/controller.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

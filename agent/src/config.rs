@@ -71,6 +71,10 @@ pub struct Config {
     pub exact_dirty: bool,
     /// How long a tracker busy-polls for its next fault before sleeping.
     pub spin: Duration,
+    /// Summary streams (`WatchSummaries`) open at once; more are refused.
+    pub max_streams: usize,
+    /// Limits of the gRPC server.
+    pub grpc_limits: wset_serve::ServerLimits,
 }
 
 impl Default for Config {
@@ -98,6 +102,8 @@ impl Default for Config {
             sample_seed: None,
             exact_dirty: false,
             spin: Duration::from_micros(DEFAULT_SPIN_US),
+            max_streams: 64,
+            grpc_limits: wset_serve::ServerLimits::default(),
         }
     }
 }

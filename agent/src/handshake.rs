@@ -156,6 +156,8 @@ pub enum HandshakeError {
     MissingField(&'static str),
     #[error("vm_id {0:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ -")]
     BadVmId(String),
+    #[error("host id {0:?} must be 1 to 253 characters of A-Z a-z 0-9 . _ -")]
+    BadHostId(String),
     #[error("no regions: register at least one guest memory region")]
     NoRegions,
     #[error("{0} regions: at most {MAX_REGIONS} are accepted")]
@@ -260,14 +262,19 @@ fn json_err(text: &[u8]) -> impl Fn(serde_json::Error) -> HandshakeError + '_ {
 
 /// Check a VM id.
 pub fn check_vm_id(id: &str) -> Result<(), HandshakeError> {
-    let ok = (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
-    if ok {
+    if wset_proto::ids::vm_id_ok(id) {
         Ok(())
     } else {
         Err(HandshakeError::BadVmId(id.to_owned()))
+    }
+}
+
+/// Check a host id (`--host-name`).
+pub fn check_host_id(id: &str) -> Result<(), HandshakeError> {
+    if wset_proto::ids::host_id_ok(id) {
+        Ok(())
+    } else {
+        Err(HandshakeError::BadHostId(id.to_owned()))
     }
 }
 

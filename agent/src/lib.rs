@@ -8,9 +8,11 @@
 
 pub mod config;
 pub mod handshake;
+pub mod host;
 pub mod intake;
 pub mod registry;
 pub mod service;
+pub mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,9 +22,6 @@ use tracing::{info, warn};
 
 pub use config::Config;
 use registry::Registry;
-
-/// How long in-flight gRPC calls may take to finish at shutdown.
-const GRPC_DRAIN: Duration = Duration::from_secs(3);
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -94,43 +93,41 @@ pub async fn run(
         )));
     }
 
+    let identity = Arc::new(host::Identity::new(cfg.host_name.clone(), offered));
+    info!(host_id = %identity.host_id, instance = %identity.instance_id, "agent identity");
+    let batches = Arc::new(tokio::sync::watch::Sender::new(Arc::new(
+        stream::Snapshot::default(),
+    )));
+    let publisher = tokio::spawn(stream::publish(
+        registry.clone(),
+        cfg.clone(),
+        identity.clone(),
+        batches.clone(),
+        stop_rx.clone(),
+    ));
     let svc = service::AgentService {
         registry: registry.clone(),
         cfg: cfg.clone(),
+        identity,
+        batches,
+        streams: Arc::new(tokio::sync::Semaphore::new(cfg.max_streams)),
     };
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<wset_proto::v1::agent_service_server::AgentServiceServer<service::AgentService>>()
-        .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(wset_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("build reflection service")?;
-    let reflection_v1a = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(wset_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .context("build reflection service")?;
+    use wset_proto::v1::agent_service_server::{AgentServiceServer, SERVICE_NAME};
+    let routes = tonic::service::Routes::new(
+        AgentServiceServer::new(svc).max_decoding_message_size(cfg.grpc_limits.max_request_bytes),
+    );
+    let (routes, _health) = wset_serve::with_standard_services(routes, &[SERVICE_NAME]).await?;
     let listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
         .await
         .with_context(|| format!("bind gRPC address {}", cfg.grpc_addr))?;
-    info!(addr = %listener.local_addr()?, "gRPC serving");
     let mut grpc_stop = stop_rx.clone();
-    let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
-            .timeout(Duration::from_secs(30))
-            .add_service(health)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1a)
-            .add_service(wset_proto::v1::agent_service_server::AgentServiceServer::new(svc))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move {
-                    let _ = grpc_stop.changed().await;
-                },
-            ),
-    );
+    let limits = cfg.grpc_limits.clone();
+    let grpc = tokio::spawn(async move {
+        wset_serve::serve("agent", routes, listener, &limits, async move {
+            let _ = grpc_stop.changed().await;
+        })
+        .await
+    });
 
     // Retire VMs whose trackers ended (VMM exit, unmap, failure).
     let reaper = {
@@ -175,17 +172,8 @@ pub async fn run(
         t.abort();
     }
     reaper.abort();
-    // Graceful for in-flight calls, but bounded: an idle client connection
-    // must not keep the agent from exiting.
-    let mut grpc = grpc;
-    match tokio::time::timeout(GRPC_DRAIN, &mut grpc).await {
-        Ok(Ok(r)) => r.context("gRPC server")?,
-        Ok(Err(e)) => warn!(error = %e, "gRPC server task ended abnormally"),
-        Err(_) => {
-            warn!("gRPC connections still open after {GRPC_DRAIN:?}; closing them");
-            grpc.abort();
-        }
-    }
+    publisher.abort();
+    grpc.await.context("gRPC server task")??;
     for s in &cfg.sockets {
         let _ = std::fs::remove_file(&s.path);
     }

@@ -68,6 +68,13 @@ struct Args {
     /// (0: never). Spinning spares the guest the wake-up of a halted CPU per fault.
     #[arg(long, default_value_t = wset_agent::config::DEFAULT_SPIN_US)]
     spin_us: u64,
+    /// This host's name in summaries and host facts (default: the kernel's
+    /// hostname; set it to the Kubernetes node name in a DaemonSet).
+    #[arg(long, env = "WSET_HOST_NAME")]
+    host_name: Option<String>,
+    /// Summary streams (WatchSummaries) open at once; more are refused.
+    #[arg(long, default_value_t = 64)]
+    max_streams: usize,
     /// Log as JSON lines.
     #[arg(long, env = "WSET_LOG_JSON")]
     log_json: bool,
@@ -145,6 +152,13 @@ fn config(a: Args) -> anyhow::Result<Config> {
     if let Some(x) = a.max_vm_bytes {
         c.max_vm_bytes = x;
     }
+    if let Some(h) = a.host_name {
+        wset_agent::handshake::check_host_id(&h)
+            .map_err(|e| anyhow::anyhow!("--host-name: {e}"))?;
+        c.host_name = h;
+    }
+    anyhow::ensure!(a.max_streams >= 1, "--max-streams must be at least 1");
+    c.max_streams = a.max_streams;
     Ok(c)
 }
 

@@ -11,14 +11,37 @@ use wset_tracker::{Method, TrackerState};
 
 use crate::config::Config;
 use crate::handshake::check_vm_id;
+use crate::host::Identity;
 use crate::now_ms;
 use crate::registry::{Registry, RegistryError, VmView};
+use crate::stream::{Filter, Snapshot};
 
 /// `wset.v1.AgentService` over the registry.
 #[derive(Debug, Clone)]
 pub struct AgentService {
     pub registry: Arc<Registry>,
     pub cfg: Arc<Config>,
+    pub identity: Arc<Identity>,
+    /// The publisher's channel; each stream subscribes to it.
+    pub batches: Arc<tokio::sync::watch::Sender<Arc<Snapshot>>>,
+    /// One permit per open summary stream (`--max-streams`).
+    pub streams: Arc<tokio::sync::Semaphore>,
+}
+
+/// One VM's latest summary on the wire (O(granules): call off the async
+/// workers).
+pub fn vm_summary(
+    registry: &Registry,
+    cfg: &Config,
+    host_id: &str,
+    vm_id: &str,
+) -> Result<pb::VmSummary, RegistryError> {
+    let (v, s) = registry.summary(vm_id, &cfg.summary, now_ms())?;
+    let c = registry.counters(vm_id)?;
+    let mut pb = summary_pb(&v, &s, c);
+    pb.interval_ms = cfg.interval.as_millis() as u64;
+    pb.host_id = host_id.to_owned();
+    Ok(pb)
 }
 
 impl From<RegistryError> for Status {
@@ -129,6 +152,8 @@ pub fn summary_pb(v: &VmView, s: &Summary, counters: pb::TrackerCounters) -> pb:
         state: state(v.state) as i32,
         touched_bytes: s.touched_bytes,
         epoch: s.epoch as u64,
+        host_id: String::new(),
+        labels: v.info.labels.clone().into_iter().collect(),
     }
 }
 
@@ -153,16 +178,52 @@ impl pb::agent_service_server::AgentService for AgentService {
         check_vm_id(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let registry = self.registry.clone();
         let cfg = self.cfg.clone();
+        let host = self.identity.clone();
         // O(granules): keep it off the async workers.
-        let out = tokio::task::spawn_blocking(move || {
-            let (v, s) = registry.summary(&id, &cfg.summary, now_ms())?;
-            let c = registry.counters(&id)?;
-            let mut pb = summary_pb(&v, &s, c);
-            pb.interval_ms = cfg.interval.as_millis() as u64;
-            Ok::<_, RegistryError>(pb)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("summary task failed: {e}")))??;
+        let out =
+            tokio::task::spawn_blocking(move || vm_summary(&registry, &cfg, &host.host_id, &id))
+                .await
+                .map_err(|e| Status::internal(format!("summary task failed: {e}")))??;
         Ok(Response::new(out))
+    }
+
+    type WatchSummariesStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::SummaryBatch, Status>>;
+
+    async fn watch_summaries(
+        &self,
+        req: Request<pb::WatchSummariesRequest>,
+    ) -> Result<Response<Self::WatchSummariesStream>, Status> {
+        let filter = Filter::new(req.into_inner())?;
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{} summary streams are open already (--max-streams); close one or raise the limit",
+                self.cfg.max_streams
+            ))
+        })?;
+        // Capacity 1: a batch waits only while the reader reads the one before.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(crate::stream::feed(
+            self.batches.subscribe(),
+            filter,
+            tx,
+            permit,
+        ));
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn get_host_facts(
+        &self,
+        _req: Request<pb::GetHostFactsRequest>,
+    ) -> Result<Response<pb::HostFacts>, Status> {
+        let (id, registry) = (self.identity.clone(), self.registry.clone());
+        let interval_ms = self.cfg.interval.as_millis() as u64;
+        let facts =
+            tokio::task::spawn_blocking(move || crate::host::facts(&id, &registry, interval_ms))
+                .await
+                .map_err(|e| Status::internal(format!("host facts task failed: {e}")))?;
+        Ok(Response::new(facts))
     }
 }

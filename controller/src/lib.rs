@@ -1,3 +1,188 @@
-//! The wset controller: will subscribe to every agent, keep summary history
-//! in sled, and decide overcommit and migrations. It holds no code yet; the
-//! crate exists so the workspace layout is final from the start.
+//! The wset controller: subscribes to every agent's summary stream, keeps
+//! each VM's and host's history in sled (raw samples, then rollups), and
+//! serves it over gRPC. The decisions (overcommit, migration) build on this
+//! history.
+//!
+//! The binary is a thin shell over [`run`], so tests and the demo run the
+//! same code as production.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod history;
+pub mod ingest;
+pub mod service;
+pub mod store;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use tracing::{info, warn};
+
+pub use config::Config;
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Queue between the agents' streams and the writer: batches, not bytes.
+const WRITE_QUEUE: usize = 1024;
+
+/// Run the controller until `shutdown` resolves; then stop ingest, write and
+/// flush everything received, and return.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
+    let (store, shared) = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let store = store::Store::open(&cfg.data_dir, cfg.levels.clone(), cfg.cache_bytes)
+                .with_context(|| {
+                    format!(
+                        "open the history store in {} (another controller using it? remove it to start afresh)",
+                        cfg.data_dir.display()
+                    )
+                })?;
+            let shared = ingest::Shared::load(&store).context("load the VM index")?;
+            Ok((store, Arc::new(shared)))
+        })
+        .await
+        .context("store open task")??
+    };
+    info!(
+        dir = %cfg.data_dir.display(),
+        vms = shared.vms.read().map(|v| v.len()).unwrap_or(0),
+        "history store open"
+    );
+
+    let (tx, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
+    let writer = {
+        let (store, shared) = (store.clone(), shared.clone());
+        std::thread::Builder::new()
+            .name("wset-writer".into())
+            .spawn(move || ingest::writer(store, shared, rx))
+            .context("start the writer thread")?
+    };
+    let flush_stop = Arc::new(AtomicBool::new(false));
+    let flusher = {
+        let (store, shared, stop) = (store.clone(), shared.clone(), flush_stop.clone());
+        let period = cfg.flush_interval;
+        std::thread::Builder::new()
+            .name("wset-flusher".into())
+            .spawn(move || ingest::flusher(store, shared, period, stop))
+            .context("start the flusher thread")?
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let discovery = tokio::spawn(ingest::discover(
+        cfg.clone(),
+        shared.clone(),
+        tx,
+        stop_rx.clone(),
+    ));
+    let maintenance = tokio::spawn(maintain(
+        store.clone(),
+        shared.clone(),
+        cfg.clone(),
+        stop_rx.clone(),
+    ));
+
+    let svc = service::ControllerService {
+        store: store.clone(),
+        shared: shared.clone(),
+        cfg: cfg.clone(),
+    };
+    use wset_proto::v1::controller_service_server::{ControllerServiceServer, SERVICE_NAME};
+    let routes = tonic::service::Routes::new(
+        ControllerServiceServer::new(svc)
+            .max_decoding_message_size(cfg.grpc_limits.max_request_bytes),
+    );
+    let (routes, _health) = wset_serve::with_standard_services(routes, &[SERVICE_NAME]).await?;
+    let listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
+        .await
+        .with_context(|| format!("bind gRPC address {}", cfg.grpc_addr))?;
+    let mut grpc_stop = stop_rx.clone();
+    let limits = cfg.grpc_limits.clone();
+    let grpc = tokio::spawn(async move {
+        wset_serve::serve("controller", routes, listener, &limits, async move {
+            let _ = grpc_stop.changed().await;
+        })
+        .await
+    });
+
+    shutdown.await;
+    info!("shutting down: closing agent streams, writing and flushing what arrived");
+    let _ = stop_tx.send(true);
+    let _ = discovery.await;
+    let _ = maintenance.await;
+    // Every sender is gone with discovery: the writer drains and ends.
+    tokio::task::spawn_blocking(move || {
+        let _ = writer.join();
+        flush_stop.store(true, Ordering::Release);
+        let _ = flusher.join();
+    })
+    .await
+    .context("writer shutdown")?;
+    grpc.await.context("gRPC server task")??;
+    info!("stopped cleanly");
+    Ok(())
+}
+
+/// Rollups and retention every `maintain_interval`.
+async fn maintain(
+    store: store::Store,
+    shared: Arc<ingest::Shared>,
+    cfg: Arc<Config>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(cfg.maintain_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A bucket is rolled up once no sample for it can still arrive.
+    let lateness_ms = 2 * cfg.sample_interval.as_millis() as u64 + 1000;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let vms: Vec<(String, u64)> = shared
+            .vms
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|v| (v.vm_id.clone(), v.last_seen_ms))
+            .collect();
+        let hosts: Vec<String> = shared
+            .hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let s = store.clone();
+        let started = std::time::Instant::now();
+        match tokio::task::spawn_blocking(move || s.maintain(&vms, &hosts, now_ms(), lateness_ms))
+            .await
+        {
+            Ok(Ok((m, forgotten))) => {
+                if !forgotten.is_empty() {
+                    let mut v = shared.vms.write().unwrap_or_else(|p| p.into_inner());
+                    for id in &forgotten {
+                        v.remove(id);
+                    }
+                }
+                tracing::debug!(?m, took = ?started.elapsed(), "history maintenance");
+            }
+            Ok(Err(e)) => warn!(error = %e, "history maintenance failed; will retry"),
+            Err(e) => warn!(error = %e, "history maintenance task failed"),
+        }
+    }
+}

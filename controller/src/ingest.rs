@@ -1,0 +1,577 @@
+//! Ingest: finding agents (a static list and a DNS name re-resolved
+//! periodically), one subscription task per agent with reconnect and
+//! backoff, and the single writer thread that turns batches into history.
+//!
+//! Each agent's stream is read by its own task, which checks every batch
+//! before anything of it is stored; a broken, stalled or lying agent ends
+//! its own session and backs off, and never holds up another agent. The
+//! writer thread owns the VM index (where each VM is, moves between hosts)
+//! and applies writes in arrival order; a flusher thread makes them durable
+//! on a fixed period and publishes, per agent, the controller time up to
+//! which everything received is on disk.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+use wset_proto::v1 as pb;
+use wset_proto::v1::agent_service_client::AgentServiceClient;
+
+use crate::config::Config;
+use crate::history::{check_summary, host_point, raw_point};
+use crate::now_ms;
+use crate::store::{Store, Write};
+
+/// State shared by ingest, maintenance and the gRPC service.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Per agent endpoint.
+    pub agents: Mutex<BTreeMap<String, pb::AgentStatus>>,
+    /// Per agent endpoint: controller time of the last batch applied.
+    applied: Mutex<HashMap<String, u64>>,
+    /// Every VM seen, with its latest point.
+    pub vms: RwLock<HashMap<String, pb::ClusterVm>>,
+    /// Every host's last facts.
+    pub hosts: Mutex<HashMap<String, pb::HostFacts>>,
+}
+
+impl Shared {
+    fn agent(&self, endpoint: &str, f: impl FnOnce(&mut pb::AgentStatus)) {
+        let mut a = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = a.get_mut(endpoint) {
+            f(s);
+        }
+    }
+
+    /// Load the VM index and host facts from the store.
+    pub fn load(store: &Store) -> Result<Self, crate::store::StoreError> {
+        let mut vms = HashMap::new();
+        for mut v in store.load_vms()? {
+            v.latest = store.last_vm_point(&v.vm_id)?;
+            vms.insert(v.vm_id.clone(), v);
+        }
+        let hosts = store
+            .load_hosts()?
+            .into_iter()
+            .map(|h| (h.host_id.clone(), h))
+            .collect();
+        Ok(Self {
+            vms: RwLock::new(vms),
+            hosts: Mutex::new(hosts),
+            ..Default::default()
+        })
+    }
+}
+
+/// What the subscription tasks hand the writer.
+#[derive(Debug)]
+pub enum Msg {
+    Batch {
+        endpoint: String,
+        received_ms: u64,
+        resolution_ms: u64,
+        host: Box<pb::HostFacts>,
+        /// Checked already.
+        summaries: Vec<pb::VmSummary>,
+        events: Vec<pb::HostEvent>,
+    },
+    Event {
+        host_id: String,
+        event: pb::HostEvent,
+    },
+}
+
+fn event(kind: pb::HostEventKind, detail: String) -> pb::HostEvent {
+    pb::HostEvent {
+        timestamp_ms: now_ms(),
+        kind: kind as i32,
+        detail,
+    }
+}
+
+/// A VM record is rewritten at least this often while the VM reports, so a
+/// restarted controller knows roughly when it was last seen.
+const RECORD_REFRESH_MS: u64 = 60_000;
+
+/// The writer: applies every message in order until the channel closes.
+pub fn writer(store: Store, shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>) {
+    let mut persisted: HashMap<String, u64> = HashMap::new();
+    while let Some(msg) = rx.blocking_recv() {
+        let (w, endpoint, received_ms) = match msg {
+            Msg::Event { host_id, event } => (
+                Write {
+                    events: vec![(host_id, event)],
+                    ..Default::default()
+                },
+                None,
+                0,
+            ),
+            Msg::Batch {
+                endpoint,
+                received_ms,
+                resolution_ms,
+                host,
+                summaries,
+                events,
+            } => {
+                let w = index_batch(
+                    &shared,
+                    &mut persisted,
+                    received_ms,
+                    resolution_ms,
+                    *host,
+                    &summaries,
+                    events,
+                );
+                (w, Some(endpoint), received_ms)
+            }
+        };
+        if let Err(e) = store.apply(&w) {
+            // Nothing sensible can continue on a failing store: say so
+            // loudly; every agent's durable mark stops advancing.
+            warn!(error = %e, "history write failed; the batch is lost");
+            continue;
+        }
+        if let Some(ep) = endpoint {
+            shared
+                .applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(ep, received_ms);
+        }
+    }
+}
+
+/// Update the VM index with one batch and build its write.
+fn index_batch(
+    shared: &Shared,
+    persisted: &mut HashMap<String, u64>,
+    now: u64,
+    resolution_ms: u64,
+    host: pb::HostFacts,
+    summaries: &[pb::VmSummary],
+    events: Vec<pb::HostEvent>,
+) -> Write {
+    let h = host.host_id.clone();
+    let mut w = Write {
+        events: events.into_iter().map(|e| (h.clone(), e)).collect(),
+        ..Default::default()
+    };
+    let retired = pb::VmState::Retired as i32;
+    let mut vms = shared.vms.write().unwrap_or_else(|p| p.into_inner());
+    for s in summaries {
+        let point = raw_point(s, now, resolution_ms);
+        let mut changed = false;
+        let rec = vms.entry(s.vm_id.clone()).or_insert_with(|| {
+            changed = true;
+            pb::ClusterVm {
+                vm_id: s.vm_id.clone(),
+                host_id: h.clone(),
+                first_seen_ms: now,
+                ..Default::default()
+            }
+        });
+        if rec.host_id != h {
+            if s.state == retired {
+                // The old host still lists a VM that moved away: not news.
+                continue;
+            }
+            info!(vm_id = %s.vm_id, from = %rec.host_id, to = %h, "VM moved between hosts");
+            w.events.push((
+                h.clone(),
+                event(
+                    pb::HostEventKind::VmArrived,
+                    format!("VM {} arrived from host {}", s.vm_id, rec.host_id),
+                ),
+            ));
+            rec.previous_host_id = std::mem::replace(&mut rec.host_id, h.clone());
+            rec.moved_at_ms = now;
+            rec.moves += 1;
+            changed = true;
+        } else if rec.state == retired && s.state == retired {
+            // Its last summary is stored already.
+            continue;
+        }
+        changed |= rec.state != s.state
+            || rec.name != s.name
+            || rec.memory_bytes != s.memory_bytes
+            || rec.methods != s.methods
+            || rec.labels != s.labels;
+        rec.name.clone_from(&s.name);
+        rec.labels.clone_from(&s.labels);
+        rec.memory_bytes = s.memory_bytes;
+        rec.methods.clone_from(&s.methods);
+        rec.state = s.state;
+        rec.last_seen_ms = now;
+        rec.latest = Some(point.clone());
+        let due = persisted
+            .get(&s.vm_id)
+            .is_none_or(|&t| now.saturating_sub(t) >= RECORD_REFRESH_MS);
+        if changed || due {
+            persisted.insert(s.vm_id.clone(), now);
+            w.vm_records.push(rec.clone());
+        }
+        w.vm_points.push((s.vm_id.clone(), point));
+    }
+    drop(vms);
+    let tracking: Vec<&pb::VmSummary> = summaries.iter().filter(|s| s.state != retired).collect();
+    w.host_point = Some((h.clone(), host_point(&host, &tracking, now, resolution_ms)));
+    w.host_facts = Some(host);
+    w
+}
+
+/// Make writes durable every `period` until `stop` is set, then once more.
+pub fn flusher(
+    store: Store,
+    shared: Arc<Shared>,
+    period: Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    loop {
+        let last = stop.load(Ordering::Acquire);
+        if !last {
+            std::thread::sleep(period);
+        }
+        let applied = shared
+            .applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match store.flush() {
+            Ok(_) => {
+                let mut agents = shared.agents.lock().unwrap_or_else(|p| p.into_inner());
+                for (ep, t) in applied {
+                    if let Some(a) = agents.get_mut(&ep) {
+                        a.durable_through_ms = a.durable_through_ms.max(t);
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "history flush failed; will retry"),
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+/// Why a session with an agent ended.
+enum End {
+    Cancelled,
+    Failed { error: String, had_batches: bool },
+}
+
+/// Subscribe to one agent until cancelled, reconnecting with exponential
+/// backoff (reset once a session delivered a batch).
+pub async fn subscribe(
+    endpoint: String,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Msg>,
+    cfg: Arc<Config>,
+    mut cancel: watch::Receiver<bool>,
+) {
+    let mut backoff = cfg.backoff_min;
+    let mut attempt: u32 = 0;
+    loop {
+        shared.agent(&endpoint, |a| {
+            a.state = pb::AgentConnectionState::Connecting as i32;
+            a.retry_at_ms = 0;
+        });
+        let end = tokio::select! {
+            _ = cancel.changed() => End::Cancelled,
+            e = session(&endpoint, &shared, &tx, &cfg) => e,
+        };
+        let (error, had_batches) = match end {
+            End::Cancelled => return,
+            End::Failed { error, had_batches } => (error, had_batches),
+        };
+        attempt += 1;
+        if had_batches {
+            backoff = cfg.backoff_min;
+        }
+        // Jitter (up to a quarter) so agents that failed together do not
+        // all come back at the same instant.
+        let jitter = (u64::from(attempt).wrapping_mul(0x9E37_79B9) ^ now_ms()) % 256;
+        let wait = backoff + backoff * jitter as u32 / 1024;
+        warn!(%endpoint, %error, retry_in = ?wait, "agent stream ended");
+        let mut host_id = String::new();
+        shared.agent(&endpoint, |a| {
+            a.state = pb::AgentConnectionState::BackingOff as i32;
+            a.last_error.clone_from(&error);
+            a.reconnects += 1;
+            a.retry_at_ms = now_ms() + wait.as_millis() as u64;
+            a.connected_since_ms = 0;
+            host_id.clone_from(&a.host_id);
+        });
+        if had_batches && !host_id.is_empty() {
+            let _ = tx
+                .send(Msg::Event {
+                    host_id,
+                    event: event(
+                        pb::HostEventKind::Disconnected,
+                        format!("{endpoint}: {error}"),
+                    ),
+                })
+                .await;
+        }
+        tokio::select! {
+            _ = cancel.changed() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        backoff = (backoff * 2).min(cfg.backoff_max);
+    }
+}
+
+async fn session(endpoint: &str, shared: &Shared, tx: &mpsc::Sender<Msg>, cfg: &Config) -> End {
+    let fail = |error: String, had_batches| End::Failed { error, had_batches };
+    let ep = match tonic::transport::Endpoint::from_shared(format!("http://{endpoint}")) {
+        Ok(e) => e
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_keepalive(Some(Duration::from_secs(30)))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5)),
+        Err(e) => return fail(format!("bad endpoint {endpoint:?}: {e}"), false),
+    };
+    let channel = match ep.connect().await {
+        Ok(c) => c,
+        Err(e) => return fail(format!("connect: {e}"), false),
+    };
+    let mut client =
+        AgentServiceClient::new(channel).max_decoding_message_size(cfg.max_batch_bytes);
+    let req = pb::WatchSummariesRequest {
+        min_interval_ms: cfg.sample_interval.as_millis() as u64,
+        compact: true,
+        ..Default::default()
+    };
+    let mut stream = match client.watch_summaries(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => return fail(format!("WatchSummaries: {}", s.message()), false),
+    };
+    let mut had_batches = false;
+    loop {
+        let batch = match tokio::time::timeout(cfg.stall_timeout, stream.message()).await {
+            Err(_) => {
+                return fail(
+                    format!("no batch for {:?}: the agent stalled", cfg.stall_timeout),
+                    had_batches,
+                );
+            }
+            Ok(Err(s)) => return fail(format!("stream broke: {}", s.message()), had_batches),
+            Ok(Ok(None)) => return fail("the agent ended the stream".into(), had_batches),
+            Ok(Ok(Some(b))) => b,
+        };
+        if let Err(error) = take_batch(endpoint, shared, tx, cfg, batch, !had_batches).await {
+            return fail(error, had_batches);
+        }
+        had_batches = true;
+    }
+}
+
+/// Most summaries one batch may carry.
+pub const MAX_BATCH_VMS: usize = 100_000;
+
+/// Check one batch and hand it to the writer. An error ends the session.
+async fn take_batch(
+    endpoint: &str,
+    shared: &Shared,
+    tx: &mpsc::Sender<Msg>,
+    cfg: &Config,
+    batch: pb::SummaryBatch,
+    first: bool,
+) -> Result<(), String> {
+    let received_ms = now_ms();
+    let host = batch
+        .host
+        .ok_or("a batch without host facts: not a wset agent, or a broken one")?;
+    if !wset_proto::ids::host_id_ok(&host.host_id) {
+        return Err(format!(
+            "host id {:?} is not 1 to 253 characters of A-Z a-z 0-9 . _ -",
+            host.host_id.chars().take(80).collect::<String>()
+        ));
+    }
+    if batch.summaries.len() > MAX_BATCH_VMS {
+        return Err(format!(
+            "a batch of {} summaries (at most {MAX_BATCH_VMS})",
+            batch.summaries.len()
+        ));
+    }
+    let mut events = Vec::new();
+    if first {
+        let previous = shared
+            .hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&host.host_id)
+            .map(|h| h.agent_instance_id.clone());
+        events.push(event(
+            pb::HostEventKind::Connected,
+            format!("agent {} at {endpoint}", host.agent_instance_id),
+        ));
+        if let Some(prev) = previous.filter(|p| !p.is_empty() && *p != host.agent_instance_id) {
+            events.push(event(
+                pb::HostEventKind::AgentRestarted,
+                format!(
+                    "agent instance {prev} was replaced by {}",
+                    host.agent_instance_id
+                ),
+            ));
+        }
+    }
+    let mut rejected = 0u64;
+    let summaries: Vec<pb::VmSummary> = batch
+        .summaries
+        .into_iter()
+        .filter_map(|mut s| {
+            if s.host_id.is_empty() {
+                s.host_id.clone_from(&host.host_id);
+            }
+            let r = if s.host_id == host.host_id {
+                check_summary(&s).map_err(|e| e.to_string())
+            } else {
+                Err(format!(
+                    "{}: host_id {:?} in a batch of host {:?}",
+                    s.vm_id, s.host_id, host.host_id
+                ))
+            };
+            match r {
+                Ok(()) => Some(s),
+                Err(e) => {
+                    rejected += 1;
+                    debug!(%endpoint, error = %e, "summary refused");
+                    None
+                }
+            }
+        })
+        .collect();
+    if rejected > 0 {
+        warn!(%endpoint, rejected, "summaries refused as malformed");
+    }
+    let stored = summaries.len() as u64;
+    let resolution_ms = (cfg.sample_interval.as_millis() as u64).max(host.tracking_interval_ms);
+    shared
+        .hosts
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(host.host_id.clone(), host.clone());
+    shared.agent(endpoint, |a| {
+        a.state = pb::AgentConnectionState::Connected as i32;
+        if a.connected_since_ms == 0 {
+            a.connected_since_ms = received_ms;
+        }
+        a.last_batch_ms = received_ms;
+        a.batches_received += 1;
+        a.summaries_stored += stored;
+        a.summaries_rejected += rejected;
+        a.batches_skipped += batch.skipped_batches;
+        a.clock_skew_ms = host.timestamp_ms as i64 - received_ms as i64;
+        a.host_id.clone_from(&host.host_id);
+        a.agent_instance_id.clone_from(&host.agent_instance_id);
+        a.host = Some(host.clone());
+        a.last_error.clear();
+    });
+    tx.send(Msg::Batch {
+        endpoint: endpoint.to_owned(),
+        received_ms,
+        resolution_ms,
+        host: Box::new(host),
+        summaries,
+        events,
+    })
+    .await
+    .map_err(|_| "the controller is shutting down".to_owned())
+}
+
+/// Run discovery until `stop` changes: subscribe to every static endpoint,
+/// and to every address the DNS name resolves to, re-resolved each
+/// `dns_refresh`; addresses that leave the DNS answer are unsubscribed.
+pub async fn discover(
+    cfg: Arc<Config>,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Msg>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut running: HashMap<String, (watch::Sender<bool>, tokio::task::JoinHandle<()>)> =
+        HashMap::new();
+    let start = |endpoint: &str,
+                 source: String,
+                 running: &mut HashMap<
+        String,
+        (watch::Sender<bool>, tokio::task::JoinHandle<()>),
+    >| {
+        if running.contains_key(endpoint) {
+            return;
+        }
+        info!(%endpoint, %source, "subscribing to agent");
+        shared
+            .agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                endpoint.to_owned(),
+                pb::AgentStatus {
+                    endpoint: endpoint.to_owned(),
+                    source,
+                    state: pb::AgentConnectionState::Connecting as i32,
+                    ..Default::default()
+                },
+            );
+        let (ctx, crx) = watch::channel(false);
+        let h = tokio::spawn(subscribe(
+            endpoint.to_owned(),
+            shared.clone(),
+            tx.clone(),
+            cfg.clone(),
+            crx,
+        ));
+        running.insert(endpoint.to_owned(), (ctx, h));
+    };
+    for ep in &cfg.agents {
+        start(ep, "static".into(), &mut running);
+    }
+    let statics: HashSet<&String> = cfg.agents.iter().collect();
+    if let Some(dns) = &cfg.agents_dns {
+        let source = format!("dns:{dns}");
+        let mut tick = tokio::time::interval(cfg.dns_refresh);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = tick.tick() => {}
+            }
+            let found: HashSet<String> = match tokio::net::lookup_host(dns.as_str()).await {
+                Ok(addrs) => addrs.map(|a| a.to_string()).collect(),
+                Err(e) => {
+                    warn!(name = %dns, error = %e, "agent discovery: DNS lookup failed; keeping the agents known");
+                    continue;
+                }
+            };
+            for ep in &found {
+                start(ep, source.clone(), &mut running);
+            }
+            let gone: Vec<String> = running
+                .keys()
+                .filter(|ep| !found.contains(*ep) && !statics.contains(ep))
+                .cloned()
+                .collect();
+            for ep in gone {
+                info!(endpoint = %ep, name = %dns, "agent left the DNS answer; unsubscribing");
+                if let Some((c, h)) = running.remove(&ep) {
+                    let _ = c.send(true);
+                    let _ = h.await;
+                }
+                shared
+                    .agents
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&ep);
+            }
+        }
+    } else {
+        let _ = stop.changed().await;
+    }
+    for (c, h) in running.into_values() {
+        let _ = c.send(true);
+        let _ = h.await;
+    }
+}

@@ -1,0 +1,139 @@
+//! `wset-controller`: collects every agent's summaries into a history in
+//! sled and serves it. Flags map onto [`wset_controller::Config`]; every flag
+//! has an embedded default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use wset_controller::config::{Config, parse_duration, parse_retention};
+use wset_controller::history::Level;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wset-controller",
+    version,
+    about = "Collects wset agents' working-set summaries into history and serves it"
+)]
+struct Args {
+    /// gRPC listen address [default: 127.0.0.1:7071].
+    #[arg(long, env = "WSET_CONTROLLER_ADDR")]
+    grpc_addr: Option<SocketAddr>,
+    /// Directory of the history store [default: /var/lib/wset/controller].
+    #[arg(long, env = "WSET_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Agent endpoints HOST:PORT, comma-separated [default: 127.0.0.1:7070,
+    /// unless --agents-dns is given].
+    #[arg(long, env = "WSET_AGENTS", value_delimiter = ',')]
+    agents: Vec<String>,
+    /// NAME:PORT whose every DNS address is an agent (a headless Service),
+    /// re-resolved every --dns-refresh.
+    #[arg(long, env = "WSET_AGENTS_DNS")]
+    agents_dns: Option<String>,
+    /// How often --agents-dns is resolved again.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    dns_refresh: Duration,
+    /// One summary per VM per this period is asked of each agent.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    sample_interval: Duration,
+    /// Stored series: raw=RETENTION, then BUCKET=RETENTION per rollup.
+    #[arg(long, default_value = "raw=1d,1m=14d,1h=400d", value_parser = parse_retention)]
+    retention: Vec<Level>,
+    /// How often received data is flushed to disk (what a crash can lose).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    flush_interval: Duration,
+    /// How often rollups and retention run.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    maintain_interval: Duration,
+    /// Drop and re-dial an agent stream with no batch for this long
+    /// [default: 6 x --sample-interval, at least 30s].
+    #[arg(long, value_parser = parse_duration)]
+    stall_timeout: Option<Duration>,
+    /// Longest wait between reconnection attempts.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    backoff_max: Duration,
+    /// sled page cache, MiB.
+    #[arg(long, default_value_t = 256)]
+    cache_mib: u64,
+    /// Log as JSON lines.
+    #[arg(long, env = "WSET_LOG_JSON")]
+    log_json: bool,
+}
+
+fn config(a: Args) -> anyhow::Result<Config> {
+    let mut c = Config::default();
+    if let Some(x) = a.grpc_addr {
+        c.grpc_addr = x;
+    }
+    if let Some(x) = a.data_dir {
+        c.data_dir = x;
+    }
+    if !a.agents.is_empty() || a.agents_dns.is_some() {
+        c.agents = a.agents;
+    }
+    if let Some(d) = &a.agents_dns {
+        anyhow::ensure!(
+            d.rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok()),
+            "--agents-dns {d:?}: expected NAME:PORT, e.g. wset-agent.wset.svc.cluster.local:7070"
+        );
+    }
+    c.agents_dns = a.agents_dns;
+    anyhow::ensure!(
+        !a.sample_interval.is_zero(),
+        "--sample-interval must be positive"
+    );
+    c.dns_refresh = a.dns_refresh.max(Duration::from_secs(1));
+    c.sample_interval = a.sample_interval;
+    c.levels = a.retention;
+    c.flush_interval = a.flush_interval.max(Duration::from_millis(10));
+    c.maintain_interval = a.maintain_interval.max(Duration::from_millis(100));
+    c.stall_timeout = a
+        .stall_timeout
+        .unwrap_or_else(|| (a.sample_interval * 6).max(Duration::from_secs(30)));
+    c.backoff_max = a.backoff_max.max(c.backoff_min);
+    c.cache_bytes = a.cache_mib << 20;
+    Ok(c)
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .with_env_filter(filter)
+            .init();
+    }
+    let result = config(args).and_then(|cfg| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(wset_controller::run(cfg, shutdown_signal()))
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wset-controller: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

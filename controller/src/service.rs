@@ -1,0 +1,308 @@
+//! `wset.v1.ControllerService`: request validation (every refusal says what
+//! to fix) and the conversions between the store's pages and the wire.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use wset_proto::v1 as pb;
+
+use crate::config::Config;
+use crate::history::{Mergeable, Page, PageToken, Query, page};
+use crate::ingest::Shared;
+use crate::now_ms;
+use crate::store::{Store, StoreError};
+
+/// Default and largest page sizes.
+pub const DEFAULT_PAGE: u32 = 1000;
+pub const MAX_PAGE: u32 = 10_000;
+/// How far in the future a query's end may lie (clocks differ a little).
+const FUTURE_SLACK_MS: u64 = 86_400_000;
+
+#[derive(Debug, Clone)]
+pub struct ControllerService {
+    pub store: Store,
+    pub shared: Arc<Shared>,
+    pub cfg: Arc<Config>,
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        Status::internal(e.to_string())
+    }
+}
+
+/// The common fields of both history requests.
+struct Range {
+    start_ms: u64,
+    end_ms: u64,
+    resolution_ms: u64,
+    page_size: u32,
+    page_token: String,
+}
+
+fn query(r: Range, cfg: &Config, now: u64) -> Result<Query, Status> {
+    let end_ms = if r.end_ms == 0 { now } else { r.end_ms };
+    if r.start_ms >= end_ms {
+        return Err(Status::invalid_argument(format!(
+            "start_ms {} is not before end_ms {end_ms}: give a range [start_ms, end_ms) in milliseconds since the Unix epoch (end_ms 0 = now)",
+            r.start_ms
+        )));
+    }
+    if end_ms > now + FUTURE_SLACK_MS {
+        return Err(Status::out_of_range(format!(
+            "end_ms {end_ms} is more than a day in the future (now is {now}); use 0 for now"
+        )));
+    }
+    let span = cfg.max_query_span.as_millis() as u64;
+    if end_ms - r.start_ms > span {
+        return Err(Status::out_of_range(format!(
+            "the range spans {} ms, more than the {span} ms one query may cover; narrow it or page through smaller ranges",
+            end_ms - r.start_ms
+        )));
+    }
+    let page_size = match r.page_size {
+        0 => DEFAULT_PAGE,
+        n if n > MAX_PAGE => {
+            return Err(Status::invalid_argument(format!(
+                "page_size {n} is over {MAX_PAGE}; ask for at most {MAX_PAGE} and follow next_page_token"
+            )));
+        }
+        n => n,
+    };
+    let token = if r.page_token.is_empty() {
+        None
+    } else {
+        let t = PageToken::decode(&r.page_token).ok_or_else(|| {
+            Status::invalid_argument(
+                "page_token is not one this controller issued: pass next_page_token unchanged, with the same range",
+            )
+        })?;
+        if !(r.start_ms..end_ms).contains(&t.next_start_ms) {
+            return Err(Status::invalid_argument(
+                "page_token lies outside [start_ms, end_ms): keep the range of the first page",
+            ));
+        }
+        Some(t)
+    };
+    Ok(Query {
+        start_ms: r.start_ms,
+        end_ms,
+        resolution_ms: r.resolution_ms,
+        page_size: page_size as usize,
+        token,
+    })
+}
+
+fn gaps_pb(gaps: &[(u64, u64)], events: &[pb::HostEvent]) -> Vec<pb::HistoryGap> {
+    gaps.iter()
+        .map(|&(start_ms, end_ms)| {
+            let why: Vec<String> = events
+                .iter()
+                .filter(|e| (start_ms.saturating_sub(1)..=end_ms).contains(&e.timestamp_ms))
+                .map(|e| {
+                    let kind =
+                        pb::HostEventKind::try_from(e.kind).map_or("event".to_owned(), |k| {
+                            k.as_str_name()
+                                .trim_start_matches("HOST_EVENT_KIND_")
+                                .to_lowercase()
+                        });
+                    format!("{kind}: {}", e.detail)
+                })
+                .collect();
+            pb::HistoryGap {
+                start_ms,
+                end_ms,
+                reason: if why.is_empty() {
+                    "no samples".into()
+                } else {
+                    why.join("; ")
+                },
+            }
+        })
+        .collect()
+}
+
+fn token(p: &Page<impl Mergeable>) -> String {
+    p.next.map(|t| t.encode()).unwrap_or_default()
+}
+
+fn check_host_id(h: &str) -> Result<(), Status> {
+    if wset_proto::ids::host_id_ok(h) {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "host_id {:?} must be 1 to 253 characters of A-Z a-z 0-9 . _ - (see ListAgents)",
+            h.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::controller_service_server::ControllerService for ControllerService {
+    async fn list_agents(
+        &self,
+        _req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let agents = self
+            .shared
+            .agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+
+    async fn list_vms(
+        &self,
+        req: Request<pb::ListClusterVmsRequest>,
+    ) -> Result<Response<pb::ListClusterVmsResponse>, Status> {
+        let host = req.into_inner().host_id;
+        if !host.is_empty() {
+            check_host_id(&host)?;
+        }
+        let mut vms: Vec<pb::ClusterVm> = self
+            .shared
+            .vms
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|v| host.is_empty() || v.host_id == host)
+            .cloned()
+            .collect();
+        vms.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+        Ok(Response::new(pb::ListClusterVmsResponse { vms }))
+    }
+
+    async fn get_vm_history(
+        &self,
+        req: Request<pb::GetVmHistoryRequest>,
+    ) -> Result<Response<pb::GetVmHistoryResponse>, Status> {
+        let r = req.into_inner();
+        if r.vm_id.is_empty() {
+            return Err(Status::invalid_argument("vm_id is required (see ListVms)"));
+        }
+        if !wset_proto::ids::vm_id_ok(&r.vm_id) {
+            return Err(Status::invalid_argument(format!(
+                "vm_id {:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ - (see ListVms)",
+                r.vm_id.chars().take(80).collect::<String>()
+            )));
+        }
+        let now = now_ms();
+        let q = query(
+            Range {
+                start_ms: r.start_ms,
+                end_ms: r.end_ms,
+                resolution_ms: r.resolution_ms,
+                page_size: r.page_size,
+                page_token: r.page_token,
+            },
+            &self.cfg,
+            now,
+        )?;
+        let known = self
+            .shared
+            .vms
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&r.vm_id);
+        if !known {
+            return Err(Status::not_found(format!(
+                "no VM {:?} has been reported by any agent (see ListVms)",
+                r.vm_id
+            )));
+        }
+        let store = self.store.clone();
+        let vm = r.vm_id.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let p = page(&q, store.levels(), now, |b, s, e, n| {
+                store.vm_points(&vm, b, s, e, n)
+            })?;
+            // Gap reasons: the events of the hosts the VM was on.
+            let mut hosts: Vec<&str> = p.points.iter().map(|x| x.host_id.as_str()).collect();
+            hosts.sort_unstable();
+            hosts.dedup();
+            let mut events = Vec::new();
+            if !p.gaps.is_empty() {
+                for h in hosts {
+                    events.extend(store.host_events(
+                        h,
+                        p.from_ms.saturating_sub(1),
+                        p.to_ms.saturating_add(1),
+                    )?);
+                }
+            }
+            Ok::<_, StoreError>(pb::GetVmHistoryResponse {
+                vm_id: vm,
+                resolution_ms: p.resolution_ms,
+                gaps: gaps_pb(&p.gaps, &events),
+                next_page_token: token(&p),
+                points: p.points,
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("history query task failed: {e}")))??;
+        Ok(Response::new(out))
+    }
+
+    async fn get_host_history(
+        &self,
+        req: Request<pb::GetHostHistoryRequest>,
+    ) -> Result<Response<pb::GetHostHistoryResponse>, Status> {
+        let r = req.into_inner();
+        if r.host_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "host_id is required (see ListAgents)",
+            ));
+        }
+        check_host_id(&r.host_id)?;
+        let now = now_ms();
+        let q = query(
+            Range {
+                start_ms: r.start_ms,
+                end_ms: r.end_ms,
+                resolution_ms: r.resolution_ms,
+                page_size: r.page_size,
+                page_token: r.page_token,
+            },
+            &self.cfg,
+            now,
+        )?;
+        let known = self
+            .shared
+            .hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&r.host_id);
+        if !known {
+            return Err(Status::not_found(format!(
+                "no agent has reported host {:?} (see ListAgents)",
+                r.host_id
+            )));
+        }
+        let store = self.store.clone();
+        let host = r.host_id.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let p = page(&q, store.levels(), now, |b, s, e, n| {
+                store.host_points(&host, b, s, e, n)
+            })?;
+            let events = store.host_events(
+                &host,
+                p.from_ms.saturating_sub(1),
+                p.to_ms.saturating_add(1),
+            )?;
+            Ok::<_, StoreError>(pb::GetHostHistoryResponse {
+                host_id: host,
+                resolution_ms: p.resolution_ms,
+                gaps: gaps_pb(&p.gaps, &events),
+                next_page_token: token(&p),
+                points: p.points,
+                events,
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("history query task failed: {e}")))??;
+        Ok(Response::new(out))
+    }
+}

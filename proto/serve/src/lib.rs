@@ -1,0 +1,137 @@
+//! gRPC serving plumbing shared by the agent and the controller, so both
+//! servers behave alike: the same limits and load shedding (tower layers),
+//! per-call tracing spans, `grpc.health.v1`, server reflection (v1 and
+//! v1alpha) over every wset proto, and a bounded graceful shutdown.
+
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+/// Limits every wset gRPC server applies.
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    /// A unary call (or a stream's set-up) taking longer is cancelled.
+    pub call_timeout: Duration,
+    /// Calls in flight across all connections; past it, new calls are shed
+    /// at once with RESOURCE_EXHAUSTED instead of queueing.
+    pub max_concurrent_calls: usize,
+    /// Calls in flight on one connection (shed the same way).
+    pub max_calls_per_connection: usize,
+    /// HTTP/2 streams one connection may open.
+    pub max_streams_per_connection: u32,
+    /// Largest request message accepted, bytes (larger: RESOURCE_EXHAUSTED
+    /// or OUT_OF_RANGE from tonic's decoder).
+    pub max_request_bytes: usize,
+    /// How long in-flight calls may take to finish at shutdown.
+    pub drain: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            call_timeout: Duration::from_secs(30),
+            max_concurrent_calls: 256,
+            max_calls_per_connection: 64,
+            max_streams_per_connection: 128,
+            max_request_bytes: 64 << 10,
+            drain: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Health and reflection beside the application's services. Returns the
+/// routes and the health reporter (the overall status `""` starts SERVING;
+/// `services` are set SERVING too).
+pub async fn with_standard_services(
+    routes: Routes,
+    services: &[&str],
+) -> anyhow::Result<(Routes, tonic_health::server::HealthReporter)> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for s in services {
+        reporter
+            .set_service_status(*s, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(wset_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .context("build reflection service (v1)")?;
+    let v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .context("build reflection service (v1alpha)")?;
+    Ok((
+        routes
+            .add_service(health)
+            .add_service(v1)
+            .add_service(v1alpha),
+        reporter,
+    ))
+}
+
+/// Serve `routes` on `listener` with `limits` until `shutdown` resolves, then
+/// let in-flight calls finish for at most `limits.drain`. `what` names the
+/// server in logs and errors.
+pub async fn serve(
+    what: &'static str,
+    routes: Routes,
+    listener: tokio::net::TcpListener,
+    limits: &ServerLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr().context("listener address")?;
+    info!(%addr, "{what} gRPC serving");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder()
+        .timeout(limits.call_timeout)
+        .concurrency_limit_per_connection(limits.max_calls_per_connection)
+        .load_shed(true)
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
+        .layer(tower::ServiceBuilder::new().load_shed().layer(
+            tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_concurrent_calls),
+        ))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                let _ = stop_rx.await;
+            },
+        );
+    let mut server = tokio::spawn(server);
+    tokio::select! {
+        r = &mut server => {
+            return r.with_context(|| format!("{what} gRPC server task"))?
+                .with_context(|| format!("{what} gRPC server on {addr}"));
+        }
+        () = shutdown => {}
+    }
+    let _ = stop_tx.send(());
+    // Graceful for in-flight calls, but bounded: an idle client connection
+    // (or a stream that never ends) must not keep the process from exiting.
+    match tokio::time::timeout(limits.drain, &mut server).await {
+        Ok(Ok(r)) => r.with_context(|| format!("{what} gRPC server on {addr}")),
+        Ok(Err(e)) => {
+            warn!(error = %e, "{what} gRPC server task ended abnormally");
+            Ok(())
+        }
+        Err(_) => {
+            warn!(
+                "{what} gRPC connections still open after {:?}; closing them",
+                limits.drain
+            );
+            server.abort();
+            Ok(())
+        }
+    }
+}
