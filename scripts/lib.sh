@@ -17,6 +17,16 @@ require_device() {
   [ -r "$dev" ] && [ -w "$dev" ] || fail "$dev is not readable and writable: $why"
 }
 
+# grpcurl, the reflection client the tests and the README use: grpcurl-rs
+# from crates.io (no Debian package exists).
+require_grpcurl() {
+  export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+  command -v grpcurl >/dev/null && return 0
+  step "installing grpcurl (cargo install --locked grpcurl-rs; a few minutes, once)"
+  cargo install --locked grpcurl-rs >&2 \
+    || fail "cargo install grpcurl-rs failed (above); the gRPC reflection tests need a grpcurl on PATH"
+}
+
 require_cargo() {
   command -v cargo >/dev/null || fail "cargo not found: install the Rust toolchain (https://rustup.rs) and re-run"
 }
@@ -34,6 +44,16 @@ install_packages() {
   apt-get update -q >&2 || fail "apt-get update failed; check the network and /etc/apt sources, then install: ${missing[*]}"
   apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 \
     || fail "apt-get install ${missing[*]} failed (above)"
+}
+
+# grpcurl, the reflection client the tests and the README use: grpcurl-rs
+# from crates.io (no Debian package exists).
+require_grpcurl() {
+  export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+  command -v grpcurl >/dev/null && return 0
+  step "installing grpcurl (cargo install --locked grpcurl-rs; a few minutes, once)"
+  cargo install --locked grpcurl-rs >&2 \
+    || fail "cargo install grpcurl-rs failed (above); the gRPC reflection tests need a grpcurl on PATH"
 }
 
 require_cargo

@@ -13,6 +13,7 @@ require_root
 require_device /dev/userfaultfd "userfaultfd (CONFIG_USERFAULTFD) is needed by the tracker tests"
 require_device /dev/kvm "KVM is needed by the KVM guest tests (enable virtualization or nested virtualization)"
 install_packages "${WSET_TEST_PACKAGES[@]}"
+require_grpcurl
 
 step "cargo fmt --check"
 cargo fmt --all -- --check || fail "formatting differs: run 'cargo fmt --all'"

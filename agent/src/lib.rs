@@ -111,6 +111,7 @@ pub async fn run(
         identity,
         batches,
         streams: Arc::new(tokio::sync::Semaphore::new(cfg.max_streams)),
+        stop: stop_rx.clone(),
     };
     use wset_proto::v1::agent_service_server::{AgentServiceServer, SERVICE_NAME};
     let routes = tonic::service::Routes::new(

@@ -26,6 +26,8 @@ pub struct AgentService {
     pub batches: Arc<tokio::sync::watch::Sender<Arc<Snapshot>>>,
     /// One permit per open summary stream (`--max-streams`).
     pub streams: Arc<tokio::sync::Semaphore>,
+    /// Changes when the agent shuts down: streams end then.
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// One VM's latest summary on the wire (O(granules): call off the async
@@ -208,6 +210,7 @@ impl pb::agent_service_server::AgentService for AgentService {
             filter,
             tx,
             permit,
+            self.stop.clone(),
         ));
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,

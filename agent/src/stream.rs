@@ -154,12 +154,14 @@ impl Filter {
 
 /// Feed one stream: the latest batch whenever the reader is ready and the
 /// filter's interval has passed, until the reader goes away or the publisher
-/// stops. Holds `permit` (the stream limit) while it runs.
+/// stops, or the agent shuts down (`stop` changes: the stream then ends
+/// cleanly). Holds `permit` (the stream limit) while it runs.
 pub async fn feed(
     mut rx: watch::Receiver<Arc<Snapshot>>,
     filter: Filter,
     tx: mpsc::Sender<Result<pb::SummaryBatch, Status>>,
     permit: OwnedSemaphorePermit,
+    mut stop: watch::Receiver<bool>,
 ) {
     let _permit = permit;
     // Batches made while a send waited on the reader: skipped for slowness.
@@ -168,6 +170,7 @@ pub async fn feed(
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
             () = tx.closed() => return,
+            _ = stop.changed() => return,
         }
         let snap = rx.borrow_and_update().clone();
         if snap.sequence == 0 {
@@ -186,6 +189,7 @@ pub async fn feed(
             tokio::select! {
                 () = tokio::time::sleep_until(sent_at + filter.min_interval) => {}
                 () = tx.closed() => return,
+                _ = stop.changed() => return,
             }
         }
     }

@@ -312,24 +312,27 @@ pub struct Level {
 }
 
 /// The stored series that answers a query for `[start_ms, …)` at
-/// `resolution_ms` (0: finest): the coarsest series no coarser than asked
-/// whose retention reaches back to `start_ms`; if none does, the finest
-/// series that does; if none at all, the one kept longest. `levels` is
-/// sorted by bucket, raw first.
+/// `resolution_ms`: for 0, the raw samples (as far back as they are kept);
+/// otherwise the coarsest series no coarser than asked whose retention
+/// reaches back to `start_ms`, else the finest series that does, else the
+/// one kept longest. `levels` is sorted by bucket, raw first.
 pub fn choose_level(levels: &[Level], resolution_ms: u64, start_ms: u64, now_ms: u64) -> Level {
+    let raw = Level {
+        bucket_ms: 0,
+        retention_ms: u64::MAX,
+    };
+    if resolution_ms == 0 {
+        return levels.first().copied().unwrap_or(raw);
+    }
     let covers = |l: &Level| now_ms.saturating_sub(l.retention_ms) <= start_ms;
-    let fine_enough = |l: &Level| resolution_ms > 0 && l.bucket_ms <= resolution_ms;
     levels
         .iter()
         .rev()
-        .find(|l| fine_enough(l) && covers(l))
+        .find(|l| l.bucket_ms <= resolution_ms && covers(l))
         .or_else(|| levels.iter().find(|l| covers(l)))
         .or_else(|| levels.iter().max_by_key(|l| l.retention_ms))
         .copied()
-        .unwrap_or(Level {
-            bucket_ms: 0,
-            retention_ms: u64::MAX,
-        })
+        .unwrap_or(raw)
 }
 
 /// Where two points in a row are further apart than their resolution
@@ -614,11 +617,13 @@ mod tests {
         check(60_000, day_ago, 60_000);
         check(300_000, day_ago, 60_000);
         check(86_400_000, day_ago, 3_600_000);
+        // Raw asked for: raw, as far back as it goes.
+        check(0, now - 3 * 86_400_000, 0);
         // Beyond raw retention: the finest series that still covers it.
-        check(0, now - 3 * 86_400_000, 60_000);
+        check(10_000, now - 3 * 86_400_000, 60_000);
         check(10_000, now - 30 * 86_400_000, 3_600_000);
         // Beyond every retention: the one kept longest.
-        check(0, 0, 3_600_000);
+        check(10_000, 0, 3_600_000);
     }
 
     #[test]

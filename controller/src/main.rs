@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use clap::Parser;
 use wset_controller::config::{Config, parse_duration, parse_retention};
-use wset_controller::history::Level;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,8 +37,8 @@ struct Args {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     sample_interval: Duration,
     /// Stored series: raw=RETENTION, then BUCKET=RETENTION per rollup.
-    #[arg(long, default_value = "raw=1d,1m=14d,1h=400d", value_parser = parse_retention)]
-    retention: Vec<Level>,
+    #[arg(long, default_value = "raw=1d,1m=14d,1h=400d")]
+    retention: String,
     /// How often received data is flushed to disk (what a crash can lose).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     flush_interval: Duration,
@@ -86,7 +85,7 @@ fn config(a: Args) -> anyhow::Result<Config> {
     );
     c.dns_refresh = a.dns_refresh.max(Duration::from_secs(1));
     c.sample_interval = a.sample_interval;
-    c.levels = a.retention;
+    c.levels = parse_retention(&a.retention).map_err(|e| anyhow::anyhow!("--retention: {e}"))?;
     c.flush_interval = a.flush_interval.max(Duration::from_millis(10));
     c.maintain_interval = a.maintain_interval.max(Duration::from_millis(100));
     c.stall_timeout = a

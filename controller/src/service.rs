@@ -42,6 +42,17 @@ struct Range {
 
 fn query(r: Range, cfg: &Config, now: u64) -> Result<Query, Status> {
     let end_ms = if r.end_ms == 0 { now } else { r.end_ms };
+    let span = cfg.max_query_span.as_millis() as u64;
+    let mut r = r;
+    if r.start_ms == 0 {
+        let kept = cfg
+            .levels
+            .iter()
+            .map(|l| l.retention_ms)
+            .max()
+            .unwrap_or(span);
+        r.start_ms = end_ms.saturating_sub(kept.min(span)).max(1);
+    }
     if r.start_ms >= end_ms {
         return Err(Status::invalid_argument(format!(
             "start_ms {} is not before end_ms {end_ms}: give a range [start_ms, end_ms) in milliseconds since the Unix epoch (end_ms 0 = now)",
@@ -53,7 +64,6 @@ fn query(r: Range, cfg: &Config, now: u64) -> Result<Query, Status> {
             "end_ms {end_ms} is more than a day in the future (now is {now}); use 0 for now"
         )));
     }
-    let span = cfg.max_query_span.as_millis() as u64;
     if end_ms - r.start_ms > span {
         return Err(Status::out_of_range(format!(
             "the range spans {} ms, more than the {span} ms one query may cover; narrow it or page through smaller ranges",
@@ -93,12 +103,14 @@ fn query(r: Range, cfg: &Config, now: u64) -> Result<Query, Status> {
     })
 }
 
-fn gaps_pb(gaps: &[(u64, u64)], events: &[pb::HostEvent]) -> Vec<pb::HistoryGap> {
+/// The gaps on the wire, each with the host events from one point period
+/// (`slack_ms`) before it to its end as the reason.
+fn gaps_pb(gaps: &[(u64, u64)], events: &[pb::HostEvent], slack_ms: u64) -> Vec<pb::HistoryGap> {
     gaps.iter()
         .map(|&(start_ms, end_ms)| {
             let why: Vec<String> = events
                 .iter()
-                .filter(|e| (start_ms.saturating_sub(1)..=end_ms).contains(&e.timestamp_ms))
+                .filter(|e| (start_ms.saturating_sub(slack_ms)..=end_ms).contains(&e.timestamp_ms))
                 .map(|e| {
                     let kind =
                         pb::HostEventKind::try_from(e.kind).map_or("event".to_owned(), |k| {
@@ -120,6 +132,15 @@ fn gaps_pb(gaps: &[(u64, u64)], events: &[pb::HostEvent]) -> Vec<pb::HistoryGap>
             }
         })
         .collect()
+}
+
+/// The longest period among a page's points.
+fn slack(p: &Page<impl Mergeable>) -> u64 {
+    p.points
+        .iter()
+        .map(Mergeable::resolution_ms)
+        .max()
+        .unwrap_or(0)
 }
 
 fn token(p: &Page<impl Mergeable>) -> String {
@@ -236,7 +257,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
             Ok::<_, StoreError>(pb::GetVmHistoryResponse {
                 vm_id: vm,
                 resolution_ms: p.resolution_ms,
-                gaps: gaps_pb(&p.gaps, &events),
+                gaps: gaps_pb(&p.gaps, &events, slack(&p)),
                 next_page_token: token(&p),
                 points: p.points,
             })
@@ -295,7 +316,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
             Ok::<_, StoreError>(pb::GetHostHistoryResponse {
                 host_id: host,
                 resolution_ms: p.resolution_ms,
-                gaps: gaps_pb(&p.gaps, &events),
+                gaps: gaps_pb(&p.gaps, &events, slack(&p)),
                 next_page_token: token(&p),
                 points: p.points,
                 events,

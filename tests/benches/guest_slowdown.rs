@@ -35,6 +35,7 @@ fn default_agent() -> Agent {
         extra: vec![],
         snapshot: None,
         state_dir: None,
+        grpc_addr: None,
     })
 }
 

@@ -50,6 +50,7 @@ fn run(rwp: &str, touched_pages: u32) -> Figures {
         extra: vec!["--rwp".into(), rwp.into()],
         snapshot: None,
         state_dir: None,
+        grpc_addr: None,
     });
     let p = Phase {
         name: "work".into(),

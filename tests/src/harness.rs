@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use wset_proto::v1 as pb;
 use wset_proto::v1::agent_service_client::AgentServiceClient;
+use wset_proto::v1::controller_service_client::ControllerServiceClient;
 
 /// Where the wset binaries are: `WSET_BIN_DIR`, else the target directory
 /// this test binary was built into.
@@ -73,6 +74,49 @@ impl Drop for TempDir {
     }
 }
 
+/// Start a wset server binary with its log captured, and wait for its
+/// "gRPC serving addr=..." line. Returns the child, its log and the address.
+pub fn spawn_server(
+    mut cmd: Command,
+    tag: &'static str,
+) -> (Child, Arc<Mutex<Vec<String>>>, String) {
+    let mut child = cmd
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = channel();
+    let stderr = child.stderr.take().expect("stderr");
+    let l2 = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if std::env::var_os("WSET_TEST_VERBOSE").is_some() {
+                eprintln!("{tag}| {line}");
+            }
+            if let Some(i) = line.find("gRPC serving")
+                && let Some(a) = line[i..].split("addr=").nth(1)
+            {
+                let _ = tx.send(a.split_whitespace().next().unwrap_or("").to_owned());
+            }
+            l2.lock().unwrap().push(line);
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(a) => (child, log, a),
+        Err(_) => {
+            let _ = child.kill();
+            panic!(
+                "the {tag} did not start serving within 20 s; its log:\n{}",
+                log.lock().unwrap().join("\n")
+            );
+        }
+    }
+}
+
 /// A running agent.
 #[derive(Debug)]
 pub struct Agent {
@@ -97,6 +141,8 @@ pub struct AgentOpts {
     pub snapshot: Option<PathBuf>,
     /// State directory (default: inside the agent's own scratch directory).
     pub state_dir: Option<PathBuf>,
+    /// gRPC address (default: a free loopback port).
+    pub grpc_addr: Option<String>,
 }
 
 impl Default for AgentOpts {
@@ -108,6 +154,7 @@ impl Default for AgentOpts {
             extra: vec![],
             snapshot: None,
             state_dir: None,
+            grpc_addr: None,
         }
     }
 }
@@ -125,8 +172,8 @@ impl Agent {
             None => socket.display().to_string(),
         };
         let windows: Vec<String> = opts.windows_ms.iter().map(u64::to_string).collect();
-        let mut child = Command::new(bin("wset-agent"))
-            .arg("--socket")
+        let mut cmd = Command::new(bin("wset-agent"));
+        cmd.arg("--socket")
             .arg(&sock_arg)
             .arg("--state-dir")
             .arg(
@@ -135,48 +182,15 @@ impl Agent {
                     .unwrap_or_else(|| dir.0.join("state")),
             )
             .arg("--grpc-addr")
-            .arg("127.0.0.1:0")
+            .arg(opts.grpc_addr.as_deref().unwrap_or("127.0.0.1:0"))
             .arg("--interval-ms")
             .arg(opts.interval_ms.to_string())
             .arg("--windows-ms")
             .arg(windows.join(","))
             .arg("--access")
             .arg(&opts.access)
-            .args(&opts.extra)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn wset-agent");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = channel();
-        let stderr = child.stderr.take().expect("stderr");
-        let l2 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if std::env::var_os("WSET_TEST_VERBOSE").is_some() {
-                    eprintln!("agent| {line}");
-                }
-                if let Some(i) = line.find("gRPC serving")
-                    && let Some(a) = line[i..].split("addr=").nth(1)
-                {
-                    let _ = tx.send(a.split_whitespace().next().unwrap_or("").to_owned());
-                }
-                l2.lock().unwrap().push(line);
-            }
-        });
-        let grpc_addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "the agent did not start serving within 20 s; its log:\n{}",
-                    log.lock().unwrap().join("\n")
-                );
-            }
-        };
+            .args(&opts.extra);
+        let (child, log, grpc_addr) = spawn_server(cmd, "agent");
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -549,4 +563,144 @@ pub fn ensure_hugepages(n: u64) {
          'echo {want} > /proc/sys/vm/nr_hugepages' ({wrote:?})",
         free()
     );
+}
+
+/// A running controller (`wset-controller`), with its data directory kept
+/// by the caller so a restarted controller can reopen it.
+#[derive(Debug)]
+pub struct Controller {
+    child: Child,
+    pub grpc_addr: String,
+    log: Arc<Mutex<Vec<String>>>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Controller {
+    /// Start a controller on `data_dir` subscribed to `agents`, with short
+    /// periods for tests; `extra` adds flags.
+    pub fn start(data_dir: &Path, agents: &[&str], extra: &[&str]) -> Self {
+        let mut cmd = Command::new(bin("wset-controller"));
+        cmd.arg("--data-dir")
+            .arg(data_dir)
+            .args(["--grpc-addr", "127.0.0.1:0"])
+            .args(["--agents", &agents.join(",")])
+            .args(["--sample-interval", "300ms", "--flush-interval", "100ms"])
+            .args(["--stall-timeout", "3s", "--backoff-max", "1s"])
+            .args(extra);
+        let (child, log, grpc_addr) = spawn_server(cmd, "controller");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        Self {
+            child,
+            grpc_addr,
+            log,
+            rt,
+        }
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Run one call against the controller's service.
+    pub fn call<T>(
+        &self,
+        f: impl AsyncFnOnce(
+            ControllerServiceClient<tonic::transport::Channel>,
+        ) -> Result<tonic::Response<T>, tonic::Status>,
+    ) -> Result<T, tonic::Status> {
+        let url = format!("http://{}", self.grpc_addr);
+        self.rt.block_on(async move {
+            let ch = tonic::transport::Endpoint::from_shared(url)
+                .expect("endpoint")
+                .connect()
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))?;
+            f(ControllerServiceClient::new(ch))
+                .await
+                .map(tonic::Response::into_inner)
+        })
+    }
+
+    pub fn agents(&self) -> Vec<pb::AgentStatus> {
+        self.call(async |mut c| c.list_agents(pb::ListAgentsRequest {}).await)
+            .expect("ListAgents")
+            .agents
+    }
+
+    pub fn vms(&self) -> Vec<pb::ClusterVm> {
+        self.call(async |mut c| c.list_vms(pb::ListClusterVmsRequest::default()).await)
+            .expect("ListVms")
+            .vms
+    }
+
+    pub fn vm_history(
+        &self,
+        req: pb::GetVmHistoryRequest,
+    ) -> Result<pb::GetVmHistoryResponse, tonic::Status> {
+        self.call(async move |mut c| c.get_vm_history(req).await)
+    }
+
+    pub fn host_history(
+        &self,
+        req: pb::GetHostHistoryRequest,
+    ) -> Result<pb::GetHostHistoryResponse, tonic::Status> {
+        self.call(async move |mut c| c.get_host_history(req).await)
+    }
+
+    /// SIGKILL: no flush, no goodbye.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st;
+            }
+            assert!(
+                Instant::now() < end,
+                "the controller did not exit within 30 s of SIGTERM; log:\n{}",
+                self.log().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.kill9();
+        }
+    }
+}
+
+/// Poll `f` until it returns `Some`, or fail saying what was awaited.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A loopback address with a port free right now (for servers that must
+/// come back on the same address after a restart).
+pub fn free_loopback_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").to_string()
 }

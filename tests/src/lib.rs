@@ -1,7 +1,7 @@
 //! wset test guests and end-to-end test helpers: guest memory with known
 //! contents, a real KVM guest program, access scripts with exact ground
 //! truth, the VMM side of both handshakes, and a harness that runs the real
-//! agent binary.
+//! agent and controller binaries.
 //!
 //! The test VMMs map memory and create KVM memory slots, so this crate has
 //! `unsafe` blocks of its own, each with its `// SAFETY:` reason.
@@ -11,3 +11,11 @@ pub mod kvm;
 pub mod memory;
 pub mod script;
 pub mod vmm;
+
+/// Wall-clock milliseconds since the Unix epoch (the clock the controller
+/// keeps history in).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
