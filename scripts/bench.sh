@@ -21,5 +21,8 @@ cargo bench --locked -p wset-tracker --bench fault_path || fail "fault_path benc
 step "guest slowdown: tracking on vs off (about 10 minutes)"
 cargo bench --locked -p wset-tests --bench guest_slowdown || fail "guest_slowdown benchmark failed (above)"
 
+step "controller history: ingest into sled and a day's query, vs bare sled (about 1 minute)"
+cargo bench --locked -p wset-controller --bench history || fail "history benchmark failed (above)"
+
 step "harvest cost on Linux 7.3: RWP vs WP_ASYNC, in the kernel lane (about 2 minutes)"
 scripts/kernel-lane.sh --bench || fail "harvest_cost benchmark in the kernel lane failed (above)"

@@ -227,6 +227,26 @@ impl Store {
         )
     }
 
+    /// How many points a VM has in one series in `[start_ms, end_ms)`,
+    /// without decoding them (a range scan alone: the benchmarks' baseline).
+    pub fn count_vm_points(
+        &self,
+        vm: &str,
+        bucket_ms: u64,
+        start_ms: u64,
+        end_ms: u64,
+    ) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for kv in self
+            .vm_points
+            .range(point_key(vm, bucket_ms, start_ms)..point_key(vm, bucket_ms, end_ms))
+        {
+            kv?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// The latest raw point of a VM.
     pub fn last_vm_point(&self, vm: &str) -> Result<Option<pb::VmHistoryPoint>, StoreError> {
         let s = series(vm, 0);
