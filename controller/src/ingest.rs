@@ -24,8 +24,11 @@ use crate::history::{check_summary, host_point, raw_point};
 use crate::now_ms;
 use crate::store::{Store, Write};
 
+/// Updates kept for slow `WatchVms` readers before they miss some.
+const UPDATES_KEPT: usize = 256;
+
 /// State shared by ingest, maintenance and the gRPC service.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Shared {
     /// Per agent endpoint.
     pub agents: Mutex<BTreeMap<String, pb::AgentStatus>>,
@@ -35,6 +38,21 @@ pub struct Shared {
     pub vms: RwLock<HashMap<String, pb::ClusterVm>>,
     /// Every host's last facts.
     pub hosts: Mutex<HashMap<String, pb::HostFacts>>,
+    /// The VMs of each stored batch, for `WatchVms` (sent only while
+    /// someone watches).
+    pub updates: tokio::sync::broadcast::Sender<Arc<Vec<pb::ClusterVm>>>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            agents: Mutex::default(),
+            applied: Mutex::default(),
+            vms: RwLock::default(),
+            hosts: Mutex::default(),
+            updates: tokio::sync::broadcast::channel(UPDATES_KEPT).0,
+        }
+    }
 }
 
 impl Shared {
@@ -99,7 +117,7 @@ const RECORD_REFRESH_MS: u64 = 60_000;
 pub fn writer(store: Store, shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>) {
     let mut persisted: HashMap<String, u64> = HashMap::new();
     while let Some(msg) = rx.blocking_recv() {
-        let (w, endpoint, received_ms) = match msg {
+        let (w, endpoint, received_ms, updated) = match msg {
             Msg::Event { host_id, event } => (
                 Write {
                     events: vec![(host_id, event)],
@@ -107,6 +125,7 @@ pub fn writer(store: Store, shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>) {
                 },
                 None,
                 0,
+                Vec::new(),
             ),
             Msg::Batch {
                 endpoint,
@@ -116,7 +135,7 @@ pub fn writer(store: Store, shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>) {
                 summaries,
                 events,
             } => {
-                let w = index_batch(
+                let (w, updated) = index_batch(
                     &shared,
                     &mut persisted,
                     received_ms,
@@ -125,7 +144,7 @@ pub fn writer(store: Store, shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>) {
                     &summaries,
                     events,
                 );
-                (w, Some(endpoint), received_ms)
+                (w, Some(endpoint), received_ms, updated)
             }
         };
         if let Err(e) = store.apply(&w) {
@@ -141,10 +160,15 @@ pub fn writer(store: Store, shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>) {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(ep, received_ms);
         }
+        if !updated.is_empty() {
+            // No receiver is fine: nobody watches.
+            let _ = shared.updates.send(Arc::new(updated));
+        }
     }
 }
 
-/// Update the VM index with one batch and build its write.
+/// Update the VM index with one batch and build its write; also returns
+/// the updated records when someone watches (`WatchVms`).
 fn index_batch(
     shared: &Shared,
     persisted: &mut HashMap<String, u64>,
@@ -153,8 +177,10 @@ fn index_batch(
     host: pb::HostFacts,
     summaries: &[pb::VmSummary],
     events: Vec<pb::HostEvent>,
-) -> Write {
+) -> (Write, Vec<pb::ClusterVm>) {
     let h = host.host_id.clone();
+    let watched = shared.updates.receiver_count() > 0;
+    let mut updated = Vec::new();
     let mut w = Write {
         events: events.into_iter().map(|e| (h.clone(), e)).collect(),
         ..Default::default()
@@ -213,13 +239,16 @@ fn index_batch(
             persisted.insert(s.vm_id.clone(), now);
             w.vm_records.push(rec.clone());
         }
+        if watched {
+            updated.push(rec.clone());
+        }
         w.vm_points.push((s.vm_id.clone(), point));
     }
     drop(vms);
     let tracking: Vec<&pb::VmSummary> = summaries.iter().filter(|s| s.state != retired).collect();
     w.host_point = Some((h.clone(), host_point(&host, &tracking, now, resolution_ms)));
     w.host_facts = Some(host);
-    w
+    (w, updated)
 }
 
 /// Make writes durable every `period` until `stop` is set, then once more.

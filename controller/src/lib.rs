@@ -100,6 +100,8 @@ pub async fn run(
         store: store.clone(),
         shared: shared.clone(),
         cfg: cfg.clone(),
+        streams: Arc::new(tokio::sync::Semaphore::new(service::MAX_STREAMS)),
+        stop: stop_rx.clone(),
     };
     use wset_proto::v1::controller_service_server::{ControllerServiceServer, SERVICE_NAME};
     let routes = tonic::service::Routes::new(

@@ -23,7 +23,16 @@ pub struct ControllerService {
     pub store: Store,
     pub shared: Arc<Shared>,
     pub cfg: Arc<Config>,
+    /// One permit per open `WatchVms` stream.
+    pub streams: Arc<tokio::sync::Semaphore>,
+    /// Changes when the controller shuts down: streams end then.
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
+
+/// `WatchVms` streams open at once.
+pub const MAX_STREAMS: usize = 64;
+/// Most VM ids one `WatchVms` request may name.
+const MAX_WATCH_IDS: usize = 10_000;
 
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
@@ -194,6 +203,81 @@ impl pb::controller_service_server::ControllerService for ControllerService {
             .collect();
         vms.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
         Ok(Response::new(pb::ListClusterVmsResponse { vms }))
+    }
+
+    type WatchVmsStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::WatchVmsResponse, Status>>;
+
+    async fn watch_vms(
+        &self,
+        req: Request<pb::WatchVmsRequest>,
+    ) -> Result<Response<Self::WatchVmsStream>, Status> {
+        let r = req.into_inner();
+        if !r.host_id.is_empty() {
+            check_host_id(&r.host_id)?;
+        }
+        if r.vm_ids.len() > MAX_WATCH_IDS {
+            return Err(Status::invalid_argument(format!(
+                "vm_ids names {} VMs; at most {MAX_WATCH_IDS} (leave it empty for every VM)",
+                r.vm_ids.len()
+            )));
+        }
+        if let Some(bad) = r.vm_ids.iter().find(|v| !wset_proto::ids::vm_id_ok(v)) {
+            return Err(Status::invalid_argument(format!(
+                "vm_ids: {:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+                bad.chars().take(80).collect::<String>()
+            )));
+        }
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{MAX_STREAMS} WatchVms streams are open already; close one"
+            ))
+        })?;
+        let mut rx = self.shared.updates.subscribe();
+        let mut stop = self.stop.clone();
+        let ids: std::collections::HashSet<String> = r.vm_ids.into_iter().collect();
+        let host = r.host_id;
+        let (tx, out) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut skipped = 0u64;
+            loop {
+                let update = tokio::select! {
+                    u = rx.recv() => u,
+                    () = tx.closed() => return,
+                    _ = stop.changed() => return,
+                };
+                let vms = match update {
+                    Ok(vms) => vms,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        skipped += n;
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let vms: Vec<pb::ClusterVm> = vms
+                    .iter()
+                    .filter(|v| {
+                        (host.is_empty() || v.host_id == host)
+                            && (ids.is_empty() || ids.contains(&v.vm_id))
+                    })
+                    .cloned()
+                    .collect();
+                if vms.is_empty() {
+                    continue;
+                }
+                let msg = pb::WatchVmsResponse {
+                    vms,
+                    skipped_updates: std::mem::take(&mut skipped),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            out,
+        )))
     }
 
     async fn get_vm_history(

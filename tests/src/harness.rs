@@ -580,13 +580,41 @@ impl Controller {
     /// periods for tests; `extra` adds flags.
     pub fn start(data_dir: &Path, agents: &[&str], extra: &[&str]) -> Self {
         let mut cmd = Command::new(bin("wset-controller"));
-        cmd.arg("--data-dir")
-            .arg(data_dir)
-            .args(["--grpc-addr", "127.0.0.1:0"])
-            .args(["--agents", &agents.join(",")])
-            .args(["--sample-interval", "300ms", "--flush-interval", "100ms"])
-            .args(["--stall-timeout", "3s", "--backoff-max", "1s"])
-            .args(extra);
+        cmd.args(Self::args(data_dir, agents, extra));
+        Self::spawn(cmd)
+    }
+
+    /// The flags `start` gives (for a controller started some other way,
+    /// e.g. in a mount namespace of its own).
+    pub fn args(data_dir: &Path, agents: &[&str], extra: &[&str]) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--grpc-addr".into(),
+            "127.0.0.1:0".into(),
+        ];
+        if !agents.is_empty() {
+            a.extend(["--agents".into(), agents.join(",")]);
+        }
+        a.extend(
+            [
+                "--sample-interval",
+                "300ms",
+                "--flush-interval",
+                "100ms",
+                "--stall-timeout",
+                "3s",
+                "--backoff-max",
+                "1s",
+            ]
+            .map(String::from),
+        );
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    /// Run `cmd` (a controller) and wait until it serves.
+    pub fn spawn(cmd: Command) -> Self {
         let (child, log, grpc_addr) = spawn_server(cmd, "controller");
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)

@@ -34,6 +34,27 @@ fn ok(args: &[&str]) -> String {
     out
 }
 
+/// Read a server stream for 3 s, then hang up (grpcurl-rs does not end a
+/// stream at --max-time).
+fn stream_for(args: &[&str]) -> String {
+    let mut child = Command::new("grpcurl")
+        .arg("--plaintext")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run grpcurl");
+    let mut out = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut s);
+        s
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = child.kill();
+    let _ = child.wait();
+    reader.join().expect("reader")
+}
+
 #[test]
 fn grpcurl_against_agent_and_controller() {
     let agent = Agent::start(AgentOpts {
@@ -130,6 +151,18 @@ fn grpcurl_against_agent_and_controller() {
         let v = ok(&[c, "wset.v1.ControllerService/ListVms"]);
         v.contains("web-1").then_some(())
     });
+    let updates = stream_for(&[
+        "-d",
+        r#"{"host_id":"node-1"}"#,
+        c,
+        "wset.v1.ControllerService/WatchVms",
+    ]);
+    let n = updates.matches("\"latest\"").count();
+    assert!(
+        n >= 2 && updates.contains("web-1"),
+        "{n} updates in 3 s:\n{updates}"
+    );
+    println!("grpcurl read {n} VM updates from the controller in 3 s");
     let agents = ok(&[c, "wset.v1.ControllerService/ListAgents"]);
     assert!(
         agents.contains("AGENT_CONNECTION_STATE_CONNECTED") && agents.contains("node-1"),

@@ -1,8 +1,9 @@
-//! `wset-demo`: the main job on one machine. Starts the real agent with its
-//! embedded defaults and several real KVM guests (process guests where
-//! /dev/kvm is missing) with known, different working sets, one of which
-//! changes phase, and shows a live table of what the agent measures next to
-//! the truth. Ctrl-C stops everything cleanly.
+//! `wset-demo`: the main job on one machine. Starts the real agent and the
+//! real controller with their embedded defaults and several real KVM guests
+//! (process guests where /dev/kvm is missing) with known, different working
+//! sets, one of which changes phase, and shows a live table of what the
+//! agent measures next to the truth, and what the controller has collected.
+//! Ctrl-C stops everything cleanly.
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -14,9 +15,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use wset_proto::v1 as pb;
 use wset_proto::v1::agent_service_client::AgentServiceClient;
+use wset_proto::v1::controller_service_client::ControllerServiceClient;
 use wset_tests::script::{Op, Phase, Script, Touch};
 
 const GRPC: &str = "127.0.0.1:7070";
+const CONTROLLER: &str = "127.0.0.1:7071";
 const SOCKET: &str = "/run/wset/agent.sock";
 
 struct DemoGuest {
@@ -184,6 +187,35 @@ fn run() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let mut client = client.expect("connected");
+    // The controller, with its defaults: it subscribes to this agent and
+    // keeps history in /var/lib/wset/controller.
+    let mut controller = unblocked(Command::new(bin("wset-controller")?))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("start wset-controller")?;
+    let mut ctl = None;
+    let t1 = Instant::now();
+    while ctl.is_none() {
+        if let Ok(Some(st)) = controller.try_wait() {
+            let _ = agent.kill();
+            bail!("wset-controller exited at start ({st}); see its message above");
+        }
+        ctl = rt
+            .block_on(ControllerServiceClient::connect(format!(
+                "http://{CONTROLLER}"
+            )))
+            .ok();
+        if t1.elapsed() > Duration::from_secs(20) {
+            let _ = agent.kill();
+            let _ = controller.kill();
+            bail!("wset-controller did not serve gRPC on {CONTROLLER} within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut ctl = ctl.expect("connected");
     let mut children: Vec<(Child, DemoGuest, Instant)> = Vec::new();
     for g in guests() {
         let child = unblocked(Command::new(bin("wset-guest")?))
@@ -208,8 +240,14 @@ fn run() -> anyhow::Result<()> {
         children.push((child, g, Instant::now()));
     }
     let overhead = if kvm { 2 } else { 0 };
+    println!("agent gRPC {GRPC}, controller gRPC {CONTROLLER}; try:");
+    println!("  grpcurl -plaintext {GRPC} list");
     println!(
-        "gRPC {GRPC}; try: grpcurl -plaintext {GRPC} list  |  grpcurl -plaintext -d '{{\"vm_id\":\"web\"}}' {GRPC} wset.v1.AgentService/GetSummary\n"
+        "  grpcurl -plaintext -d '{{\"vm_id\":\"web\"}}' {GRPC} wset.v1.AgentService/GetSummary"
+    );
+    println!("  grpcurl -plaintext {CONTROLLER} wset.v1.ControllerService/ListAgents");
+    println!(
+        "  grpcurl -plaintext -d '{{\"vm_id\":\"web\",\"page_size\":5}}' {CONTROLLER} wset.v1.ControllerService/GetVmHistory\n"
     );
     let mut last = Instant::now() - Duration::from_secs(10);
     while !stop.load(Ordering::SeqCst) {
@@ -295,13 +333,21 @@ fn run() -> anyhow::Result<()> {
                 )),
             }
         }
+        out.push_str(&controller_line(&rt, &mut ctl));
         println!("{out}");
         let _ = std::io::stdout().flush();
     }
     println!("stopping: guests first, then the agent (it puts every page back)");
     // Close our gRPC connection first so the agent has nothing to drain.
     drop(client);
+    drop(ctl);
     drop(rt);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(controller.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let st = controller.wait()?;
+    println!("controller exited: {st}");
     for (mut c, _, _) in children {
         let _ = c.kill();
         let _ = c.wait();
@@ -313,4 +359,46 @@ fn run() -> anyhow::Result<()> {
     let st = agent.wait()?;
     println!("agent exited: {st}");
     Ok(())
+}
+
+/// What the controller has: its agent's stream and the history it keeps.
+fn controller_line(
+    rt: &tokio::runtime::Runtime,
+    ctl: &mut ControllerServiceClient<tonic::transport::Channel>,
+) -> String {
+    let agents = match rt.block_on(ctl.list_agents(pb::ListAgentsRequest {})) {
+        Ok(a) => a.into_inner().agents,
+        Err(e) => return format!("        controller: {}\n", e.message()),
+    };
+    let mut out = String::new();
+    for a in agents {
+        let state = pb::AgentConnectionState::try_from(a.state).map_or("?".to_owned(), |s| {
+            s.as_str_name()
+                .trim_start_matches("AGENT_CONNECTION_STATE_")
+                .to_lowercase()
+        });
+        let points = rt
+            .block_on(ctl.get_vm_history(pb::GetVmHistoryRequest {
+                vm_id: "web".into(),
+                page_size: 10_000,
+                ..Default::default()
+            }))
+            .map_or(0, |h| h.into_inner().points.len());
+        let durable_s = if a.durable_through_ms > 0 {
+            format!(
+                "{:.1} s ago",
+                wset_tests::now_ms().saturating_sub(a.durable_through_ms) as f64 / 1000.0
+            )
+        } else {
+            "not yet".into()
+        };
+        out.push_str(&format!(
+            "        controller: agent {} {state}, {} batches, {} summaries stored; web has {points} history points; durable through {durable_s}{}\n",
+            a.endpoint,
+            a.batches_received,
+            a.summaries_stored,
+            if a.last_error.is_empty() { String::new() } else { format!(" (last error: {})", a.last_error) }
+        ));
+    }
+    out
 }
