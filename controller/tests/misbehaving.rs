@@ -205,10 +205,18 @@ async fn misbehaving_agents_and_bogus_requests() {
         backoff_min: Duration::from_millis(100),
         backoff_max: Duration::from_millis(500),
         flush_interval: Duration::from_millis(100),
-        levels: vec![Level {
-            bucket_ms: 0,
-            retention_ms: 3_600_000,
-        }],
+        // Raw samples for 4 s, rolled up into 1 s buckets kept an hour.
+        levels: vec![
+            Level {
+                bucket_ms: 0,
+                retention_ms: 4000,
+            },
+            Level {
+                bucket_ms: 1000,
+                retention_ms: 3_600_000,
+            },
+        ],
+        maintain_interval: Duration::from_millis(300),
         ..Config::default()
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -284,7 +292,48 @@ async fn misbehaving_agents_and_bogus_requests() {
         assert!(p.agent_timestamp_ms > now + 300 * 86_400_000);
     }
 
+    // Maintenance ran in the background: raw samples older than their 4 s
+    // retention are gone, and the 1 s rollups hold what they summarised.
+    let (h, rolled) = wait("raw samples expired and rolled up", async || {
+        let ask = |resolution_ms| pb::GetVmHistoryRequest {
+            vm_id: "good-good".into(),
+            resolution_ms,
+            page_size: 10_000,
+            ..Default::default()
+        };
+        let h = c.get_vm_history(ask(0)).await.ok()?.into_inner();
+        let rolled = c.get_vm_history(ask(1000)).await.ok()?.into_inner();
+        let age = now_ms().saturating_sub(h.points[0].timestamp_ms);
+        (age < 5000
+            && rolled.points.len() >= 3
+            && rolled.points[0].timestamp_ms < h.points[0].timestamp_ms)
+            .then_some((h, rolled))
+    })
+    .await;
+    assert_eq!(rolled.resolution_ms, 1000);
+    for (i, p) in rolled.points.iter().enumerate() {
+        assert_eq!(p.resolution_ms, 1000);
+        // About ten 100 ms samples a second; the first bucket began mid-way.
+        let least = if i == 0 { 1 } else { 5 };
+        assert!((least..=11).contains(&p.samples), "{p:#?}");
+        assert_eq!(p.windows[0].wss_bytes, 1 << 20);
+        assert_eq!(p.windows[0].wss_max_bytes, 1 << 20);
+    }
+    println!(
+        "{} raw points kept, {} one-second rollups",
+        h.points.len(),
+        rolled.points.len()
+    );
+
     // Paging walks every point exactly once.
+    let h = c
+        .get_vm_history(pb::GetVmHistoryRequest {
+            vm_id: "good-good".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let total = h.points.len();
     let mut req = pb::GetVmHistoryRequest {
         vm_id: "good-good".into(),
