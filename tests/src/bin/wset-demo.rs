@@ -386,14 +386,14 @@ fn controller_line(
             .map_or(0, |h| h.into_inner().points.len());
         let durable_s = if a.durable_through_ms > 0 {
             format!(
-                "{:.1} s ago",
+                "newest batch on disk {:.1} s old",
                 wset_tests::now_ms().saturating_sub(a.durable_through_ms) as f64 / 1000.0
             )
         } else {
-            "not yet".into()
+            "nothing on disk yet".into()
         };
         out.push_str(&format!(
-            "        controller: agent {} {state}, {} batches, {} summaries stored; web has {points} history points; durable through {durable_s}{}\n",
+            "        controller: agent {} {state}, {} batches, {} summaries stored; web has {points} history points; {durable_s}{}\n",
             a.endpoint,
             a.batches_received,
             a.summaries_stored,
