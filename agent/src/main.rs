@@ -163,42 +163,10 @@ fn config(a: Args) -> anyhow::Result<Config> {
 }
 
 fn main() -> std::process::ExitCode {
+    use wset_serve::process;
     let args = Args::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    if args.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_ansi(false)
-            .with_env_filter(filter)
-            .init();
-    }
-    let result = config(args).and_then(|cfg| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(wset_agent::run(cfg, shutdown_signal()))
-    });
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("wset-agent: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
+    process::init_tracing(args.log_json);
+    let result = config(args)
+        .and_then(|cfg| process::block_on(wset_agent::run(cfg, process::shutdown_signal())));
+    process::exit("wset-agent", result)
 }

@@ -152,6 +152,20 @@ fn slack(p: &Page<impl Mergeable>) -> u64 {
         .unwrap_or(0)
 }
 
+impl ControllerService {
+    /// Run a store query off the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| Status::internal(format!("history query task failed: {e}")))?
+            .map_err(Status::from)
+    }
+}
+
 fn token(p: &Page<impl Mergeable>) -> String {
     p.next.map(|t| t.encode()).unwrap_or_default()
 }
@@ -318,36 +332,35 @@ impl pb::controller_service_server::ControllerService for ControllerService {
                 r.vm_id
             )));
         }
-        let store = self.store.clone();
         let vm = r.vm_id.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            let p = page(&q, store.levels(), now, |b, s, e, n| {
-                store.vm_points(&vm, b, s, e, n)
-            })?;
-            // Gap reasons: the events of the hosts the VM was on.
-            let mut hosts: Vec<&str> = p.points.iter().map(|x| x.host_id.as_str()).collect();
-            hosts.sort_unstable();
-            hosts.dedup();
-            let mut events = Vec::new();
-            if !p.gaps.is_empty() {
-                for h in hosts {
-                    events.extend(store.host_events(
-                        h,
-                        p.from_ms.saturating_sub(1),
-                        p.to_ms.saturating_add(1),
-                    )?);
+        let out = self
+            .blocking(move |store| {
+                let p = page(&q, store.levels(), now, |b, s, e, n| {
+                    store.vm_points(&vm, b, s, e, n)
+                })?;
+                // Gap reasons: the events of the hosts the VM was on.
+                let mut hosts: Vec<&str> = p.points.iter().map(|x| x.host_id.as_str()).collect();
+                hosts.sort_unstable();
+                hosts.dedup();
+                let mut events = Vec::new();
+                if !p.gaps.is_empty() {
+                    for h in hosts {
+                        events.extend(store.host_events(
+                            h,
+                            p.from_ms.saturating_sub(1),
+                            p.to_ms.saturating_add(1),
+                        )?);
+                    }
                 }
-            }
-            Ok::<_, StoreError>(pb::GetVmHistoryResponse {
-                vm_id: vm,
-                resolution_ms: p.resolution_ms,
-                gaps: gaps_pb(&p.gaps, &events, slack(&p)),
-                next_page_token: token(&p),
-                points: p.points,
+                Ok(pb::GetVmHistoryResponse {
+                    vm_id: vm,
+                    resolution_ms: p.resolution_ms,
+                    gaps: gaps_pb(&p.gaps, &events, slack(&p)),
+                    next_page_token: token(&p),
+                    points: p.points,
+                })
             })
-        })
-        .await
-        .map_err(|e| Status::internal(format!("history query task failed: {e}")))??;
+            .await?;
         Ok(Response::new(out))
     }
 
@@ -386,28 +399,27 @@ impl pb::controller_service_server::ControllerService for ControllerService {
                 r.host_id
             )));
         }
-        let store = self.store.clone();
         let host = r.host_id.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            let p = page(&q, store.levels(), now, |b, s, e, n| {
-                store.host_points(&host, b, s, e, n)
-            })?;
-            let events = store.host_events(
-                &host,
-                p.from_ms.saturating_sub(1),
-                p.to_ms.saturating_add(1),
-            )?;
-            Ok::<_, StoreError>(pb::GetHostHistoryResponse {
-                host_id: host,
-                resolution_ms: p.resolution_ms,
-                gaps: gaps_pb(&p.gaps, &events, slack(&p)),
-                next_page_token: token(&p),
-                points: p.points,
-                events,
+        let out = self
+            .blocking(move |store| {
+                let p = page(&q, store.levels(), now, |b, s, e, n| {
+                    store.host_points(&host, b, s, e, n)
+                })?;
+                let events = store.host_events(
+                    &host,
+                    p.from_ms.saturating_sub(1),
+                    p.to_ms.saturating_add(1),
+                )?;
+                Ok(pb::GetHostHistoryResponse {
+                    host_id: host,
+                    resolution_ms: p.resolution_ms,
+                    gaps: gaps_pb(&p.gaps, &events, slack(&p)),
+                    next_page_token: token(&p),
+                    points: p.points,
+                    events,
+                })
             })
-        })
-        .await
-        .map_err(|e| Status::internal(format!("history query task failed: {e}")))??;
+            .await?;
         Ok(Response::new(out))
     }
 }

@@ -1,5 +1,6 @@
-//! gRPC serving plumbing shared by the agent and the controller, so both
-//! servers behave alike: the same limits and load shedding (tower layers),
+//! Serving plumbing shared by the agent and the controller, so both
+//! processes behave alike (`process`: logging, runtime, signals, exit) and
+//! both gRPC servers too: the same limits and load shedding (tower layers),
 //! per-call tracing spans, `grpc.health.v1`, server reflection (v1 and
 //! v1alpha) over every wset proto, and a bounded graceful shutdown.
 
@@ -132,6 +133,62 @@ pub async fn serve(
             );
             server.abort();
             Ok(())
+        }
+    }
+}
+
+/// What both binaries do around their `run`: logging, the runtime, the
+/// shutdown signal and the exit status.
+pub mod process {
+    use std::future::Future;
+    use std::process::ExitCode;
+
+    /// Log to stderr (plain, no colours) or as JSON lines; `RUST_LOG`
+    /// filters (default `info`).
+    pub fn init_tracing(json: bool) {
+        let filter =
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+        if json {
+            tracing_subscriber::fmt()
+                .json()
+                .with_env_filter(filter)
+                .init();
+        } else {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .with_env_filter(filter)
+                .init();
+        }
+    }
+
+    /// Run `f` to completion on a multi-threaded runtime.
+    pub fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(f)
+    }
+
+    /// Resolves at SIGTERM or SIGINT.
+    pub async fn shutdown_signal() {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    }
+
+    /// The exit status, printing the whole error chain on failure.
+    pub fn exit(name: &str, result: anyhow::Result<()>) -> ExitCode {
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{name}: error: {e:#}");
+                ExitCode::FAILURE
+            }
         }
     }
 }
