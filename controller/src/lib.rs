@@ -11,6 +11,7 @@
 pub mod config;
 pub mod history;
 pub mod ingest;
+pub mod planner;
 pub mod service;
 pub mod store;
 

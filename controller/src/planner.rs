@@ -1,0 +1,898 @@
+//! The planner: pure decisions from working-set history and host facts.
+//! No IO, no clock (the time is an input), no sled, no tonic.
+//!
+//! - **Demand**: each VM's working set over the planning horizon as a
+//!   normal distribution, from its recent samples: the samples since its
+//!   last phase change, their mean and spread (never below the tracking
+//!   method's stated error), and growth projected over the horizon.
+//! - **Overcommit**: per host, summed demand (VMs independent: means and
+//!   variances add), the demand at the configured risk (the quantile that
+//!   summed demand exceeds with probability `risk`), the probability of
+//!   overflowing the host, the memory still admissible, the safe overcommit
+//!   ratio, and per VM the cold bytes reclaimable.
+//! - **Migrations**: a set of moves that brings every host under its high
+//!   watermark (or empties a host in maintenance, or consolidates a nearly
+//!   idle one), cheapest relief first, each priced by pre-copy over the
+//!   link; a VM dirtying faster than the link can carry is never chosen.
+//! - **Placement**: hosts ranked for a new VM by the headroom each keeps.
+//!
+//! Every number comes with the evidence behind it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// Labels with a meaning to the planner.
+pub mod labels {
+    /// VMs with the same value never share a host.
+    pub const ANTI_AFFINITY: &str = "wset.io/anti-affinity";
+    /// `"true"`: the VM is never moved.
+    pub const PINNED: &str = "wset.io/pinned";
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Allowed probability that a host's summed demand exceeds its capacity.
+    pub risk: f64,
+    /// How far ahead demand is predicted, ms.
+    pub horizon_ms: u64,
+    /// How much history is read, ms.
+    pub lookback_ms: u64,
+    /// Hosts are kept with demand at risk below this share of capacity.
+    pub high_watermark: f64,
+    /// A host whose demand at risk is below this share of its capacity is
+    /// emptied when every VM on it fits elsewhere (0: never).
+    pub consolidate_below: f64,
+    /// Bandwidth a migration may use, bytes/s.
+    pub link_bytes_per_s: f64,
+    /// A VM dirtying more than this share of the link never converges fast
+    /// enough and is never chosen.
+    pub max_dirty_share: f64,
+    /// A VM moved less than this long ago is not moved again.
+    pub hysteresis_ms: u64,
+    /// Moves in and out of one host at once.
+    pub max_moves_per_host: u32,
+    /// Memory idle at least this long counts as reclaimable.
+    pub cold_age_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            risk: 0.01,
+            horizon_ms: 3_600_000,
+            lookback_ms: 3_600_000,
+            high_watermark: 0.85,
+            consolidate_below: 0.0,
+            link_bytes_per_s: 1.25e9,
+            max_dirty_share: 0.5,
+            hysteresis_ms: 1_800_000,
+            max_moves_per_host: 2,
+            cold_age_ms: 300_000,
+        }
+    }
+}
+
+/// One working-set sample of a VM.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sample {
+    pub t_ms: u64,
+    pub wss_bytes: u64,
+    pub dirty_bytes_per_s: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct VmInput {
+    pub vm_id: String,
+    pub host_id: String,
+    pub memory_bytes: u64,
+    pub labels: BTreeMap<String, String>,
+    /// Time-ordered.
+    pub samples: Vec<Sample>,
+    /// The latest idle-age histogram: (min age ms, max age ms or 0, bytes).
+    pub idle_ages: Vec<(u64, u64, u64)>,
+    /// The tracking method's stated error, a fraction of memory.
+    pub relative_error: f64,
+    /// The method sees only some accesses: demand is at least this.
+    pub lower_bound: bool,
+    pub last_moved_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct HostInput {
+    pub host_id: String,
+    /// Memory VMs may use, bytes.
+    pub capacity_bytes: u64,
+    pub maintenance: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Input {
+    pub now_ms: u64,
+    pub hosts: Vec<HostInput>,
+    pub vms: Vec<VmInput>,
+}
+
+/// A VM's predicted demand over the horizon.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Demand {
+    pub mean_bytes: f64,
+    pub std_bytes: f64,
+    /// Growth, bytes per hour (least squares over the samples used).
+    pub trend_bytes_per_h: f64,
+    /// Where the samples used begin, if a phase change cut older ones off.
+    pub phase_change_at_ms: Option<u64>,
+    pub samples_used: usize,
+    pub p50_bytes: u64,
+    pub p95_bytes: u64,
+    pub max_bytes: u64,
+    pub dirty_bytes_per_s: f64,
+    pub explanation: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmPlan {
+    pub vm_id: String,
+    pub demand: Demand,
+    /// Bytes idle at least `cold_age_ms`.
+    pub reclaimable_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostPlan {
+    pub host_id: String,
+    pub capacity_bytes: u64,
+    pub committed_bytes: u64,
+    pub demand_mean_bytes: f64,
+    pub demand_std_bytes: f64,
+    /// Summed demand exceeded with probability `risk`.
+    pub demand_at_risk_bytes: f64,
+    /// Probability that summed demand exceeds capacity.
+    pub overflow_probability: f64,
+    /// Demand that may still be added under the high watermark at `risk`.
+    pub admissible_bytes: u64,
+    /// Guest memory per byte of capacity that keeps the host under its
+    /// watermark at `risk`, if new VMs look like these.
+    pub safe_overcommit_ratio: f64,
+    pub reclaimable_bytes: u64,
+    pub maintenance: bool,
+    pub vms: Vec<VmPlan>,
+    pub explanation: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MoveReason {
+    Maintenance,
+    Overload,
+    Consolidation,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Move {
+    pub vm_id: String,
+    pub from: String,
+    pub to: String,
+    /// 1 (most urgent) to 5.
+    pub priority: u8,
+    pub reason: MoveReason,
+    /// Bytes pre-copy is expected to send, and how long that takes.
+    pub copy_bytes: f64,
+    pub copy_seconds: f64,
+    pub explanation: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub hosts: Vec<HostPlan>,
+    pub moves: Vec<Move>,
+    /// Hosts left over their watermark (or in maintenance with VMs), and why.
+    pub unresolved: Vec<String>,
+}
+
+/// Standard normal CDF (Abramowitz and Stegun 7.1.26 for erf: |error| <
+/// 1.5e-7).
+pub fn normal_cdf(x: f64) -> f64 {
+    let z = x / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.327_591_1 * z.abs());
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let erf = 1.0 - poly * (-z * z).exp();
+    0.5 * (1.0 + if z >= 0.0 { erf } else { -erf })
+}
+
+/// Standard normal quantile (Acklam's rational approximation, relative
+/// error < 1.2e-9), for p in (0, 1).
+pub fn normal_quantile(p: f64) -> f64 {
+    let p = p.clamp(1e-12, 1.0 - 1e-12);
+    const A: [f64; 6] = [
+        -3.969_683_028_665_376e1,
+        2.209_460_984_245_205e2,
+        -2.759_285_104_469_687e2,
+        1.383_577_518_672_69e2,
+        -3.066_479_806_614_716e1,
+        2.506_628_277_459_239,
+    ];
+    const B: [f64; 5] = [
+        -5.447_609_879_822_406e1,
+        1.615_858_368_580_409e2,
+        -1.556_989_798_598_866e2,
+        6.680_131_188_771_972e1,
+        -1.328_068_155_288_572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784_894_002_430_293e-3,
+        -3.223_964_580_411_365e-1,
+        -2.400_758_277_161_838,
+        -2.549_732_539_343_734,
+        4.374_664_141_464_968,
+        2.938_163_982_698_783,
+    ];
+    const D: [f64; 4] = [
+        7.784_695_709_041_462e-3,
+        3.224_671_290_700_398e-1,
+        2.445_134_137_142_996,
+        3.754_408_661_907_416,
+    ];
+    let tail = |q: f64| {
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    };
+    if p < 0.02425 {
+        tail((-2.0 * p.ln()).sqrt())
+    } else if p > 1.0 - 0.02425 {
+        -tail((-2.0 * (1.0 - p).ln()).sqrt())
+    } else {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    }
+}
+
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    if xs.is_empty() {
+        return (0.0, 0.0);
+    }
+    let n = xs.len() as f64;
+    let m = xs.iter().sum::<f64>() / n;
+    let v = xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / n;
+    (m, v.sqrt())
+}
+
+/// Least-squares slope of `(t_ms, y)`, per ms.
+fn slope(ts: &[f64], ys: &[f64]) -> f64 {
+    let (mt, _) = mean_std(ts);
+    let (my, _) = mean_std(ys);
+    let num: f64 = ts.iter().zip(ys).map(|(t, y)| (t - mt) * (y - my)).sum();
+    let den: f64 = ts.iter().map(|t| (t - mt) * (t - mt)).sum();
+    if den > 0.0 { num / den } else { 0.0 }
+}
+
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The most recent phase change: the split of the samples that best
+/// separates two levels (the largest between-segment sum of squares), kept
+/// when the levels differ by more than three pooled standard deviations and
+/// 5% of memory, with at least three samples on each side; then the same
+/// within the later segment, so the latest of several changes wins.
+/// Returns the index where the current phase begins.
+fn phase_change(ys: &[f64], memory: f64) -> Option<usize> {
+    // Prefix sums of y and y², so each split is O(1).
+    let mut sum = Vec::with_capacity(ys.len() + 1);
+    let mut sq = Vec::with_capacity(ys.len() + 1);
+    sum.push(0.0);
+    sq.push(0.0);
+    for y in ys {
+        sum.push(sum.last().unwrap() + y);
+        sq.push(sq.last().unwrap() + y * y);
+    }
+    // Mean and sum of squared deviations of ys[a..b].
+    let seg = |a: usize, b: usize| {
+        let n = (b - a) as f64;
+        let m = (sum[b] - sum[a]) / n;
+        (m, ((sq[b] - sq[a]) - n * m * m).max(0.0))
+    };
+    let mut start = 0;
+    let mut found = None;
+    loop {
+        let n = ys.len() - start;
+        if n < 6 {
+            return found;
+        }
+        let best = (start + 3..=ys.len() - 3)
+            .map(|s| {
+                let (m1, _) = seg(start, s);
+                let (m2, _) = seg(s, ys.len());
+                (
+                    s,
+                    ((s - start) * (ys.len() - s)) as f64 * (m2 - m1) * (m2 - m1),
+                )
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(s, _)| s)?;
+        let (m1, ss1) = seg(start, best);
+        let (m2, ss2) = seg(best, ys.len());
+        let pooled = ((ss1 + ss2) / n as f64).sqrt();
+        if (m2 - m1).abs() <= (3.0 * pooled).max(0.05 * memory) {
+            return found;
+        }
+        start = best;
+        found = Some(start);
+    }
+}
+
+/// A VM's demand over the horizon.
+pub fn demand(vm: &VmInput, cfg: &Config, now_ms: u64) -> Demand {
+    let mem = vm.memory_bytes as f64;
+    let since = now_ms.saturating_sub(cfg.lookback_ms);
+    let recent: Vec<&Sample> = vm.samples.iter().filter(|s| s.t_ms >= since).collect();
+    if recent.is_empty() {
+        return Demand {
+            mean_bytes: mem,
+            std_bytes: 0.0,
+            trend_bytes_per_h: 0.0,
+            phase_change_at_ms: None,
+            samples_used: 0,
+            p50_bytes: vm.memory_bytes,
+            p95_bytes: vm.memory_bytes,
+            max_bytes: vm.memory_bytes,
+            dirty_bytes_per_s: 0.0,
+            explanation: "no working-set history in the lookback: the whole memory is assumed"
+                .into(),
+        };
+    }
+    let ys: Vec<f64> = recent.iter().map(|s| s.wss_bytes as f64).collect();
+    let change = phase_change(&ys, mem);
+    let from = change.unwrap_or(0);
+    let used = &recent[from..];
+    let ys = &ys[from..];
+    let ts: Vec<f64> = used.iter().map(|s| s.t_ms as f64).collect();
+    let (m, sd) = mean_std(ys);
+    let per_ms = slope(&ts, ys);
+    // Growth is projected over the horizon; shrinking is not (the memory
+    // may be wanted back at any time).
+    let last = *ys.last().expect("non-empty");
+    let projected = if per_ms > 0.0 {
+        last.max(m) + per_ms * cfg.horizon_ms as f64
+    } else {
+        m.max(last)
+    };
+    let mean = projected.min(mem);
+    let std = sd.max(vm.relative_error * mem).min(mem);
+    let mut sorted: Vec<u64> = used.iter().map(|s| s.wss_bytes).collect();
+    sorted.sort_unstable();
+    let dirty = used.iter().map(|s| s.dirty_bytes_per_s).sum::<f64>() / used.len() as f64;
+    let mut why = format!(
+        "{} samples over {} s: mean {:.0} MiB, sd {:.1} MiB (floor: stated error {:.1}% of memory), p95 {:.0} MiB",
+        used.len(),
+        (used.last().unwrap().t_ms - used[0].t_ms) / 1000,
+        m / 1048576.0,
+        std / 1048576.0,
+        vm.relative_error * 100.0,
+        pct(&sorted, 0.95) as f64 / 1048576.0
+    );
+    if let Some(i) = change {
+        why.push_str(&format!(
+            "; phase change at t={} ms, earlier samples ignored",
+            recent[i].t_ms
+        ));
+    }
+    if per_ms > 0.0 {
+        why.push_str(&format!(
+            "; growing {:.1} MiB/h, projected over {} min",
+            per_ms * 3.6e6 / 1048576.0,
+            cfg.horizon_ms / 60_000
+        ));
+    }
+    if vm.lower_bound {
+        why.push_str("; a lower bound (the method cannot see every read)");
+    }
+    Demand {
+        mean_bytes: mean,
+        std_bytes: std,
+        trend_bytes_per_h: per_ms * 3.6e6,
+        phase_change_at_ms: change.map(|i| recent[i].t_ms),
+        samples_used: used.len(),
+        p50_bytes: pct(&sorted, 0.5),
+        p95_bytes: pct(&sorted, 0.95),
+        max_bytes: *sorted.last().unwrap(),
+        dirty_bytes_per_s: dirty,
+        explanation: why,
+    }
+}
+
+/// Bytes idle at least `cold_age_ms` in a histogram (a bucket counts when
+/// its lower bound is at least that old).
+fn reclaimable(vm: &VmInput, cfg: &Config) -> u64 {
+    vm.idle_ages
+        .iter()
+        .filter(|(min, _, _)| *min >= cfg.cold_age_ms)
+        .map(|(_, _, b)| b)
+        .sum()
+}
+
+/// Pre-copy cost of moving a VM: bytes sent (memory, then each round the
+/// pages dirtied during the previous one: a geometric series in
+/// dirty/link) and seconds; `None` when it would not converge.
+pub fn copy_cost(memory_bytes: u64, dirty_bytes_per_s: f64, cfg: &Config) -> Option<(f64, f64)> {
+    let ratio = dirty_bytes_per_s / cfg.link_bytes_per_s;
+    if !(ratio.is_finite() && ratio >= 0.0) || ratio > cfg.max_dirty_share {
+        return None;
+    }
+    let bytes = memory_bytes as f64 / (1.0 - ratio);
+    Some((bytes, bytes / cfg.link_bytes_per_s))
+}
+
+/// A host's running totals while moves are chosen.
+#[derive(Clone, Debug)]
+struct HostState {
+    capacity: f64,
+    mean: f64,
+    var: f64,
+    moves: u32,
+    groups: BTreeMap<String, u32>,
+    maintenance: bool,
+}
+
+impl HostState {
+    fn at_risk(&self, z: f64) -> f64 {
+        self.mean + z * self.var.sqrt()
+    }
+    fn with(&self, d: &Demand, z: f64) -> f64 {
+        self.mean + d.mean_bytes + z * (self.var + d.std_bytes * d.std_bytes).sqrt()
+    }
+    fn hot(&self, z: f64, hw: f64) -> bool {
+        self.at_risk(z) > hw * self.capacity
+    }
+}
+
+fn group(labels: &BTreeMap<String, String>) -> Option<&String> {
+    labels.get(labels::ANTI_AFFINITY).filter(|g| !g.is_empty())
+}
+
+/// The plan for `input`.
+pub fn plan(input: &Input, cfg: &Config) -> Plan {
+    let z = normal_quantile(1.0 - cfg.risk);
+    let hw = cfg.high_watermark;
+    let demands: HashMap<&str, Demand> = input
+        .vms
+        .iter()
+        .map(|v| (v.vm_id.as_str(), demand(v, cfg, input.now_ms)))
+        .collect();
+    let mut by_host: BTreeMap<&str, Vec<&VmInput>> = BTreeMap::new();
+    for v in &input.vms {
+        by_host.entry(v.host_id.as_str()).or_default().push(v);
+    }
+    let mut state: BTreeMap<&str, HostState> = BTreeMap::new();
+    let mut hosts = Vec::new();
+    for h in &input.hosts {
+        let vms = by_host.get(h.host_id.as_str()).cloned().unwrap_or_default();
+        let mut st = HostState {
+            capacity: h.capacity_bytes as f64,
+            mean: 0.0,
+            var: 0.0,
+            moves: 0,
+            groups: BTreeMap::new(),
+            maintenance: h.maintenance,
+        };
+        let mut vm_plans = Vec::new();
+        let mut committed = 0u64;
+        for v in &vms {
+            let d = &demands[v.vm_id.as_str()];
+            st.mean += d.mean_bytes;
+            st.var += d.std_bytes * d.std_bytes;
+            committed += v.memory_bytes;
+            if let Some(g) = group(&v.labels) {
+                *st.groups.entry(g.clone()).or_default() += 1;
+            }
+            vm_plans.push(VmPlan {
+                vm_id: v.vm_id.clone(),
+                demand: d.clone(),
+                reclaimable_bytes: reclaimable(v, cfg),
+            });
+        }
+        let at_risk = st.at_risk(z);
+        let sd = st.var.sqrt();
+        let overflow = if sd > 0.0 {
+            1.0 - normal_cdf((st.capacity - st.mean) / sd)
+        } else if st.mean > st.capacity {
+            1.0
+        } else {
+            0.0
+        };
+        let admissible = (hw * st.capacity - at_risk).max(0.0) as u64;
+        let ratio = if at_risk > 0.0 {
+            committed as f64 / at_risk * hw
+        } else {
+            0.0
+        };
+        let reclaim: u64 = vm_plans.iter().map(|p| p.reclaimable_bytes).sum();
+        hosts.push(HostPlan {
+            host_id: h.host_id.clone(),
+            capacity_bytes: h.capacity_bytes,
+            committed_bytes: committed,
+            demand_mean_bytes: st.mean,
+            demand_std_bytes: sd,
+            demand_at_risk_bytes: at_risk,
+            overflow_probability: overflow,
+            admissible_bytes: admissible,
+            safe_overcommit_ratio: ratio,
+            reclaimable_bytes: reclaim,
+            maintenance: h.maintenance,
+            explanation: format!(
+                "{} VMs, {:.0} MiB committed on {:.0} MiB: demand {:.0} ± {:.0} MiB; at risk {} it reaches {:.0} MiB ({:.0}% of capacity, watermark {:.0}%); P(overflow) {:.2e}",
+                vms.len(),
+                committed as f64 / 1048576.0,
+                st.capacity / 1048576.0,
+                st.mean / 1048576.0,
+                sd / 1048576.0,
+                cfg.risk,
+                at_risk / 1048576.0,
+                at_risk / st.capacity.max(1.0) * 100.0,
+                hw * 100.0,
+                overflow
+            ),
+            vms: vm_plans,
+        });
+        state.insert(h.host_id.as_str(), st);
+    }
+
+    let mut moves: Vec<Move> = Vec::new();
+    let mut moved: BTreeSet<&str> = BTreeSet::new();
+    let mut unresolved = Vec::new();
+    let movable = |v: &VmInput, moved: &BTreeSet<&str>| -> Result<(f64, f64), String> {
+        if v.labels.get(labels::PINNED).is_some_and(|p| p == "true") {
+            return Err("pinned".into());
+        }
+        if moved.contains(v.vm_id.as_str()) {
+            return Err("already moving".into());
+        }
+        if let Some(t) = v.last_moved_ms
+            && input.now_ms.saturating_sub(t) < cfg.hysteresis_ms
+        {
+            return Err(format!(
+                "moved {} s ago (hysteresis {} s)",
+                input.now_ms.saturating_sub(t) / 1000,
+                cfg.hysteresis_ms / 1000
+            ));
+        }
+        let d = &demands[v.vm_id.as_str()];
+        copy_cost(v.memory_bytes, d.dirty_bytes_per_s, cfg).ok_or_else(|| {
+            format!(
+                "dirties {:.0} MB/s, over {:.0}% of the {:.0} MB/s link: pre-copy would not converge",
+                d.dirty_bytes_per_s / 1e6,
+                cfg.max_dirty_share * 100.0,
+                cfg.link_bytes_per_s / 1e6
+            )
+        })
+    };
+
+    // The best destination for `v` (most headroom kept), not `from` nor any
+    // host in `exclude`.
+    let destination = |state: &BTreeMap<&str, HostState>,
+                       v: &VmInput,
+                       from: &str,
+                       exclude: &BTreeSet<&str>,
+                       limit: f64|
+     -> Option<(String, f64)> {
+        let d = &demands[v.vm_id.as_str()];
+        state
+            .iter()
+            .filter(|(id, st)| {
+                **id != from
+                    && !exclude.contains(*id)
+                    && !st.maintenance
+                    && st.moves < cfg.max_moves_per_host
+                    && group(&v.labels).is_none_or(|g| !st.groups.contains_key(g))
+                    && st.with(d, z) <= limit * st.capacity
+            })
+            .map(|(id, st)| (id.to_string(), limit * st.capacity - st.with(d, z)))
+            .max_by(|a, b| a.1.total_cmp(&b.1).then_with(|| b.0.cmp(&a.0)))
+    };
+    let apply = |state: &mut BTreeMap<&str, HostState>, v: &VmInput, to: &str| {
+        let d = &demands[v.vm_id.as_str()];
+        let g = group(&v.labels).cloned();
+        if let Some(src) = state.get_mut(v.host_id.as_str()) {
+            src.mean -= d.mean_bytes;
+            src.var = (src.var - d.std_bytes * d.std_bytes).max(0.0);
+            src.moves += 1;
+            if let Some(g) = &g
+                && let Some(n) = src.groups.get_mut(g)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    src.groups.remove(g);
+                }
+            }
+        }
+        if let Some(dst) = state.get_mut(to) {
+            dst.mean += d.mean_bytes;
+            dst.var += d.std_bytes * d.std_bytes;
+            dst.moves += 1;
+            if let Some(g) = g {
+                *dst.groups.entry(g).or_default() += 1;
+            }
+        }
+    };
+
+    // Hosts to relieve: maintenance first, then by how far over they are.
+    let mut hot: Vec<(&str, f64, bool)> = state
+        .iter()
+        .filter(|(_, st)| st.maintenance || st.hot(z, hw))
+        .map(|(id, st)| (*id, st.at_risk(z) / st.capacity.max(1.0), st.maintenance))
+        .collect();
+    hot.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.total_cmp(&a.1)));
+    let none = BTreeSet::new();
+    for (h, _, maint) in hot {
+        let overflow = hosts
+            .iter()
+            .find(|p| p.host_id == h)
+            .map_or(0.0, |p| p.overflow_probability);
+        let mut cands: Vec<(&VmInput, f64, f64)> = Vec::new();
+        let mut refused = Vec::new();
+        for v in by_host.get(h).cloned().unwrap_or_default() {
+            match movable(v, &moved) {
+                Ok((bytes, secs)) => cands.push((v, bytes, secs)),
+                Err(why) => refused.push(format!("{}: {why}", v.vm_id)),
+            }
+        }
+        // Cheapest relief first: copy seconds per byte of demand removed.
+        cands.sort_by(|a, b| {
+            let r =
+                |c: &(&VmInput, f64, f64)| c.2 / demands[c.0.vm_id.as_str()].mean_bytes.max(1.0);
+            r(a).total_cmp(&r(b))
+                .then_with(|| a.0.vm_id.cmp(&b.0.vm_id))
+        });
+        for (v, bytes, secs) in cands {
+            let st = &state[h];
+            let done = if maint { false } else { !st.hot(z, hw) };
+            if done {
+                break;
+            }
+            if st.moves >= cfg.max_moves_per_host {
+                refused.push(format!(
+                    "{}: the host already has {} moves under way",
+                    v.vm_id, cfg.max_moves_per_host
+                ));
+                break;
+            }
+            let Some((to, keep)) = destination(&state, v, h, &none, hw) else {
+                refused.push(format!(
+                    "{}: no host can take {:.0} MiB at risk {} under its watermark",
+                    v.vm_id,
+                    demands[v.vm_id.as_str()].mean_bytes / 1048576.0,
+                    cfg.risk
+                ));
+                continue;
+            };
+            let (priority, reason) = if maint {
+                (1, MoveReason::Maintenance)
+            } else if overflow > 10.0 * cfg.risk {
+                (2, MoveReason::Overload)
+            } else if overflow > cfg.risk {
+                (3, MoveReason::Overload)
+            } else {
+                (4, MoveReason::Overload)
+            };
+            let before = st.at_risk(z);
+            apply(&mut state, v, &to);
+            moved.insert(v.vm_id.as_str());
+            moves.push(Move {
+                vm_id: v.vm_id.clone(),
+                from: h.to_owned(),
+                to: to.clone(),
+                priority,
+                reason,
+                copy_bytes: bytes,
+                copy_seconds: secs,
+                explanation: format!(
+                    "{}: host {h} demand at risk {:.0} MiB -> {:.0} MiB (watermark {:.0} MiB); {} keeps {:.0} MiB of headroom; copy {:.0} MiB in {:.1} s at {:.0} MB/s (dirty {:.1} MB/s)",
+                    match reason {
+                        MoveReason::Maintenance => "maintenance",
+                        MoveReason::Overload => "overload",
+                        MoveReason::Consolidation => "consolidation",
+                    },
+                    before / 1048576.0,
+                    state[h].at_risk(z) / 1048576.0,
+                    hw * state[h].capacity / 1048576.0,
+                    to,
+                    keep / 1048576.0,
+                    bytes / 1048576.0,
+                    secs,
+                    cfg.link_bytes_per_s / 1e6,
+                    demands[v.vm_id.as_str()].dirty_bytes_per_s / 1e6
+                ),
+            });
+        }
+        let st = &state[h];
+        let left = by_host.get(h).map_or(0, |vs| {
+            vs.iter()
+                .filter(|v| !moved.contains(v.vm_id.as_str()))
+                .count()
+        });
+        if (maint && left > 0) || (!maint && st.hot(z, hw)) {
+            unresolved.push(format!(
+                "{h}: {} after the moves ({}){}",
+                if maint {
+                    format!("{left} VMs remain on a host in maintenance")
+                } else {
+                    format!(
+                        "demand at risk {:.0}% of capacity, over the {:.0}% watermark",
+                        st.at_risk(z) / st.capacity * 100.0,
+                        hw * 100.0
+                    )
+                },
+                moves.iter().filter(|m| m.from == h).count(),
+                if refused.is_empty() {
+                    String::new()
+                } else {
+                    format!("; not moved: {}", refused.join(", "))
+                }
+            ));
+        }
+    }
+
+    // Consolidation: empty nearly idle hosts whose every VM fits elsewhere.
+    if cfg.consolidate_below > 0.0 {
+        let mut idle: Vec<(&str, f64)> = state
+            .iter()
+            .filter(|(id, st)| {
+                !st.maintenance
+                    && st.moves == 0
+                    && st.at_risk(z) < cfg.consolidate_below * st.capacity
+                    && by_host.get(*id).is_some_and(|v| !v.is_empty())
+            })
+            .map(|(id, st)| (*id, st.at_risk(z)))
+            .collect();
+        idle.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(b.0)));
+        let mut emptied: BTreeSet<&str> = BTreeSet::new();
+        for (h, _) in idle {
+            let vms = by_host.get(h).cloned().unwrap_or_default();
+            // A host that took VMs meanwhile is a destination now, not a
+            // host to empty.
+            if state[h].moves > 0 || vms.len() as u32 > cfg.max_moves_per_host {
+                continue;
+            }
+            // Try the whole host on a copy of the state; keep it only if all fit.
+            let mut trial = state.clone();
+            let mut trial_moves = Vec::new();
+            let mut exclude = emptied.clone();
+            exclude.insert(h);
+            let mut ok = true;
+            for v in &vms {
+                let Ok((bytes, secs)) = movable(v, &moved) else {
+                    ok = false;
+                    break;
+                };
+                // Destinations stay under the watermark; hosts being emptied
+                // take nothing.
+                match destination(&trial, v, h, &exclude, hw) {
+                    Some((to, _)) => {
+                        apply(&mut trial, v, &to);
+                        trial_moves.push((v, to, bytes, secs));
+                    }
+                    None => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if !ok {
+                continue;
+            }
+            state = trial;
+            emptied.insert(h);
+            for (v, to, bytes, secs) in trial_moves {
+                moved.insert(v.vm_id.as_str());
+                moves.push(Move {
+                    vm_id: v.vm_id.clone(),
+                    from: h.to_owned(),
+                    to: to.clone(),
+                    priority: 5,
+                    reason: MoveReason::Consolidation,
+                    copy_bytes: bytes,
+                    copy_seconds: secs,
+                    explanation: format!(
+                        "consolidation: host {h} is under {:.0}% of its capacity at risk and every VM on it fits elsewhere; {to} stays under its watermark; copy {:.0} MiB in {:.1} s",
+                        cfg.consolidate_below * 100.0,
+                        bytes / 1048576.0,
+                        secs
+                    ),
+                });
+            }
+        }
+    }
+    moves.sort_by(|a, b| a.priority.cmp(&b.priority).then(a.vm_id.cmp(&b.vm_id)));
+    Plan {
+        hosts,
+        moves,
+        unresolved,
+    }
+}
+
+/// A VM to place.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct PlacementRequest {
+    pub memory_bytes: u64,
+    /// Expected working set; 0: the whole memory.
+    pub expected_wss_bytes: u64,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ranked {
+    pub host_id: String,
+    /// Headroom under the watermark the host keeps with the VM, at risk.
+    pub headroom_bytes: f64,
+    pub fits: bool,
+    pub explanation: String,
+}
+
+/// Hosts for a new VM, those it fits on first, most headroom kept first.
+pub fn place(input: &Input, req: &PlacementRequest, cfg: &Config) -> Vec<Ranked> {
+    let z = normal_quantile(1.0 - cfg.risk);
+    let p = plan(
+        &Input {
+            now_ms: input.now_ms,
+            hosts: input.hosts.clone(),
+            vms: input.vms.clone(),
+        },
+        &Config {
+            consolidate_below: 0.0,
+            ..cfg.clone()
+        },
+    );
+    let want = if req.expected_wss_bytes > 0 {
+        req.expected_wss_bytes.min(req.memory_bytes)
+    } else {
+        req.memory_bytes
+    } as f64;
+    // Unknown VMs vary: a tenth of their demand as spread.
+    let sd = want * 0.1;
+    let group = group(&req.labels);
+    let mut out: Vec<Ranked> = p
+        .hosts
+        .iter()
+        .map(|h| {
+            let at_risk = h.demand_mean_bytes
+                + want
+                + z * (h.demand_std_bytes * h.demand_std_bytes + sd * sd).sqrt();
+            let limit = cfg.high_watermark * h.capacity_bytes as f64;
+            let clash = group.is_some_and(|g| {
+                input.vms.iter().any(|v| {
+                    v.host_id == h.host_id && v.labels.get(labels::ANTI_AFFINITY) == Some(g)
+                })
+            });
+            let fits = !h.maintenance && !clash && at_risk <= limit;
+            let why = if h.maintenance {
+                "in maintenance".to_owned()
+            } else if clash {
+                "a VM of the same anti-affinity group runs there".to_owned()
+            } else {
+                format!(
+                    "demand at risk {:.0} MiB with the VM, watermark {:.0} MiB",
+                    at_risk / 1048576.0,
+                    limit / 1048576.0
+                )
+            };
+            Ranked {
+                host_id: h.host_id.clone(),
+                headroom_bytes: limit - at_risk,
+                fits,
+                explanation: why,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.fits
+            .cmp(&a.fits)
+            .then(b.headroom_bytes.total_cmp(&a.headroom_bytes))
+            .then(a.host_id.cmp(&b.host_id))
+    });
+    out
+}
