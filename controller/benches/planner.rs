@@ -65,7 +65,9 @@ fn main() {
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1000, 10_000, 50_000]);
     println!("planner: N hosts x {VMS_PER_HOST} VMs, 60 samples each, 1 host in 20 hot");
-    println!("| hosts | VMs | plan (median of 3) | baseline pass | plan / baseline | moves | unresolved |");
+    println!(
+        "| hosts | VMs | plan (median of 3) | baseline pass | plan / baseline | moves | unresolved |"
+    );
     println!("|---|---|---|---|---|---|---|");
     let cfg = Config::default();
     for n in sizes {
@@ -80,7 +82,10 @@ fn main() {
             let s: f64 = input
                 .vms
                 .iter()
-                .map(|v| v.samples.iter().map(|s| s.wss_bytes as f64).sum::<f64>() / v.samples.len() as f64)
+                .map(|v| {
+                    v.samples.iter().map(|s| s.wss_bytes as f64).sum::<f64>()
+                        / v.samples.len() as f64
+                })
                 .sum();
             std::hint::black_box(s);
             base.push(t.elapsed().as_secs_f64());

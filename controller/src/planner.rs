@@ -121,11 +121,54 @@ pub struct Demand {
     /// Where the samples used begin, if a phase change cut older ones off.
     pub phase_change_at_ms: Option<u64>,
     pub samples_used: usize,
+    /// The time the samples used span.
+    pub span_ms: u64,
     pub p50_bytes: u64,
     pub p95_bytes: u64,
     pub max_bytes: u64,
     pub dirty_bytes_per_s: f64,
-    pub explanation: String,
+    /// The floor of `std_bytes`: the tracking method's stated error.
+    pub error_floor_bytes: f64,
+    /// The method cannot see every access: demand is at least this.
+    pub lower_bound: bool,
+}
+
+impl Demand {
+    /// The evidence behind the figures, for a person (made on request: a
+    /// plan of a large cluster holds hundreds of thousands of these).
+    pub fn explain(&self, horizon_ms: u64) -> String {
+        if self.samples_used == 0 {
+            return "no working-set history in the lookback: the whole memory is assumed".into();
+        }
+        let mib = |b: f64| b / 1048576.0;
+        let mut why = format!(
+            "{} samples over {} s: p50 {:.0} MiB, p95 {:.0} MiB, max {:.0} MiB; predicted {:.0} ± {:.1} MiB (spread floored at the stated error, {:.1} MiB)",
+            self.samples_used,
+            self.span_ms / 1000,
+            mib(self.p50_bytes as f64),
+            mib(self.p95_bytes as f64),
+            mib(self.max_bytes as f64),
+            mib(self.mean_bytes),
+            mib(self.std_bytes),
+            mib(self.error_floor_bytes),
+        );
+        if let Some(t) = self.phase_change_at_ms {
+            why.push_str(&format!(
+                "; phase change at t={t} ms, earlier samples ignored"
+            ));
+        }
+        if self.trend_bytes_per_h > 0.0 {
+            why.push_str(&format!(
+                "; growing {:.1} MiB/h, projected over {} min",
+                mib(self.trend_bytes_per_h),
+                horizon_ms / 60_000
+            ));
+        }
+        if self.lower_bound {
+            why.push_str("; a lower bound (the method cannot see every read)");
+        }
+        why
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -268,13 +311,6 @@ fn slope(ts: &[f64], ys: &[f64]) -> f64 {
     if den > 0.0 { num / den } else { 0.0 }
 }
 
-fn pct(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 /// The most recent phase change: the split of the samples that best
 /// separates two levels (the largest between-segment sum of squares), kept
 /// when the levels differ by more than three pooled standard deviations and
@@ -330,7 +366,8 @@ fn phase_change(ys: &[f64], memory: f64) -> Option<usize> {
 pub fn demand(vm: &VmInput, cfg: &Config, now_ms: u64) -> Demand {
     let mem = vm.memory_bytes as f64;
     let since = now_ms.saturating_sub(cfg.lookback_ms);
-    let recent: Vec<&Sample> = vm.samples.iter().filter(|s| s.t_ms >= since).collect();
+    let first = vm.samples.partition_point(|s| s.t_ms < since);
+    let recent = &vm.samples[first..];
     if recent.is_empty() {
         return Demand {
             mean_bytes: mem,
@@ -338,12 +375,13 @@ pub fn demand(vm: &VmInput, cfg: &Config, now_ms: u64) -> Demand {
             trend_bytes_per_h: 0.0,
             phase_change_at_ms: None,
             samples_used: 0,
+            span_ms: 0,
             p50_bytes: vm.memory_bytes,
             p95_bytes: vm.memory_bytes,
             max_bytes: vm.memory_bytes,
             dirty_bytes_per_s: 0.0,
-            explanation: "no working-set history in the lookback: the whole memory is assumed"
-                .into(),
+            error_floor_bytes: 0.0,
+            lower_bound: vm.lower_bound,
         };
     }
     let ys: Vec<f64> = recent.iter().map(|s| s.wss_bytes as f64).collect();
@@ -356,53 +394,34 @@ pub fn demand(vm: &VmInput, cfg: &Config, now_ms: u64) -> Demand {
     let per_ms = slope(&ts, ys);
     // Growth is projected over the horizon; shrinking is not (the memory
     // may be wanted back at any time).
-    let last = *ys.last().expect("non-empty");
+    let last = ys[ys.len() - 1];
     let projected = if per_ms > 0.0 {
         last.max(m) + per_ms * cfg.horizon_ms as f64
     } else {
         m.max(last)
     };
-    let mean = projected.min(mem);
-    let std = sd.max(vm.relative_error * mem).min(mem);
-    let mut sorted: Vec<u64> = used.iter().map(|s| s.wss_bytes).collect();
-    sorted.sort_unstable();
-    let dirty = used.iter().map(|s| s.dirty_bytes_per_s).sum::<f64>() / used.len() as f64;
-    let mut why = format!(
-        "{} samples over {} s: mean {:.0} MiB, sd {:.1} MiB (floor: stated error {:.1}% of memory), p95 {:.0} MiB",
-        used.len(),
-        (used.last().unwrap().t_ms - used[0].t_ms) / 1000,
-        m / 1048576.0,
-        std / 1048576.0,
-        vm.relative_error * 100.0,
-        pct(&sorted, 0.95) as f64 / 1048576.0
-    );
-    if let Some(i) = change {
-        why.push_str(&format!(
-            "; phase change at t={} ms, earlier samples ignored",
-            recent[i].t_ms
-        ));
-    }
-    if per_ms > 0.0 {
-        why.push_str(&format!(
-            "; growing {:.1} MiB/h, projected over {} min",
-            per_ms * 3.6e6 / 1048576.0,
-            cfg.horizon_ms / 60_000
-        ));
-    }
-    if vm.lower_bound {
-        why.push_str("; a lower bound (the method cannot see every read)");
-    }
+    let floor = vm.relative_error * mem;
+    // Percentiles by selection, not a full sort (this runs for every VM).
+    let mut xs: Vec<u64> = used.iter().map(|s| s.wss_bytes).collect();
+    let rank = |p: f64| ((xs.len() - 1) as f64 * p).round() as usize;
+    let (k50, k95) = (rank(0.5), rank(0.95));
+    let (_, &mut p95, above) = xs.select_nth_unstable(k95);
+    let max = above.iter().copied().max().unwrap_or(p95).max(p95);
+    let p50 = *xs[..=k95].select_nth_unstable(k50).1;
     Demand {
-        mean_bytes: mean,
-        std_bytes: std,
+        mean_bytes: projected.min(mem),
+        std_bytes: sd.max(floor).min(mem),
         trend_bytes_per_h: per_ms * 3.6e6,
         phase_change_at_ms: change.map(|i| recent[i].t_ms),
         samples_used: used.len(),
-        p50_bytes: pct(&sorted, 0.5),
-        p95_bytes: pct(&sorted, 0.95),
-        max_bytes: *sorted.last().unwrap(),
-        dirty_bytes_per_s: dirty,
-        explanation: why,
+        span_ms: used[used.len() - 1].t_ms - used[0].t_ms,
+        p50_bytes: p50,
+        p95_bytes: p95,
+        max_bytes: max,
+        dirty_bytes_per_s: used.iter().map(|s| s.dirty_bytes_per_s).sum::<f64>()
+            / used.len() as f64,
+        error_floor_bytes: floor,
+        lower_bound: vm.lower_bound,
     }
 }
 
@@ -455,101 +474,100 @@ fn group(labels: &BTreeMap<String, String>) -> Option<&String> {
     labels.get(labels::ANTI_AFFINITY).filter(|g| !g.is_empty())
 }
 
-/// The plan for `input`.
+/// Every VM's demand, computed on all CPUs (each VM's alone, so the
+/// result does not depend on how the work is split).
+fn demands_of(vms: &[VmInput], cfg: &Config, now_ms: u64) -> Vec<Demand> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads == 1 || vms.len() < 4096 {
+        return vms.iter().map(|v| demand(v, cfg, now_ms)).collect();
+    }
+    let chunk = vms.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = vms
+            .chunks(chunk)
+            .map(|c| s.spawn(move || c.iter().map(|v| demand(v, cfg, now_ms)).collect::<Vec<_>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().expect("demand computation panicked"))
+            .collect()
+    })
+}
+
+/// How a move is described.
+fn reason_name(r: MoveReason) -> &'static str {
+    match r {
+        MoveReason::Maintenance => "maintenance",
+        MoveReason::Overload => "overload",
+        MoveReason::Consolidation => "consolidation",
+    }
+}
+
+/// The plan for `input`. VMs on hosts not in `input.hosts` are left out.
 pub fn plan(input: &Input, cfg: &Config) -> Plan {
     let z = normal_quantile(1.0 - cfg.risk);
     let hw = cfg.high_watermark;
-    let demands: HashMap<&str, Demand> = input
-        .vms
+    let vms = &input.vms;
+    let host_ix: HashMap<&str, usize> = input
+        .hosts
         .iter()
-        .map(|v| (v.vm_id.as_str(), demand(v, cfg, input.now_ms)))
+        .enumerate()
+        .map(|(i, h)| (h.host_id.as_str(), i))
         .collect();
-    let mut by_host: BTreeMap<&str, Vec<&VmInput>> = BTreeMap::new();
-    for v in &input.vms {
-        by_host.entry(v.host_id.as_str()).or_default().push(v);
-    }
-    let mut state: BTreeMap<&str, HostState> = BTreeMap::new();
-    let mut hosts = Vec::new();
-    for h in &input.hosts {
-        let vms = by_host.get(h.host_id.as_str()).cloned().unwrap_or_default();
-        let mut st = HostState {
-            capacity: h.capacity_bytes as f64,
-            mean: 0.0,
-            var: 0.0,
-            moves: 0,
-            groups: BTreeMap::new(),
-            maintenance: h.maintenance,
-        };
-        let mut vm_plans = Vec::new();
-        let mut committed = 0u64;
-        for v in &vms {
-            let d = &demands[v.vm_id.as_str()];
-            st.mean += d.mean_bytes;
-            st.var += d.std_bytes * d.std_bytes;
-            committed += v.memory_bytes;
-            if let Some(g) = group(&v.labels) {
-                *st.groups.entry(g.clone()).or_default() += 1;
-            }
-            vm_plans.push(VmPlan {
-                vm_id: v.vm_id.clone(),
-                demand: d.clone(),
-                reclaimable_bytes: reclaimable(v, cfg),
-            });
+    let mut demands = demands_of(vms, cfg, input.now_ms);
+    let mut on: Vec<Vec<usize>> = vec![Vec::new(); input.hosts.len()];
+    for (i, v) in vms.iter().enumerate() {
+        if let Some(&h) = host_ix.get(v.host_id.as_str()) {
+            on[h].push(i);
         }
-        let at_risk = st.at_risk(z);
-        let sd = st.var.sqrt();
-        let overflow = if sd > 0.0 {
-            1.0 - normal_cdf((st.capacity - st.mean) / sd)
-        } else if st.mean > st.capacity {
-            1.0
-        } else {
-            0.0
-        };
-        let admissible = (hw * st.capacity - at_risk).max(0.0) as u64;
-        let ratio = if at_risk > 0.0 {
-            committed as f64 / at_risk * hw
-        } else {
-            0.0
-        };
-        let reclaim: u64 = vm_plans.iter().map(|p| p.reclaimable_bytes).sum();
-        hosts.push(HostPlan {
-            host_id: h.host_id.clone(),
-            capacity_bytes: h.capacity_bytes,
-            committed_bytes: committed,
-            demand_mean_bytes: st.mean,
-            demand_std_bytes: sd,
-            demand_at_risk_bytes: at_risk,
-            overflow_probability: overflow,
-            admissible_bytes: admissible,
-            safe_overcommit_ratio: ratio,
-            reclaimable_bytes: reclaim,
-            maintenance: h.maintenance,
-            explanation: format!(
-                "{} VMs, {:.0} MiB committed on {:.0} MiB: demand {:.0} ± {:.0} MiB; at risk {} it reaches {:.0} MiB ({:.0}% of capacity, watermark {:.0}%); P(overflow) {:.2e}",
-                vms.len(),
-                committed as f64 / 1048576.0,
-                st.capacity / 1048576.0,
-                st.mean / 1048576.0,
-                sd / 1048576.0,
-                cfg.risk,
-                at_risk / 1048576.0,
-                at_risk / st.capacity.max(1.0) * 100.0,
-                hw * 100.0,
-                overflow
-            ),
-            vms: vm_plans,
-        });
-        state.insert(h.host_id.as_str(), st);
     }
+    let initial: Vec<HostState> = input
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(h, hi)| {
+            let mut st = HostState {
+                capacity: hi.capacity_bytes as f64,
+                mean: 0.0,
+                var: 0.0,
+                moves: 0,
+                groups: BTreeMap::new(),
+                maintenance: hi.maintenance,
+            };
+            for &i in &on[h] {
+                st.mean += demands[i].mean_bytes;
+                st.var += demands[i].std_bytes * demands[i].std_bytes;
+                if let Some(g) = group(&vms[i].labels) {
+                    *st.groups.entry(g.clone()).or_default() += 1;
+                }
+            }
+            st
+        })
+        .collect();
+    let overflow: Vec<f64> = initial
+        .iter()
+        .map(|st| {
+            let sd = st.var.sqrt();
+            if sd > 0.0 {
+                1.0 - normal_cdf((st.capacity - st.mean) / sd)
+            } else if st.mean > st.capacity {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mut state = initial.clone();
 
     let mut moves: Vec<Move> = Vec::new();
-    let mut moved: BTreeSet<&str> = BTreeSet::new();
+    let mut moved = vec![false; vms.len()];
     let mut unresolved = Vec::new();
-    let movable = |v: &VmInput, moved: &BTreeSet<&str>| -> Result<(f64, f64), String> {
+    let movable = |i: usize, moved: &[bool]| -> Result<(f64, f64), String> {
+        let v = &vms[i];
         if v.labels.get(labels::PINNED).is_some_and(|p| p == "true") {
             return Err("pinned".into());
         }
-        if moved.contains(v.vm_id.as_str()) {
+        if moved[i] {
             return Err("already moving".into());
         }
         if let Some(t) = v.last_moved_ms
@@ -561,7 +579,7 @@ pub fn plan(input: &Input, cfg: &Config) -> Plan {
                 cfg.hysteresis_ms / 1000
             ));
         }
-        let d = &demands[v.vm_id.as_str()];
+        let d = &demands[i];
         copy_cost(v.memory_bytes, d.dirty_bytes_per_s, cfg).ok_or_else(|| {
             format!(
                 "dirties {:.0} MB/s, over {:.0}% of the {:.0} MB/s link: pre-copy would not converge",
@@ -571,163 +589,190 @@ pub fn plan(input: &Input, cfg: &Config) -> Plan {
             )
         })
     };
-
-    // The best destination for `v` (most headroom kept), not `from` nor any
-    // host in `exclude`.
-    let destination = |state: &BTreeMap<&str, HostState>,
-                       v: &VmInput,
-                       from: &str,
-                       exclude: &BTreeSet<&str>,
-                       limit: f64|
-     -> Option<(String, f64)> {
-        let d = &demands[v.vm_id.as_str()];
-        state
-            .iter()
-            .filter(|(id, st)| {
-                **id != from
-                    && !exclude.contains(*id)
-                    && !st.maintenance
-                    && st.moves < cfg.max_moves_per_host
-                    && group(&v.labels).is_none_or(|g| !st.groups.contains_key(g))
-                    && st.with(d, z) <= limit * st.capacity
-            })
-            .map(|(id, st)| (id.to_string(), limit * st.capacity - st.with(d, z)))
-            .max_by(|a, b| a.1.total_cmp(&b.1).then_with(|| b.0.cmp(&a.0)))
-    };
-    let apply = |state: &mut BTreeMap<&str, HostState>, v: &VmInput, to: &str| {
-        let d = &demands[v.vm_id.as_str()];
-        let g = group(&v.labels).cloned();
-        if let Some(src) = state.get_mut(v.host_id.as_str()) {
-            src.mean -= d.mean_bytes;
-            src.var = (src.var - d.std_bytes * d.std_bytes).max(0.0);
-            src.moves += 1;
-            if let Some(g) = &g
-                && let Some(n) = src.groups.get_mut(g)
+    // Hosts by headroom under the watermark at risk, kept up to date, so
+    // the best destination is found without scanning every host: placing a
+    // VM of demand d on a host of headroom H leaves at most H - d.mean.
+    let room_key = |st: &HostState| (hw * st.capacity - st.at_risk(z)).round() as i64;
+    let mut by_room: BTreeSet<(i64, usize)> = state
+        .iter()
+        .enumerate()
+        .map(|(h, st)| (room_key(st), h))
+        .collect();
+    // The destination for VM `i` that keeps the most headroom under the
+    // watermark, other than `from` and the hosts in `exclude`.
+    let destination = |state: &[HostState],
+                       by_room: &BTreeSet<(i64, usize)>,
+                       i: usize,
+                       from: usize,
+                       exclude: &[bool]|
+     -> Option<(usize, f64)> {
+        let d = &demands[i];
+        let g = group(&vms[i].labels);
+        let mut best: Option<(usize, f64)> = None;
+        for &(room, h) in by_room.iter().rev() {
+            let bound = room as f64 + 1.0 - d.mean_bytes;
+            if bound < 0.0 || best.is_some_and(|(_, b)| bound < b) {
+                break;
+            }
+            let st = &state[h];
+            if h == from
+                || exclude[h]
+                || st.maintenance
+                || st.moves >= cfg.max_moves_per_host
+                || g.is_some_and(|g| st.groups.contains_key(g))
             {
-                *n -= 1;
-                if *n == 0 {
-                    src.groups.remove(g);
-                }
+                continue;
+            }
+            let keep = hw * st.capacity - st.with(d, z);
+            if keep >= 0.0 && best.is_none_or(|(bh, b)| keep > b || (keep == b && h < bh)) {
+                best = Some((h, keep));
             }
         }
-        if let Some(dst) = state.get_mut(to) {
-            dst.mean += d.mean_bytes;
-            dst.var += d.std_bytes * d.std_bytes;
-            dst.moves += 1;
-            if let Some(g) = g {
-                *dst.groups.entry(g).or_default() += 1;
+        best
+    };
+    // Move VM `i` from `from` to `to` in the running state, or (undo) back.
+    let apply = |state: &mut [HostState],
+                 by_room: &mut BTreeSet<(i64, usize)>,
+                 i: usize,
+                 from: usize,
+                 to: usize,
+                 undo: bool| {
+        let d = &demands[i];
+        let g = group(&vms[i].labels);
+        let (src, dst) = if undo { (to, from) } else { (from, to) };
+        for h in [src, dst] {
+            by_room.remove(&(room_key(&state[h]), h));
+        }
+        let s = &mut state[src];
+        s.mean -= d.mean_bytes;
+        s.var = (s.var - d.std_bytes * d.std_bytes).max(0.0);
+        if let Some(g) = g
+            && let Some(n) = s.groups.get_mut(g)
+        {
+            *n -= 1;
+            if *n == 0 {
+                s.groups.remove(g);
             }
+        }
+        let t = &mut state[dst];
+        t.mean += d.mean_bytes;
+        t.var += d.std_bytes * d.std_bytes;
+        if let Some(g) = g {
+            *t.groups.entry(g.clone()).or_default() += 1;
+        }
+        for h in [from, to] {
+            if undo {
+                state[h].moves -= 1;
+            } else {
+                state[h].moves += 1;
+            }
+        }
+        for h in [src, dst] {
+            by_room.insert((room_key(&state[h]), h));
         }
     };
+    let host_name = |h: usize| input.hosts[h].host_id.as_str();
+    let mib = |b: f64| b / 1048576.0;
 
     // Hosts to relieve: maintenance first, then by how far over they are.
-    let mut hot: Vec<(&str, f64, bool)> = state
-        .iter()
-        .filter(|(_, st)| st.maintenance || st.hot(z, hw))
-        .map(|(id, st)| (*id, st.at_risk(z) / st.capacity.max(1.0), st.maintenance))
+    let mut hot: Vec<usize> = (0..state.len())
+        .filter(|&h| state[h].maintenance || state[h].hot(z, hw))
         .collect();
-    hot.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.total_cmp(&a.1)));
-    let none = BTreeSet::new();
-    for (h, _, maint) in hot {
-        let overflow = hosts
-            .iter()
-            .find(|p| p.host_id == h)
-            .map_or(0.0, |p| p.overflow_probability);
-        let mut cands: Vec<(&VmInput, f64, f64)> = Vec::new();
+    hot.sort_by(|&a, &b| {
+        let over = |h: usize| state[h].at_risk(z) / state[h].capacity.max(1.0);
+        state[b]
+            .maintenance
+            .cmp(&state[a].maintenance)
+            .then(over(b).total_cmp(&over(a)))
+    });
+    let no_exclusions = vec![false; state.len()];
+    for h in hot {
+        let maint = state[h].maintenance;
+        let mut cands: Vec<(usize, f64, f64)> = Vec::new();
         let mut refused = Vec::new();
-        for v in by_host.get(h).cloned().unwrap_or_default() {
-            match movable(v, &moved) {
-                Ok((bytes, secs)) => cands.push((v, bytes, secs)),
-                Err(why) => refused.push(format!("{}: {why}", v.vm_id)),
+        for &i in &on[h] {
+            match movable(i, &moved) {
+                Ok((bytes, secs)) => cands.push((i, bytes, secs)),
+                Err(why) => refused.push(format!("{}: {why}", vms[i].vm_id)),
             }
         }
         // Cheapest relief first: copy seconds per byte of demand removed.
         cands.sort_by(|a, b| {
-            let r =
-                |c: &(&VmInput, f64, f64)| c.2 / demands[c.0.vm_id.as_str()].mean_bytes.max(1.0);
+            let r = |c: &(usize, f64, f64)| c.2 / demands[c.0].mean_bytes.max(1.0);
             r(a).total_cmp(&r(b))
-                .then_with(|| a.0.vm_id.cmp(&b.0.vm_id))
+                .then_with(|| vms[a.0].vm_id.cmp(&vms[b.0].vm_id))
         });
-        for (v, bytes, secs) in cands {
-            let st = &state[h];
-            let done = if maint { false } else { !st.hot(z, hw) };
-            if done {
+        let (priority, reason) = if maint {
+            (1, MoveReason::Maintenance)
+        } else if overflow[h] > 10.0 * cfg.risk {
+            (2, MoveReason::Overload)
+        } else if overflow[h] > cfg.risk {
+            (3, MoveReason::Overload)
+        } else {
+            (4, MoveReason::Overload)
+        };
+        for (i, bytes, secs) in cands {
+            if !maint && !state[h].hot(z, hw) {
                 break;
             }
-            if st.moves >= cfg.max_moves_per_host {
+            if state[h].moves >= cfg.max_moves_per_host {
                 refused.push(format!(
                     "{}: the host already has {} moves under way",
-                    v.vm_id, cfg.max_moves_per_host
+                    vms[i].vm_id, cfg.max_moves_per_host
                 ));
                 break;
             }
-            let Some((to, keep)) = destination(&state, v, h, &none, hw) else {
+            let Some((to, keep)) = destination(&state, &by_room, i, h, &no_exclusions) else {
                 refused.push(format!(
                     "{}: no host can take {:.0} MiB at risk {} under its watermark",
-                    v.vm_id,
-                    demands[v.vm_id.as_str()].mean_bytes / 1048576.0,
+                    vms[i].vm_id,
+                    mib(demands[i].mean_bytes),
                     cfg.risk
                 ));
                 continue;
             };
-            let (priority, reason) = if maint {
-                (1, MoveReason::Maintenance)
-            } else if overflow > 10.0 * cfg.risk {
-                (2, MoveReason::Overload)
-            } else if overflow > cfg.risk {
-                (3, MoveReason::Overload)
-            } else {
-                (4, MoveReason::Overload)
-            };
-            let before = st.at_risk(z);
-            apply(&mut state, v, &to);
-            moved.insert(v.vm_id.as_str());
+            let before = state[h].at_risk(z);
+            apply(&mut state, &mut by_room, i, h, to, false);
+            moved[i] = true;
             moves.push(Move {
-                vm_id: v.vm_id.clone(),
-                from: h.to_owned(),
-                to: to.clone(),
+                vm_id: vms[i].vm_id.clone(),
+                from: host_name(h).to_owned(),
+                to: host_name(to).to_owned(),
                 priority,
                 reason,
                 copy_bytes: bytes,
                 copy_seconds: secs,
                 explanation: format!(
-                    "{}: host {h} demand at risk {:.0} MiB -> {:.0} MiB (watermark {:.0} MiB); {} keeps {:.0} MiB of headroom; copy {:.0} MiB in {:.1} s at {:.0} MB/s (dirty {:.1} MB/s)",
-                    match reason {
-                        MoveReason::Maintenance => "maintenance",
-                        MoveReason::Overload => "overload",
-                        MoveReason::Consolidation => "consolidation",
-                    },
-                    before / 1048576.0,
-                    state[h].at_risk(z) / 1048576.0,
-                    hw * state[h].capacity / 1048576.0,
-                    to,
-                    keep / 1048576.0,
-                    bytes / 1048576.0,
+                    "{}: host {} demand at risk {:.0} MiB -> {:.0} MiB (watermark {:.0} MiB); {} keeps {:.0} MiB of headroom; copy {:.0} MiB in {:.1} s at {:.0} MB/s (dirty {:.1} MB/s)",
+                    reason_name(reason),
+                    host_name(h),
+                    mib(before),
+                    mib(state[h].at_risk(z)),
+                    mib(hw * state[h].capacity),
+                    host_name(to),
+                    mib(keep),
+                    mib(bytes),
                     secs,
                     cfg.link_bytes_per_s / 1e6,
-                    demands[v.vm_id.as_str()].dirty_bytes_per_s / 1e6
+                    demands[i].dirty_bytes_per_s / 1e6
                 ),
             });
         }
-        let st = &state[h];
-        let left = by_host.get(h).map_or(0, |vs| {
-            vs.iter()
-                .filter(|v| !moved.contains(v.vm_id.as_str()))
-                .count()
-        });
-        if (maint && left > 0) || (!maint && st.hot(z, hw)) {
+        let left = on[h].iter().filter(|&&i| !moved[i]).count();
+        if (maint && left > 0) || (!maint && state[h].hot(z, hw)) {
             unresolved.push(format!(
-                "{h}: {} after the moves ({}){}",
+                "{}: {} after {} moves{}",
+                host_name(h),
                 if maint {
                     format!("{left} VMs remain on a host in maintenance")
                 } else {
                     format!(
                         "demand at risk {:.0}% of capacity, over the {:.0}% watermark",
-                        st.at_risk(z) / st.capacity * 100.0,
+                        state[h].at_risk(z) / state[h].capacity * 100.0,
                         hw * 100.0
                     )
                 },
-                moves.iter().filter(|m| m.from == h).count(),
+                moves.iter().filter(|m| m.from == host_name(h)).count(),
                 if refused.is_empty() {
                     String::new()
                 } else {
@@ -739,68 +784,65 @@ pub fn plan(input: &Input, cfg: &Config) -> Plan {
 
     // Consolidation: empty nearly idle hosts whose every VM fits elsewhere.
     if cfg.consolidate_below > 0.0 {
-        let mut idle: Vec<(&str, f64)> = state
-            .iter()
-            .filter(|(id, st)| {
-                !st.maintenance
-                    && st.moves == 0
-                    && st.at_risk(z) < cfg.consolidate_below * st.capacity
-                    && by_host.get(*id).is_some_and(|v| !v.is_empty())
+        let mut idle: Vec<usize> = (0..state.len())
+            .filter(|&h| {
+                !state[h].maintenance
+                    && state[h].moves == 0
+                    && !on[h].is_empty()
+                    && state[h].at_risk(z) < cfg.consolidate_below * state[h].capacity
             })
-            .map(|(id, st)| (*id, st.at_risk(z)))
             .collect();
-        idle.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(b.0)));
-        let mut emptied: BTreeSet<&str> = BTreeSet::new();
-        for (h, _) in idle {
-            let vms = by_host.get(h).cloned().unwrap_or_default();
+        idle.sort_by(|&a, &b| {
+            state[a]
+                .at_risk(z)
+                .total_cmp(&state[b].at_risk(z))
+                .then(a.cmp(&b))
+        });
+        let mut emptied = vec![false; state.len()];
+        for h in idle {
             // A host that took VMs meanwhile is a destination now, not a
             // host to empty.
-            if state[h].moves > 0 || vms.len() as u32 > cfg.max_moves_per_host {
+            if state[h].moves > 0 || on[h].len() as u32 > cfg.max_moves_per_host {
                 continue;
             }
-            // Try the whole host on a copy of the state; keep it only if all fit.
-            let mut trial = state.clone();
+            // Move the whole host, undoing it all unless every VM fits.
             let mut trial_moves = Vec::new();
-            let mut exclude = emptied.clone();
-            exclude.insert(h);
+            emptied[h] = true;
             let mut ok = true;
-            for v in &vms {
-                let Ok((bytes, secs)) = movable(v, &moved) else {
+            for &i in &on[h] {
+                let (Ok((bytes, secs)), Some((to, _))) = (
+                    movable(i, &moved),
+                    destination(&state, &by_room, i, h, &emptied),
+                ) else {
                     ok = false;
                     break;
                 };
-                // Destinations stay under the watermark; hosts being emptied
-                // take nothing.
-                match destination(&trial, v, h, &exclude, hw) {
-                    Some((to, _)) => {
-                        apply(&mut trial, v, &to);
-                        trial_moves.push((v, to, bytes, secs));
-                    }
-                    None => {
-                        ok = false;
-                        break;
-                    }
-                }
+                apply(&mut state, &mut by_room, i, h, to, false);
+                trial_moves.push((i, to, bytes, secs));
             }
             if !ok {
+                for &(i, to, _, _) in trial_moves.iter().rev() {
+                    apply(&mut state, &mut by_room, i, h, to, true);
+                }
+                emptied[h] = false;
                 continue;
             }
-            state = trial;
-            emptied.insert(h);
-            for (v, to, bytes, secs) in trial_moves {
-                moved.insert(v.vm_id.as_str());
+            for (i, to, bytes, secs) in trial_moves {
+                moved[i] = true;
                 moves.push(Move {
-                    vm_id: v.vm_id.clone(),
-                    from: h.to_owned(),
-                    to: to.clone(),
+                    vm_id: vms[i].vm_id.clone(),
+                    from: host_name(h).to_owned(),
+                    to: host_name(to).to_owned(),
                     priority: 5,
                     reason: MoveReason::Consolidation,
                     copy_bytes: bytes,
                     copy_seconds: secs,
                     explanation: format!(
-                        "consolidation: host {h} is under {:.0}% of its capacity at risk and every VM on it fits elsewhere; {to} stays under its watermark; copy {:.0} MiB in {:.1} s",
+                        "consolidation: host {} is under {:.0}% of its capacity at risk and every VM on it fits elsewhere; {} stays under its watermark; copy {:.0} MiB in {:.1} s",
+                        host_name(h),
                         cfg.consolidate_below * 100.0,
-                        bytes / 1048576.0,
+                        host_name(to),
+                        mib(bytes),
                         secs
                     ),
                 });
@@ -808,6 +850,59 @@ pub fn plan(input: &Input, cfg: &Config) -> Plan {
         }
     }
     moves.sort_by(|a, b| a.priority.cmp(&b.priority).then(a.vm_id.cmp(&b.vm_id)));
+
+    // The hosts as they stand (before the moves), each with its VMs.
+    let mut taken: Vec<Option<Demand>> = demands.drain(..).map(Some).collect();
+    let hosts = input
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(h, hi)| {
+            let st = &initial[h];
+            let sd = st.var.sqrt();
+            let at_risk = st.at_risk(z);
+            let committed: u64 = on[h].iter().map(|&i| vms[i].memory_bytes).sum();
+            let vm_plans: Vec<VmPlan> = on[h]
+                .iter()
+                .map(|&i| VmPlan {
+                    vm_id: vms[i].vm_id.clone(),
+                    demand: taken[i].take().expect("each VM on one host"),
+                    reclaimable_bytes: reclaimable(&vms[i], cfg),
+                })
+                .collect();
+            HostPlan {
+                host_id: hi.host_id.clone(),
+                capacity_bytes: hi.capacity_bytes,
+                committed_bytes: committed,
+                demand_mean_bytes: st.mean,
+                demand_std_bytes: sd,
+                demand_at_risk_bytes: at_risk,
+                overflow_probability: overflow[h],
+                admissible_bytes: (hw * st.capacity - at_risk).max(0.0) as u64,
+                safe_overcommit_ratio: if at_risk > 0.0 {
+                    committed as f64 / at_risk * hw
+                } else {
+                    0.0
+                },
+                reclaimable_bytes: vm_plans.iter().map(|p| p.reclaimable_bytes).sum(),
+                maintenance: hi.maintenance,
+                explanation: format!(
+                    "{} VMs, {:.0} MiB committed on {:.0} MiB: demand {:.0} ± {:.0} MiB; at risk {} it reaches {:.0} MiB ({:.0}% of capacity, watermark {:.0}%); P(overflow) {:.2e}",
+                    on[h].len(),
+                    mib(committed as f64),
+                    mib(st.capacity),
+                    mib(st.mean),
+                    mib(sd),
+                    cfg.risk,
+                    mib(at_risk),
+                    at_risk / st.capacity.max(1.0) * 100.0,
+                    hw * 100.0,
+                    overflow[h]
+                ),
+                vms: vm_plans,
+            }
+        })
+        .collect();
     Plan {
         hosts,
         moves,

@@ -304,7 +304,7 @@ fn demand_follows_growth_and_history_gaps() {
     v.samples.clear();
     let d = demand(&v, &cfg, NOW);
     assert_eq!(d.mean_bytes, 8.0 * GIB as f64);
-    assert!(d.explanation.contains("no working-set history"));
+    assert!(d.explain(cfg.horizon_ms).contains("no working-set history"));
 }
 
 #[test]
