@@ -7,6 +7,7 @@ fn main() {
     let files = [
         "proto/wset/v1/agent.proto",
         "proto/wset/v1/controller.proto",
+        "proto/wset/v1/scheduler.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

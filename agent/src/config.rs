@@ -1,6 +1,7 @@
 //! The agent's configuration, with embedded defaults that work on one machine
 //! with no flags at all.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -75,6 +76,10 @@ pub struct Config {
     pub max_streams: usize,
     /// Limits of the gRPC server.
     pub grpc_limits: wset_serve::ServerLimits,
+    /// Memory the host gives VMs; `None`: the total less a reserve.
+    pub vm_capacity_bytes: Option<u64>,
+    /// Operator labels of the host.
+    pub host_labels: BTreeMap<String, String>,
 }
 
 impl Default for Config {
@@ -104,6 +109,8 @@ impl Default for Config {
             spin: Duration::from_micros(DEFAULT_SPIN_US),
             max_streams: 64,
             grpc_limits: wset_serve::ServerLimits::default(),
+            vm_capacity_bytes: None,
+            host_labels: BTreeMap::new(),
         }
     }
 }

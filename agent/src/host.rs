@@ -18,10 +18,19 @@ pub struct Identity {
     pub uffd_features: String,
     pub rwp_available: bool,
     pub cpus: u32,
+    /// Memory the host gives VMs; `None`: the total less `default_reserve`.
+    pub vm_capacity_bytes: Option<u64>,
+    /// Operator labels (`--host-label`).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Identity {
-    pub fn new(host_id: String, offered_features: u64) -> Self {
+    pub fn new(
+        host_id: String,
+        offered_features: u64,
+        vm_capacity_bytes: Option<u64>,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Self {
         use wset_tracker::uffd::feature;
         Self {
             host_id,
@@ -33,6 +42,8 @@ impl Identity {
             uffd_features: feature::names(offered_features),
             rwp_available: offered_features & feature::RWP != 0,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            vm_capacity_bytes,
+            labels,
         }
     }
 }
@@ -86,6 +97,12 @@ pub fn parse_psi(text: &str) -> Option<pb::MemoryPressure> {
     })
 }
 
+/// Memory kept for the host itself when no VM capacity is configured: a
+/// tenth of the total, at least 1 GiB, at most half.
+pub fn default_reserve(total: u64) -> u64 {
+    (total / 10).max(1 << 30).min(total / 2)
+}
+
 /// The host's facts now.
 pub fn facts(id: &Identity, registry: &Registry, interval_ms: u64) -> pb::HostFacts {
     let (total, available) =
@@ -113,6 +130,10 @@ pub fn facts(id: &Identity, registry: &Registry, interval_ms: u64) -> pb::HostFa
         uffd_features: id.uffd_features.clone(),
         rwp_available: id.rwp_available,
         cpus: id.cpus,
+        vm_capacity_bytes: id
+            .vm_capacity_bytes
+            .unwrap_or_else(|| total - default_reserve(total)),
+        labels: id.labels.clone().into_iter().collect(),
     }
 }
 
@@ -142,6 +163,13 @@ mod tests {
         // No "full" line: zeros.
         let p = parse_psi("some avg10=0.00 avg60=0.00 avg300=0.00 total=5").unwrap();
         assert_eq!((p.some_total_us, p.full_total_us), (5, 0));
+    }
+
+    #[test]
+    fn reserve_for_the_host() {
+        assert_eq!(default_reserve(64 << 30), (64 << 30) / 10);
+        assert_eq!(default_reserve(4 << 30), 1 << 30);
+        assert_eq!(default_reserve(1 << 30), 1 << 29);
     }
 
     #[test]

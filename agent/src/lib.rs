@@ -93,7 +93,12 @@ pub async fn run(
         )));
     }
 
-    let identity = Arc::new(host::Identity::new(cfg.host_name.clone(), offered));
+    let identity = Arc::new(host::Identity::new(
+        cfg.host_name.clone(),
+        offered,
+        cfg.vm_capacity_bytes,
+        cfg.host_labels.clone(),
+    ));
     info!(host_id = %identity.host_id, instance = %identity.instance_id, "agent identity");
     let batches = Arc::new(tokio::sync::watch::Sender::new(Arc::new(
         stream::Snapshot::default(),

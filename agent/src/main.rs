@@ -72,6 +72,14 @@ struct Args {
     /// hostname; set it to the Kubernetes node name in a DaemonSet).
     #[arg(long, env = "WSET_HOST_NAME")]
     host_name: Option<String>,
+    /// Memory this host gives VMs, bytes (default: the total less a tenth,
+    /// at least 1 GiB): the capacity the controller's planner fills.
+    #[arg(long, env = "WSET_VM_CAPACITY_BYTES")]
+    vm_capacity_bytes: Option<u64>,
+    /// Host labels KEY=VALUE, comma-separated; wset.io/maintenance=true asks
+    /// the controller to move every VM away.
+    #[arg(long = "host-label", value_delimiter = ',')]
+    host_labels: Vec<String>,
     /// Summary streams (WatchSummaries) open at once; more are refused.
     #[arg(long, default_value_t = 64)]
     max_streams: usize,
@@ -156,6 +164,17 @@ fn config(a: Args) -> anyhow::Result<Config> {
         wset_agent::handshake::check_host_id(&h)
             .map_err(|e| anyhow::anyhow!("--host-name: {e}"))?;
         c.host_name = h;
+    }
+    c.vm_capacity_bytes = a.vm_capacity_bytes;
+    for l in &a.host_labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--host-label {l:?}: expected KEY=VALUE"))?;
+        anyhow::ensure!(
+            !k.is_empty() && k.len() <= 253 && v.len() <= 253,
+            "--host-label {l:?}: keys are 1 to 253 characters, values at most 253"
+        );
+        c.host_labels.insert(k.to_owned(), v.to_owned());
     }
     anyhow::ensure!(a.max_streams >= 1, "--max-streams must be at least 1");
     c.max_streams = a.max_streams;

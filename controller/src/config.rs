@@ -38,6 +38,9 @@ pub struct Config {
     /// Longest time range one history query may span.
     pub max_query_span: Duration,
     pub grpc_limits: wset_serve::ServerLimits,
+    /// How often the planner runs on fresh history.
+    pub plan_interval: Duration,
+    pub planner: crate::planner::Config,
 }
 
 pub const DAY_MS: u64 = 86_400_000;
@@ -80,6 +83,8 @@ impl Default for Config {
             cache_bytes: 256 << 20,
             max_query_span: Duration::from_millis(400 * DAY_MS),
             grpc_limits: wset_serve::ServerLimits::default(),
+            plan_interval: Duration::from_secs(30),
+            planner: crate::planner::Config::default(),
         }
     }
 }

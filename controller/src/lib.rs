@@ -9,9 +9,11 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod decide;
 pub mod history;
 pub mod ingest;
 pub mod planner;
+pub mod scheduler;
 pub mod service;
 pub mod store;
 
@@ -97,6 +99,22 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
+    let plans: Arc<decide::Plans> = Arc::new(tokio::sync::watch::Sender::new(None));
+    let planning = tokio::spawn(decide::run(
+        store.clone(),
+        shared.clone(),
+        cfg.clone(),
+        plans.clone(),
+        stop_rx.clone(),
+    ));
+    let sched = scheduler::SchedulerService {
+        store: store.clone(),
+        shared: shared.clone(),
+        cfg: cfg.clone(),
+        plans,
+        streams: Arc::new(tokio::sync::Semaphore::new(scheduler::MAX_STREAMS)),
+        stop: stop_rx.clone(),
+    };
     let svc = service::ControllerService {
         store: store.clone(),
         shared: shared.clone(),
@@ -104,12 +122,15 @@ pub async fn run(
         streams: Arc::new(tokio::sync::Semaphore::new(service::MAX_STREAMS)),
         stop: stop_rx.clone(),
     };
-    use wset_proto::v1::controller_service_server::{ControllerServiceServer, SERVICE_NAME};
+    use wset_proto::v1::controller_service_server::{self as ctl, ControllerServiceServer};
+    use wset_proto::v1::scheduler_service_server::{self as sch, SchedulerServiceServer};
+    let limit = cfg.grpc_limits.max_request_bytes;
     let routes = tonic::service::Routes::new(
-        ControllerServiceServer::new(svc)
-            .max_decoding_message_size(cfg.grpc_limits.max_request_bytes),
-    );
-    let (routes, _health) = wset_serve::with_standard_services(routes, &[SERVICE_NAME]).await?;
+        ControllerServiceServer::new(svc).max_decoding_message_size(limit),
+    )
+    .add_service(SchedulerServiceServer::new(sched).max_decoding_message_size(limit));
+    let (routes, _health) =
+        wset_serve::with_standard_services(routes, &[ctl::SERVICE_NAME, sch::SERVICE_NAME]).await?;
     let listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
         .await
         .with_context(|| format!("bind gRPC address {}", cfg.grpc_addr))?;
@@ -127,6 +148,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = discovery.await;
     let _ = maintenance.await;
+    let _ = planning.await;
     // Every sender is gone with discovery: the writer drains and ends.
     tokio::task::spawn_blocking(move || {
         let _ = writer.join();

@@ -52,6 +52,38 @@ struct Args {
     /// Longest wait between reconnection attempts.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     backoff_max: Duration,
+    /// How often the planner runs on fresh history.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    plan_interval: Duration,
+    /// Allowed probability that a host's summed working-set demand exceeds
+    /// the memory it gives VMs.
+    #[arg(long, default_value_t = 0.01)]
+    risk: f64,
+    /// How far ahead demand is predicted.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    horizon: Duration,
+    /// How much history each plan reads.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    lookback: Duration,
+    /// Keep each host's demand at risk under this share of its VM capacity.
+    #[arg(long, default_value_t = 0.85)]
+    high_watermark: f64,
+    /// Empty hosts whose demand at risk is under this share of capacity when
+    /// all their VMs fit elsewhere (0: never).
+    #[arg(long, default_value_t = 0.0)]
+    consolidate_below: f64,
+    /// Bandwidth a live migration may use, Gbit/s.
+    #[arg(long, default_value_t = 10.0)]
+    link_gbps: f64,
+    /// A VM moved less than this long ago is not moved again.
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    hysteresis: Duration,
+    /// Migrations in and out of one host at once.
+    #[arg(long, default_value_t = 2)]
+    max_moves_per_host: u32,
+    /// Memory idle this long counts as reclaimable.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    cold_age: Duration,
     /// sled page cache, MiB.
     #[arg(long, default_value_t = 256)]
     cache_mib: u64,
@@ -93,6 +125,40 @@ fn config(a: Args) -> anyhow::Result<Config> {
         .unwrap_or_else(|| (a.sample_interval * 6).max(Duration::from_secs(30)));
     c.backoff_max = a.backoff_max.max(c.backoff_min);
     c.cache_bytes = a.cache_mib << 20;
+    anyhow::ensure!(
+        a.risk > 0.0 && a.risk < 0.5,
+        "--risk {} must be between 0 and 0.5 (e.g. 0.01)",
+        a.risk
+    );
+    anyhow::ensure!(
+        a.high_watermark > 0.0 && a.high_watermark <= 1.0,
+        "--high-watermark {} must be in (0, 1]",
+        a.high_watermark
+    );
+    anyhow::ensure!(
+        (0.0..a.high_watermark).contains(&a.consolidate_below),
+        "--consolidate-below {} must be at least 0 and below --high-watermark",
+        a.consolidate_below
+    );
+    anyhow::ensure!(a.link_gbps > 0.0, "--link-gbps must be positive");
+    anyhow::ensure!(
+        a.max_moves_per_host >= 1,
+        "--max-moves-per-host must be at least 1"
+    );
+    c.plan_interval = a.plan_interval.max(Duration::from_millis(100));
+    let ms = |d: Duration| d.as_millis() as u64;
+    c.planner = wset_controller::planner::Config {
+        risk: a.risk,
+        horizon_ms: ms(a.horizon),
+        lookback_ms: ms(a.lookback).max(1),
+        high_watermark: a.high_watermark,
+        consolidate_below: a.consolidate_below,
+        link_bytes_per_s: a.link_gbps * 1e9 / 8.0,
+        hysteresis_ms: ms(a.hysteresis),
+        max_moves_per_host: a.max_moves_per_host,
+        cold_age_ms: ms(a.cold_age),
+        ..Default::default()
+    };
     Ok(c)
 }
 

@@ -197,6 +197,8 @@ pub struct HostPlan {
     pub safe_overcommit_ratio: f64,
     pub reclaimable_bytes: u64,
     pub maintenance: bool,
+    /// Anti-affinity groups of the VMs on the host.
+    pub groups: BTreeSet<String>,
     pub vms: Vec<VmPlan>,
     pub explanation: String,
 }
@@ -886,6 +888,7 @@ pub fn plan(input: &Input, cfg: &Config) -> Plan {
                 },
                 reclaimable_bytes: vm_plans.iter().map(|p| p.reclaimable_bytes).sum(),
                 maintenance: hi.maintenance,
+                groups: st.groups.keys().cloned().collect(),
                 explanation: format!(
                     "{} VMs, {:.0} MiB committed on {:.0} MiB: demand {:.0} ± {:.0} MiB; at risk {} it reaches {:.0} MiB ({:.0}% of capacity, watermark {:.0}%); P(overflow) {:.2e}",
                     on[h].len(),
@@ -928,20 +931,10 @@ pub struct Ranked {
     pub explanation: String,
 }
 
-/// Hosts for a new VM, those it fits on first, most headroom kept first.
-pub fn place(input: &Input, req: &PlacementRequest, cfg: &Config) -> Vec<Ranked> {
+/// Hosts for a new VM, those it fits on first, most headroom kept first,
+/// from a plan's view of the hosts as they stand.
+pub fn place(p: &Plan, req: &PlacementRequest, cfg: &Config) -> Vec<Ranked> {
     let z = normal_quantile(1.0 - cfg.risk);
-    let p = plan(
-        &Input {
-            now_ms: input.now_ms,
-            hosts: input.hosts.clone(),
-            vms: input.vms.clone(),
-        },
-        &Config {
-            consolidate_below: 0.0,
-            ..cfg.clone()
-        },
-    );
     let want = if req.expected_wss_bytes > 0 {
         req.expected_wss_bytes.min(req.memory_bytes)
     } else {
@@ -958,11 +951,7 @@ pub fn place(input: &Input, req: &PlacementRequest, cfg: &Config) -> Vec<Ranked>
                 + want
                 + z * (h.demand_std_bytes * h.demand_std_bytes + sd * sd).sqrt();
             let limit = cfg.high_watermark * h.capacity_bytes as f64;
-            let clash = group.is_some_and(|g| {
-                input.vms.iter().any(|v| {
-                    v.host_id == h.host_id && v.labels.get(labels::ANTI_AFFINITY) == Some(g)
-                })
-            });
+            let clash = group.is_some_and(|g| h.groups.contains(g));
             let fits = !h.maintenance && !clash && at_risk <= limit;
             let why = if h.maintenance {
                 "in maintenance".to_owned()

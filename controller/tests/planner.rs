@@ -330,7 +330,8 @@ fn placement_ranks_by_headroom() {
         expected_wss_bytes: 8 * GIB,
         labels: BTreeMap::from([(labels::ANTI_AFFINITY.to_owned(), "db".to_owned())]),
     };
-    let r = place(&input, &req, &Config::default());
+    let cfg = Config::default();
+    let r = place(&plan(&input, &cfg), &req, &cfg);
     let order: Vec<(&str, bool)> = r.iter().map(|x| (x.host_id.as_str(), x.fits)).collect();
     assert_eq!(order[0], ("free", true), "{r:#?}");
     assert_eq!(order[1], ("busy", true), "{r:#?}");

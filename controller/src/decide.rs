@@ -1,0 +1,171 @@
+//! Planning on fresh history: the planner's input is built from the hosts
+//! whose agents are connected, their VMs in the index and each VM's raw
+//! samples over the lookback in the store; the plan is published in a
+//! `watch` channel, every `--plan-interval` and whenever a client asks for
+//! a fresh one. The planner itself (`planner.rs`) stays pure.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use tokio::sync::watch;
+use tracing::{debug, warn};
+use wset_proto::v1 as pb;
+
+use crate::config::Config;
+use crate::ingest::Shared;
+use crate::planner::{self, HostInput, Input, Sample, VmInput};
+use crate::store::{Store, StoreError};
+
+/// A plan with what went into it.
+#[derive(Debug)]
+pub struct PlanRecord {
+    pub id: String,
+    pub created_ms: u64,
+    pub history_from_ms: u64,
+    pub hosts: u32,
+    pub vms: u32,
+    pub samples: u64,
+    pub seconds: f64,
+    pub settings: planner::Config,
+    pub plan: planner::Plan,
+}
+
+/// Host label that puts a host in maintenance.
+pub const MAINTENANCE_LABEL: &str = "wset.io/maintenance";
+
+/// The planner's input now: connected hosts, their tracking VMs, and each
+/// VM's samples (its shortest window's working set) over the lookback.
+pub fn build_input(
+    store: &Store,
+    shared: &Shared,
+    settings: &planner::Config,
+    now_ms: u64,
+) -> Result<(Input, u64), StoreError> {
+    let connected: HashSet<String> = shared
+        .agents
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .filter(|a| a.state == pb::AgentConnectionState::Connected as i32)
+        .map(|a| a.host_id.clone())
+        .collect();
+    let hosts: Vec<HostInput> = shared
+        .hosts
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .filter(|h| connected.contains(&h.host_id))
+        .map(|h| HostInput {
+            host_id: h.host_id.clone(),
+            capacity_bytes: if h.vm_capacity_bytes > 0 {
+                h.vm_capacity_bytes
+            } else {
+                h.memory_total_bytes
+            },
+            maintenance: h.labels.get(MAINTENANCE_LABEL).is_some_and(|v| v == "true"),
+        })
+        .collect();
+    let vms: Vec<pb::ClusterVm> = shared
+        .vms
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .filter(|v| v.state == pb::VmState::Tracking as i32 && connected.contains(&v.host_id))
+        .cloned()
+        .collect();
+    let from = now_ms.saturating_sub(settings.lookback_ms);
+    let mut samples = 0u64;
+    let mut inputs = Vec::with_capacity(vms.len());
+    for v in vms {
+        let points = store.vm_points(&v.vm_id, 0, from, now_ms + 1, usize::MAX)?;
+        samples += points.len() as u64;
+        let latest = v.latest.clone().unwrap_or_default();
+        inputs.push(VmInput {
+            vm_id: v.vm_id.clone(),
+            host_id: v.host_id.clone(),
+            memory_bytes: v.memory_bytes,
+            labels: v.labels.clone().into_iter().collect(),
+            samples: points
+                .iter()
+                .map(|p| Sample {
+                    t_ms: p.timestamp_ms,
+                    wss_bytes: p
+                        .windows
+                        .iter()
+                        .min_by_key(|w| w.window_ms)
+                        .map_or(0, |w| w.wss_bytes),
+                    dirty_bytes_per_s: p.dirty_rate_bytes_per_s,
+                })
+                .collect(),
+            idle_ages: latest
+                .idle_ages
+                .iter()
+                .map(|b| (b.min_age_ms, b.max_age_ms, b.bytes))
+                .collect(),
+            relative_error: latest.relative_error,
+            lower_bound: latest.wss_is_lower_bound,
+            last_moved_ms: (v.moved_at_ms > 0).then_some(v.moved_at_ms),
+        });
+    }
+    Ok((
+        Input {
+            now_ms,
+            hosts,
+            vms: inputs,
+        },
+        samples,
+    ))
+}
+
+static PLAN_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Plan now (call off the async workers).
+pub fn plan_now(store: &Store, shared: &Shared, cfg: &Config) -> Result<PlanRecord, StoreError> {
+    let started = Instant::now();
+    let now = crate::now_ms();
+    let (input, samples) = build_input(store, shared, &cfg.planner, now)?;
+    let plan = planner::plan(&input, &cfg.planner);
+    Ok(PlanRecord {
+        id: format!("plan-{now}-{}", PLAN_SEQ.fetch_add(1, Ordering::Relaxed)),
+        created_ms: now,
+        history_from_ms: now.saturating_sub(cfg.planner.lookback_ms),
+        hosts: input.hosts.len() as u32,
+        vms: input.vms.len() as u32,
+        samples,
+        seconds: started.elapsed().as_secs_f64(),
+        settings: cfg.planner.clone(),
+        plan,
+    })
+}
+
+/// The latest plan; `None` before the first.
+pub type Plans = watch::Sender<Option<Arc<PlanRecord>>>;
+
+/// Plan every `plan_interval` until `stop` changes.
+pub async fn run(
+    store: Store,
+    shared: Arc<Shared>,
+    cfg: Arc<Config>,
+    plans: Arc<Plans>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(cfg.plan_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let (s, sh, c) = (store.clone(), shared.clone(), cfg.clone());
+        match tokio::task::spawn_blocking(move || plan_now(&s, &sh, &c)).await {
+            Ok(Ok(p)) => {
+                debug!(plan = %p.id, hosts = p.hosts, vms = p.vms, moves = p.plan.moves.len(), seconds = p.seconds, "planned");
+                plans.send_replace(Some(Arc::new(p)));
+            }
+            Ok(Err(e)) => warn!(error = %e, "planning failed; the previous plan stands"),
+            Err(e) => warn!(error = %e, "planning task failed"),
+        }
+    }
+}

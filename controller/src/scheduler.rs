@@ -1,0 +1,430 @@
+//! `wset.v1.SchedulerService`: the planner's decisions on the wire, with
+//! request validation and the conversions from the planner's types.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use wset_proto::v1 as pb;
+
+use crate::config::Config;
+use crate::decide::{PlanRecord, Plans, plan_now};
+use crate::ingest::Shared;
+use crate::planner::{self, MoveReason, PlacementRequest};
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerService {
+    pub store: Store,
+    pub shared: Arc<Shared>,
+    pub cfg: Arc<Config>,
+    pub plans: Arc<Plans>,
+    /// One permit per open `WatchDecisions` stream.
+    pub streams: Arc<tokio::sync::Semaphore>,
+    pub stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// `WatchDecisions` streams open at once.
+pub const MAX_STREAMS: usize = 64;
+
+fn settings(c: &planner::Config) -> pb::PlannerSettings {
+    pb::PlannerSettings {
+        risk: c.risk,
+        horizon_ms: c.horizon_ms,
+        lookback_ms: c.lookback_ms,
+        high_watermark: c.high_watermark,
+        consolidate_below: c.consolidate_below,
+        link_bytes_per_s: c.link_bytes_per_s,
+        max_dirty_share: c.max_dirty_share,
+        hysteresis_ms: c.hysteresis_ms,
+        max_moves_per_host: c.max_moves_per_host,
+        cold_age_ms: c.cold_age_ms,
+    }
+}
+
+fn info(r: &PlanRecord) -> pb::PlanInfo {
+    pb::PlanInfo {
+        plan_id: r.id.clone(),
+        created_ms: r.created_ms,
+        history_from_ms: r.history_from_ms,
+        hosts: r.hosts,
+        vms: r.vms,
+        samples: r.samples,
+        settings: Some(settings(&r.settings)),
+        planning_seconds: r.seconds,
+    }
+}
+
+/// The stable id of a migration decision.
+pub fn migration_id(m: &planner::Move) -> String {
+    format!("migration/{}/{}/{}", m.vm_id, m.from, m.to)
+}
+
+fn migration(m: &planner::Move) -> pb::Migration {
+    pb::Migration {
+        decision_id: migration_id(m),
+        vm_id: m.vm_id.clone(),
+        from_host_id: m.from.clone(),
+        to_host_id: m.to.clone(),
+        priority: u32::from(m.priority),
+        reason: match m.reason {
+            MoveReason::Maintenance => pb::MigrationReason::Maintenance,
+            MoveReason::Overload => pb::MigrationReason::Overload,
+            MoveReason::Consolidation => pb::MigrationReason::Consolidation,
+        } as i32,
+        copy_bytes: m.copy_bytes,
+        copy_seconds: m.copy_seconds,
+        explanation: m.explanation.clone(),
+    }
+}
+
+fn vm_demand(v: &planner::VmPlan, memory_bytes: u64, horizon_ms: u64) -> pb::VmDemand {
+    let d = &v.demand;
+    pb::VmDemand {
+        vm_id: v.vm_id.clone(),
+        memory_bytes,
+        mean_bytes: d.mean_bytes,
+        std_bytes: d.std_bytes,
+        trend_bytes_per_h: d.trend_bytes_per_h,
+        phase_change_at_ms: d.phase_change_at_ms.unwrap_or(0),
+        samples_used: d.samples_used as u32,
+        span_ms: d.span_ms,
+        p50_bytes: d.p50_bytes,
+        p95_bytes: d.p95_bytes,
+        max_bytes: d.max_bytes,
+        dirty_rate_bytes_per_s: d.dirty_bytes_per_s,
+        lower_bound: d.lower_bound,
+        reclaimable_bytes: v.reclaimable_bytes,
+        explanation: d.explain(horizon_ms),
+    }
+}
+
+fn host(
+    h: &planner::HostPlan,
+    include_vms: bool,
+    memory: &BTreeMap<String, u64>,
+    horizon_ms: u64,
+) -> pb::HostOvercommit {
+    pb::HostOvercommit {
+        host_id: h.host_id.clone(),
+        capacity_bytes: h.capacity_bytes,
+        committed_bytes: h.committed_bytes,
+        demand_mean_bytes: h.demand_mean_bytes,
+        demand_std_bytes: h.demand_std_bytes,
+        demand_at_risk_bytes: h.demand_at_risk_bytes,
+        overflow_probability: h.overflow_probability,
+        admissible_bytes: h.admissible_bytes,
+        safe_overcommit_ratio: h.safe_overcommit_ratio,
+        reclaimable_bytes: h.reclaimable_bytes,
+        maintenance: h.maintenance,
+        vms: if include_vms {
+            h.vms
+                .iter()
+                .map(|v| vm_demand(v, memory.get(&v.vm_id).copied().unwrap_or(0), horizon_ms))
+                .collect()
+        } else {
+            Vec::new()
+        },
+        explanation: h.explanation.clone(),
+    }
+}
+
+impl SchedulerService {
+    /// The latest plan, or a fresh one when asked (or when none exists yet).
+    async fn plan(&self, replan: bool) -> Result<Arc<PlanRecord>, Status> {
+        if !replan && let Some(p) = self.plans.borrow().clone() {
+            return Ok(p);
+        }
+        let (s, sh, c) = (self.store.clone(), self.shared.clone(), self.cfg.clone());
+        let p = tokio::task::spawn_blocking(move || plan_now(&s, &sh, &c))
+            .await
+            .map_err(|e| Status::internal(format!("planning task failed: {e}")))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let p = Arc::new(p);
+        self.plans.send_replace(Some(p.clone()));
+        Ok(p)
+    }
+
+    fn memory_of_vms(&self) -> BTreeMap<String, u64> {
+        self.shared
+            .vms
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|v| (v.vm_id.clone(), v.memory_bytes))
+            .collect()
+    }
+}
+
+fn update(
+    p: &PlanRecord,
+    before: &BTreeMap<String, pb::Migration>,
+) -> (pb::DecisionUpdate, BTreeMap<String, pb::Migration>) {
+    let now: BTreeMap<String, pb::Migration> = p
+        .plan
+        .moves
+        .iter()
+        .map(|m| (migration_id(m), migration(m)))
+        .collect();
+    let added = now
+        .iter()
+        .filter(|(k, _)| !before.contains_key(*k))
+        .map(|(_, m)| m.clone())
+        .collect();
+    let withdrawn = before
+        .iter()
+        .filter(|(k, _)| !now.contains_key(*k))
+        .map(|(_, m)| m.clone())
+        .collect();
+    (
+        pb::DecisionUpdate {
+            plan: Some(info(p)),
+            added,
+            withdrawn,
+            current: p.plan.moves.iter().map(migration).collect(),
+            unresolved: p.plan.unresolved.clone(),
+        },
+        now,
+    )
+}
+
+#[tonic::async_trait]
+impl pb::scheduler_service_server::SchedulerService for SchedulerService {
+    async fn get_overcommit(
+        &self,
+        req: Request<pb::GetOvercommitRequest>,
+    ) -> Result<Response<pb::GetOvercommitResponse>, Status> {
+        let r = req.into_inner();
+        if !r.host_id.is_empty() && !wset_proto::ids::host_id_ok(&r.host_id) {
+            return Err(Status::invalid_argument(format!(
+                "host_id {:?} must be 1 to 253 characters of A-Z a-z 0-9 . _ - (see ListAgents)",
+                r.host_id.chars().take(80).collect::<String>()
+            )));
+        }
+        let p = self.plan(r.replan).await?;
+        let memory = if r.include_vms {
+            self.memory_of_vms()
+        } else {
+            BTreeMap::new()
+        };
+        let hosts: Vec<pb::HostOvercommit> = p
+            .plan
+            .hosts
+            .iter()
+            .filter(|h| r.host_id.is_empty() || h.host_id == r.host_id)
+            .map(|h| host(h, r.include_vms, &memory, p.settings.horizon_ms))
+            .collect();
+        if !r.host_id.is_empty() && hosts.is_empty() {
+            return Err(Status::not_found(format!(
+                "host {:?} is not in plan {} (its agent is not connected, or unknown: see ListAgents)",
+                r.host_id, p.id
+            )));
+        }
+        Ok(Response::new(pb::GetOvercommitResponse {
+            plan: Some(info(&p)),
+            hosts,
+        }))
+    }
+
+    async fn list_migrations(
+        &self,
+        req: Request<pb::ListMigrationsRequest>,
+    ) -> Result<Response<pb::ListMigrationsResponse>, Status> {
+        let r = req.into_inner();
+        if r.max_priority > 5 {
+            return Err(Status::invalid_argument(format!(
+                "max_priority {} is not 0 (all) or 1 to 5",
+                r.max_priority
+            )));
+        }
+        let p = self.plan(r.replan).await?;
+        let migrations = p
+            .plan
+            .moves
+            .iter()
+            .filter(|m| r.max_priority == 0 || u32::from(m.priority) <= r.max_priority)
+            .map(migration)
+            .collect();
+        Ok(Response::new(pb::ListMigrationsResponse {
+            plan: Some(info(&p)),
+            migrations,
+            unresolved: p.plan.unresolved.clone(),
+        }))
+    }
+
+    type WatchDecisionsStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::DecisionUpdate, Status>>;
+
+    async fn watch_decisions(
+        &self,
+        _req: Request<pb::WatchDecisionsRequest>,
+    ) -> Result<Response<Self::WatchDecisionsStream>, Status> {
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{MAX_STREAMS} WatchDecisions streams are open already; close one"
+            ))
+        })?;
+        let first = self.plan(false).await?;
+        let mut rx = self.plans.subscribe();
+        let mut stop = self.stop.clone();
+        let (tx, out) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (msg, mut sent) = update(&first, &BTreeMap::new());
+            if tx.send(Ok(msg)).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    () = tx.closed() => return,
+                    _ = stop.changed() => return,
+                }
+                let Some(p) = rx.borrow_and_update().clone() else {
+                    continue;
+                };
+                let (msg, now) = update(&p, &sent);
+                if msg.added.is_empty() && msg.withdrawn.is_empty() {
+                    continue;
+                }
+                sent = now;
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            out,
+        )))
+    }
+
+    async fn rank_hosts(
+        &self,
+        req: Request<pb::RankHostsRequest>,
+    ) -> Result<Response<pb::RankHostsResponse>, Status> {
+        let r = req.into_inner();
+        if r.memory_bytes == 0 || r.memory_bytes > crate::history::MAX_MEMORY_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "memory_bytes {} must be between 1 B and 1 PiB",
+                r.memory_bytes
+            )));
+        }
+        if r.expected_wss_bytes > r.memory_bytes {
+            return Err(Status::invalid_argument(format!(
+                "expected_wss_bytes {} is larger than memory_bytes {}",
+                r.expected_wss_bytes, r.memory_bytes
+            )));
+        }
+        if r.labels.len() > 64 {
+            return Err(Status::invalid_argument("labels has more than 64 entries"));
+        }
+        let p = self.plan(false).await?;
+        let ranked = planner::place(
+            &p.plan,
+            &PlacementRequest {
+                memory_bytes: r.memory_bytes,
+                expected_wss_bytes: r.expected_wss_bytes,
+                labels: r.labels.into_iter().collect(),
+            },
+            &p.settings,
+        );
+        Ok(Response::new(pb::RankHostsResponse {
+            plan: Some(info(&p)),
+            hosts: ranked
+                .into_iter()
+                .map(|x| pb::HostRank {
+                    host_id: x.host_id,
+                    fits: x.fits,
+                    headroom_bytes: x.headroom_bytes,
+                    explanation: x.explanation,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn explain_decision(
+        &self,
+        req: Request<pb::ExplainDecisionRequest>,
+    ) -> Result<Response<pb::ExplainDecisionResponse>, Status> {
+        let id = req.into_inner().decision_id;
+        let p = self.plan(false).await?;
+        let horizon = p.settings.horizon_ms;
+        let host_line = |h: &str| {
+            p.plan
+                .hosts
+                .iter()
+                .find(|x| x.host_id == h)
+                .map(|x| format!("host {h}: {}", x.explanation))
+        };
+        let vm_line = |vm: &str| {
+            p.plan
+                .hosts
+                .iter()
+                .flat_map(|h| &h.vms)
+                .find(|v| v.vm_id == vm)
+                .map(|v| {
+                    format!(
+                        "VM {vm}: {}; {:.0} MiB reclaimable (idle {} s or more)",
+                        v.demand.explain(horizon),
+                        v.reclaimable_bytes as f64 / 1048576.0,
+                        p.settings.cold_age_ms / 1000
+                    )
+                })
+        };
+        let not_found = || {
+            Status::not_found(format!(
+                "{id:?} is not a decision of plan {} (see ListMigrations, GetOvercommit)",
+                p.id
+            ))
+        };
+        let parts: Vec<&str> = id.split('/').collect();
+        let (explanation, evidence) = match parts.as_slice() {
+            ["migration", vm, from, to] => {
+                let m = p
+                    .plan
+                    .moves
+                    .iter()
+                    .find(|m| m.vm_id == *vm && m.from == *from && m.to == *to)
+                    .ok_or_else(not_found)?;
+                (
+                    m.explanation.clone(),
+                    [vm_line(vm), host_line(from), host_line(to)]
+                        .into_iter()
+                        .flatten()
+                        .collect(),
+                )
+            }
+            ["host", h] => {
+                let line = host_line(h).ok_or_else(not_found)?;
+                let hp = p
+                    .plan
+                    .hosts
+                    .iter()
+                    .find(|x| x.host_id == *h)
+                    .expect("found");
+                let mut ev: Vec<String> = hp.vms.iter().filter_map(|v| vm_line(&v.vm_id)).collect();
+                ev.extend(
+                    p.plan
+                        .unresolved
+                        .iter()
+                        .filter(|u| u.starts_with(&format!("{h}:")))
+                        .cloned(),
+                );
+                (line, ev)
+            }
+            ["vm", vm] => (vm_line(vm).ok_or_else(not_found)?, Vec::new()),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "decision_id {:?} is not migration/<vm>/<from>/<to>, host/<host_id> or vm/<vm_id>",
+                    id.chars().take(200).collect::<String>()
+                )));
+            }
+        };
+        Ok(Response::new(pb::ExplainDecisionResponse {
+            plan: Some(info(&p)),
+            decision_id: id.clone(),
+            explanation,
+            evidence,
+        }))
+    }
+}
