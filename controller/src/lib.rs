@@ -15,6 +15,7 @@ pub mod ingest;
 pub mod planner;
 pub mod scheduler;
 pub mod service;
+pub mod sim;
 pub mod store;
 
 use std::sync::Arc;

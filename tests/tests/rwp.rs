@@ -296,8 +296,11 @@ fn agent_opts(extra: &[&str]) -> AgentOpts {
     }
 }
 
+/// Long enough that the guest still runs when the slowest test's window
+/// ends: under software emulation the agent's intervals stretch, and a
+/// guest that finished early would leave intervals without accesses.
 fn steady_guest(agent: &Agent, vm_id: &str, backing: &'static str) -> Guest {
-    let script = Script::steady(vec![Touch::read(16, 300), Touch::write(1000, 100)], 15_000);
+    let script = Script::steady(vec![Touch::read(16, 300), Touch::write(1000, 100)], 40_000);
     let mut o = GuestOpts::new(vm_id, script);
     o.kind = "process";
     o.backing = backing;
