@@ -129,7 +129,9 @@ fn main() {
         CAPACITY / GIB,
         VM / GIB
     );
-    println!("| policy | guest memory per host (x capacity) | memory saved vs no overcommit | host-minutes over capacity | hosts ever over | worst overflow |");
+    println!(
+        "| policy | guest memory per host (x capacity) | memory saved vs no overcommit | host-minutes over capacity | hosts ever over | worst overflow |"
+    );
     println!("|---|---|---|---|---|---|");
     let base = out[0].committed as f64;
     for (name, o) in names.iter().zip(&out) {

@@ -10,6 +10,7 @@ pub mod harness;
 pub mod kvm;
 pub mod memory;
 pub mod script;
+pub mod simagent;
 pub mod vmm;
 
 /// Wall-clock milliseconds since the Unix epoch (the clock the controller
