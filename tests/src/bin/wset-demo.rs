@@ -16,6 +16,7 @@ use anyhow::{Context, bail};
 use wset_proto::v1 as pb;
 use wset_proto::v1::agent_service_client::AgentServiceClient;
 use wset_proto::v1::controller_service_client::ControllerServiceClient;
+use wset_proto::v1::scheduler_service_client::SchedulerServiceClient;
 use wset_tests::script::{Op, Phase, Script, Touch};
 
 const GRPC: &str = "127.0.0.1:7070";
@@ -203,11 +204,8 @@ fn run() -> anyhow::Result<()> {
             let _ = agent.kill();
             bail!("wset-controller exited at start ({st}); see its message above");
         }
-        ctl = rt
-            .block_on(ControllerServiceClient::connect(format!(
-                "http://{CONTROLLER}"
-            )))
-            .ok();
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{CONTROLLER}"))?;
+        ctl = rt.block_on(endpoint.connect()).ok();
         if t1.elapsed() > Duration::from_secs(20) {
             let _ = agent.kill();
             let _ = controller.kill();
@@ -215,7 +213,9 @@ fn run() -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut ctl = ctl.expect("connected");
+    let channel = ctl.expect("connected");
+    let mut ctl = ControllerServiceClient::new(channel.clone());
+    let sched = SchedulerServiceClient::new(channel);
     let mut children: Vec<(Child, DemoGuest, Instant)> = Vec::new();
     for g in guests() {
         let child = unblocked(Command::new(bin("wset-guest")?))
@@ -333,7 +333,7 @@ fn run() -> anyhow::Result<()> {
                 )),
             }
         }
-        out.push_str(&controller_line(&rt, &mut ctl));
+        out.push_str(&controller_line(&rt, &mut ctl, &sched));
         println!("{out}");
         let _ = std::io::stdout().flush();
     }
@@ -341,6 +341,7 @@ fn run() -> anyhow::Result<()> {
     // Close our gRPC connection first so the agent has nothing to drain.
     drop(client);
     drop(ctl);
+    drop(sched);
     drop(rt);
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(controller.id() as i32),
@@ -365,6 +366,7 @@ fn run() -> anyhow::Result<()> {
 fn controller_line(
     rt: &tokio::runtime::Runtime,
     ctl: &mut ControllerServiceClient<tonic::transport::Channel>,
+    sched: &SchedulerServiceClient<tonic::transport::Channel>,
 ) -> String {
     let agents = match rt.block_on(ctl.list_agents(pb::ListAgentsRequest {})) {
         Ok(a) => a.into_inner().agents,
@@ -399,6 +401,41 @@ fn controller_line(
             a.summaries_stored,
             if a.last_error.is_empty() { String::new() } else { format!(" (last error: {})", a.last_error) }
         ));
+    }
+    out.push_str(&plan_lines(rt, sched));
+    out
+}
+
+/// The controller's current plan: each host's overcommit figures and the
+/// recommended migrations.
+fn plan_lines(
+    rt: &tokio::runtime::Runtime,
+    sched: &SchedulerServiceClient<tonic::transport::Channel>,
+) -> String {
+    let mut s = sched.clone();
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let mut out = String::new();
+    if let Ok(o) = rt.block_on(s.get_overcommit(pb::GetOvercommitRequest::default())) {
+        for h in o.into_inner().hosts {
+            out.push_str(&format!(
+                "        plan: host {}: demand at risk {:.2} GiB of {:.1} GiB for VMs, {:.1} GiB admissible, safe overcommit {:.1}x, {:.2} GiB reclaimable\n",
+                h.host_id,
+                gib(h.demand_at_risk_bytes),
+                gib(h.capacity_bytes as f64),
+                gib(h.admissible_bytes as f64),
+                h.safe_overcommit_ratio,
+                gib(h.reclaimable_bytes as f64),
+            ));
+        }
+    }
+    if let Ok(m) = rt.block_on(s.list_migrations(pb::ListMigrationsRequest::default())) {
+        let m = m.into_inner();
+        if m.migrations.is_empty() {
+            out.push_str("        plan: no migration recommended\n");
+        }
+        for x in m.migrations {
+            out.push_str(&format!("        plan: move {} from {} to {}: {}\n", x.vm_id, x.from_host_id, x.to_host_id, x.explanation));
+        }
     }
     out
 }
