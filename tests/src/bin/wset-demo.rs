@@ -434,7 +434,10 @@ fn plan_lines(
             out.push_str("        plan: no migration recommended\n");
         }
         for x in m.migrations {
-            out.push_str(&format!("        plan: move {} from {} to {}: {}\n", x.vm_id, x.from_host_id, x.to_host_id, x.explanation));
+            out.push_str(&format!(
+                "        plan: move {} from {} to {}: {}\n",
+                x.vm_id, x.from_host_id, x.to_host_id, x.explanation
+            ));
         }
     }
     out
