@@ -24,12 +24,7 @@ pub use config::Config;
 use registry::Registry;
 
 /// Wall-clock milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use wset_serve::process::now_ms;
 
 /// Put back the pages of every custody file in `state_dir` (left by an
 /// agent that was killed), logging each outcome.

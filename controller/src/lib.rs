@@ -27,12 +27,7 @@ use tracing::{info, warn};
 pub use config::Config;
 
 /// Wall-clock milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use wset_serve::process::now_ms;
 
 /// Queue between the agents' streams and the writer: batches, not bytes.
 const WRITE_QUEUE: usize = 1024;

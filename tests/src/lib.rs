@@ -15,8 +15,4 @@ pub mod vmm;
 
 /// Wall-clock milliseconds since the Unix epoch (the clock the controller
 /// keeps history in).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use wset_controller::now_ms;

@@ -162,6 +162,14 @@ pub mod process {
         }
     }
 
+    /// Wall-clock milliseconds since the Unix epoch (the clock summaries,
+    /// history and plans are stamped with).
+    pub fn now_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
     /// Run `f` to completion on a multi-threaded runtime.
     pub fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
         tokio::runtime::Builder::new_multi_thread()
