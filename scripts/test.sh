@@ -24,6 +24,17 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings ||
 step "building release binaries for the end-to-end tests"
 cargo build --workspace --release --locked --bins || fail "release build failed (above)"
 
+step "the image recipe (scripts/image-rootfs.sh, what the Dockerfile runs)"
+rootfs=$(mktemp -d)
+scripts/image-rootfs.sh "$rootfs" || fail "the image recipe failed (above)"
+for b in wset-agent wset-controller; do
+  "$rootfs/usr/local/bin/$b" --version || fail "$b from the image recipe does not run"
+done
+rm -rf "$rootfs"
+
+step "deploy/: kustomizations rendered and validated against the Kubernetes schemas"
+scripts/validate-deploy.sh || fail "deploy/ validation failed (above)"
+
 step "cargo test (unit, real-kernel, end-to-end; the integrity run takes about 2 minutes)"
 log=$(mktemp)
 set +e
