@@ -24,5 +24,14 @@ cargo bench --locked -p wset-tests --bench guest_slowdown || fail "guest_slowdow
 step "controller history: ingest into sled and a day's query, vs bare sled (about 1 minute)"
 cargo bench --locked -p wset-controller --bench history || fail "history benchmark failed (above)"
 
+step "planner: a full plan for 1k, 10k and 50k hosts x 40 VMs (about 2 minutes)"
+cargo bench --locked -p wset-controller --bench planner || fail "planner benchmark failed (above)"
+
+step "overcommit policies on simulated traces: fixed ratio, average usage, wset (seconds)"
+cargo bench --locked -p wset-controller --bench overcommit || fail "overcommit comparison failed (above)"
+
+step "agent summary-stream fan-out: 0, 1, 8, 32 readers (about 3 minutes)"
+cargo bench --locked -p wset-tests --bench stream_fanout || fail "stream_fanout benchmark failed (above)"
+
 step "harvest cost on Linux 7.3: RWP vs WP_ASYNC, in the kernel lane (about 2 minutes)"
 scripts/kernel-lane.sh --bench || fail "harvest_cost benchmark in the kernel lane failed (above)"
