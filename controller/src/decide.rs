@@ -35,12 +35,14 @@ pub struct PlanRecord {
 /// Host label that puts a host in maintenance.
 pub const MAINTENANCE_LABEL: &str = "wset.io/maintenance";
 
-/// The planner's input now: connected hosts, their tracking VMs, and each
-/// VM's samples (its shortest window's working set) over the lookback.
+/// The planner's input now: connected hosts, their tracking VMs reported
+/// within the last three sample intervals (and 5 s), and each VM's samples
+/// (its shortest window's working set) over the lookback.
 pub fn build_input(
     store: &Store,
     shared: &Shared,
     settings: &planner::Config,
+    sample_interval_ms: u64,
     now_ms: u64,
 ) -> Result<(Input, u64), StoreError> {
     let connected: HashSet<String> = shared
@@ -67,12 +69,21 @@ pub fn build_input(
             maintenance: h.labels.get(MAINTENANCE_LABEL).is_some_and(|v| v == "true"),
         })
         .collect();
+    // A VM its agent stopped reporting (its VMM never registered again after
+    // an agent restart, or the agent forgot it) is not on the host any more
+    // as far as anyone knows: it is left out rather than planned on stale
+    // history.
+    let fresh_ms = 3 * sample_interval_ms + 5000;
     let vms: Vec<pb::ClusterVm> = shared
         .vms
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .values()
-        .filter(|v| v.state == pb::VmState::Tracking as i32 && connected.contains(&v.host_id))
+        .filter(|v| {
+            v.state == pb::VmState::Tracking as i32
+                && connected.contains(&v.host_id)
+                && now_ms.saturating_sub(v.last_seen_ms) <= fresh_ms
+        })
         .cloned()
         .collect();
     let from = now_ms.saturating_sub(settings.lookback_ms);
@@ -125,7 +136,13 @@ static PLAN_SEQ: AtomicU64 = AtomicU64::new(0);
 pub fn plan_now(store: &Store, shared: &Shared, cfg: &Config) -> Result<PlanRecord, StoreError> {
     let started = Instant::now();
     let now = crate::now_ms();
-    let (input, samples) = build_input(store, shared, &cfg.planner, now)?;
+    let (input, samples) = build_input(
+        store,
+        shared,
+        &cfg.planner,
+        cfg.sample_interval.as_millis() as u64,
+        now,
+    )?;
     let plan = planner::plan(&input, &cfg.planner);
     Ok(PlanRecord {
         id: format!("plan-{now}-{}", PLAN_SEQ.fetch_add(1, Ordering::Relaxed)),
@@ -167,5 +184,91 @@ pub async fn run(
             Ok(Err(e)) => warn!(error = %e, "planning failed; the previous plan stands"),
             Err(e) => warn!(error = %e, "planning task failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only hosts whose agents are connected, and only their VMs reported
+    /// lately, go into a plan; each VM with its stored samples.
+    #[test]
+    fn input_from_connected_hosts_and_fresh_vms() {
+        let dir = std::env::temp_dir().join(format!("wset-decide-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir, crate::config::default_levels(), 8 << 20).unwrap();
+        let shared = Shared::default();
+        let now = 1_000_000_000;
+        for (ep, host, state) in [
+            ("a:1", "up", pb::AgentConnectionState::Connected),
+            ("b:1", "down", pb::AgentConnectionState::BackingOff),
+        ] {
+            shared.agents.lock().unwrap().insert(
+                ep.into(),
+                pb::AgentStatus {
+                    endpoint: ep.into(),
+                    host_id: host.into(),
+                    state: state as i32,
+                    ..Default::default()
+                },
+            );
+            shared.hosts.lock().unwrap().insert(
+                host.into(),
+                pb::HostFacts {
+                    host_id: host.into(),
+                    vm_capacity_bytes: 1 << 30,
+                    labels: [(MAINTENANCE_LABEL.to_owned(), "true".to_owned())].into(),
+                    ..Default::default()
+                },
+            );
+        }
+        let vm = |id: &str, host: &str, seen: u64| pb::ClusterVm {
+            vm_id: id.into(),
+            host_id: host.into(),
+            memory_bytes: 1 << 28,
+            state: pb::VmState::Tracking as i32,
+            last_seen_ms: seen,
+            ..Default::default()
+        };
+        for v in [
+            vm("fresh", "up", now - 1000),
+            vm("stale", "up", now - 600_000),
+            vm("away", "down", now),
+        ] {
+            shared.vms.write().unwrap().insert(v.vm_id.clone(), v);
+        }
+        let point = |t| pb::VmHistoryPoint {
+            timestamp_ms: t,
+            windows: vec![pb::WindowStat {
+                window_ms: 10_000,
+                wss_bytes: 5 << 20,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        store
+            .apply(&crate::store::Write {
+                vm_points: vec![
+                    ("fresh".into(), point(now - 2_000)),
+                    ("fresh".into(), point(now - 1_000)),
+                    ("fresh".into(), point(now - 7_200_000)),
+                ],
+                ..Default::default()
+            })
+            .unwrap();
+        let (input, samples) =
+            build_input(&store, &shared, &planner::Config::default(), 10_000, now).unwrap();
+        assert_eq!(input.hosts.len(), 1);
+        assert_eq!(input.hosts[0].host_id, "up");
+        assert!(input.hosts[0].maintenance);
+        assert_eq!(input.hosts[0].capacity_bytes, 1 << 30);
+        let ids: Vec<&str> = input.vms.iter().map(|v| v.vm_id.as_str()).collect();
+        assert_eq!(ids, ["fresh"]);
+        // The sample older than the lookback (an hour) is not read.
+        assert_eq!(samples, 2);
+        assert_eq!(input.vms[0].samples[0].wss_bytes, 5 << 20);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
