@@ -118,17 +118,14 @@ pub async fn run(
         AgentServiceServer::new(svc).max_decoding_message_size(cfg.grpc_limits.max_request_bytes),
     );
     let (routes, _health) = wset_serve::with_standard_services(routes, &[SERVICE_NAME]).await?;
-    let listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
-        .await
-        .with_context(|| format!("bind gRPC address {}", cfg.grpc_addr))?;
-    let mut grpc_stop = stop_rx.clone();
-    let limits = cfg.grpc_limits.clone();
-    let grpc = tokio::spawn(async move {
-        wset_serve::serve("agent", routes, listener, &limits, async move {
-            let _ = grpc_stop.changed().await;
-        })
-        .await
-    });
+    let grpc = wset_serve::spawn(
+        "agent",
+        routes,
+        cfg.grpc_addr,
+        cfg.grpc_limits.clone(),
+        stop_rx.clone(),
+    )
+    .await?;
 
     // Retire VMs whose trackers ended (VMM exit, unmap, failure).
     let reaper = {

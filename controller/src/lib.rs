@@ -127,17 +127,14 @@ pub async fn run(
     .add_service(SchedulerServiceServer::new(sched).max_decoding_message_size(limit));
     let (routes, _health) =
         wset_serve::with_standard_services(routes, &[ctl::SERVICE_NAME, sch::SERVICE_NAME]).await?;
-    let listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
-        .await
-        .with_context(|| format!("bind gRPC address {}", cfg.grpc_addr))?;
-    let mut grpc_stop = stop_rx.clone();
-    let limits = cfg.grpc_limits.clone();
-    let grpc = tokio::spawn(async move {
-        wset_serve::serve("controller", routes, listener, &limits, async move {
-            let _ = grpc_stop.changed().await;
-        })
-        .await
-    });
+    let grpc = wset_serve::spawn(
+        "controller",
+        routes,
+        cfg.grpc_addr,
+        cfg.grpc_limits.clone(),
+        stop_rx.clone(),
+    )
+    .await?;
 
     shutdown.await;
     info!("shutting down: closing agent streams, writing and flushing what arrived");

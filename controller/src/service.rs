@@ -40,6 +40,19 @@ impl From<StoreError> for Status {
     }
 }
 
+/// The range of a history request (both kinds carry the same fields).
+macro_rules! range_of {
+    ($r:expr) => {
+        Range {
+            start_ms: $r.start_ms,
+            end_ms: $r.end_ms,
+            resolution_ms: $r.resolution_ms,
+            page_size: $r.page_size,
+            page_token: std::mem::take(&mut $r.page_token),
+        }
+    };
+}
+
 /// The common fields of both history requests.
 struct Range {
     start_ms: u64,
@@ -298,7 +311,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
         &self,
         req: Request<pb::GetVmHistoryRequest>,
     ) -> Result<Response<pb::GetVmHistoryResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         if r.vm_id.is_empty() {
             return Err(Status::invalid_argument("vm_id is required (see ListVms)"));
         }
@@ -309,17 +322,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
             )));
         }
         let now = now_ms();
-        let q = query(
-            Range {
-                start_ms: r.start_ms,
-                end_ms: r.end_ms,
-                resolution_ms: r.resolution_ms,
-                page_size: r.page_size,
-                page_token: r.page_token,
-            },
-            &self.cfg,
-            now,
-        )?;
+        let q = query(range_of!(r), &self.cfg, now)?;
         let known = self
             .shared
             .vms
@@ -368,7 +371,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
         &self,
         req: Request<pb::GetHostHistoryRequest>,
     ) -> Result<Response<pb::GetHostHistoryResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         if r.host_id.is_empty() {
             return Err(Status::invalid_argument(
                 "host_id is required (see ListAgents)",
@@ -376,17 +379,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
         }
         check_host_id(&r.host_id)?;
         let now = now_ms();
-        let q = query(
-            Range {
-                start_ms: r.start_ms,
-                end_ms: r.end_ms,
-                resolution_ms: r.resolution_ms,
-                page_size: r.page_size,
-                page_token: r.page_token,
-            },
-            &self.cfg,
-            now,
-        )?;
+        let q = query(range_of!(r), &self.cfg, now)?;
         let known = self
             .shared
             .hosts

@@ -78,6 +78,26 @@ pub async fn with_standard_services(
     ))
 }
 
+/// Bind `addr` and serve `routes` there in a task of its own until `stop`
+/// changes (then drain as `serve` does). Binding errors come back at once.
+pub async fn spawn(
+    what: &'static str,
+    routes: Routes,
+    addr: std::net::SocketAddr,
+    limits: ServerLimits,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind the {what} gRPC address {addr}"))?;
+    Ok(tokio::spawn(async move {
+        serve(what, routes, listener, &limits, async move {
+            let _ = stop.changed().await;
+        })
+        .await
+    }))
+}
+
 /// Serve `routes` on `listener` with `limits` until `shutdown` resolves, then
 /// let in-flight calls finish for at most `limits.drain`. `what` names the
 /// server in logs and errors.
