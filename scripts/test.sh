@@ -13,6 +13,8 @@ require_root
 require_device /dev/userfaultfd "userfaultfd (CONFIG_USERFAULTFD) is needed by the tracker tests"
 require_device /dev/kvm "KVM is needed by the KVM guest tests (enable virtualization or nested virtualization)"
 install_packages "${WSET_TEST_PACKAGES[@]}"
+# A real Prometheus (and promtool) scrapes and lints both metrics endpoints.
+install_packages prometheus
 require_grpcurl
 
 step "cargo fmt --check"

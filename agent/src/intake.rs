@@ -118,9 +118,13 @@ pub async fn serve(
     }
 }
 
+fn bump(c: &std::sync::atomic::AtomicU64) {
+    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// One VMM connection, start to end.
 async fn connection(
-    mut stream: UnixStream,
+    stream: UnixStream,
     sock: &SocketConfig,
     cfg: &Config,
     registry: &Registry,
@@ -134,16 +138,34 @@ async fn connection(
         }
     };
     let span = tracing::info_span!("register", peer_pid = pid, peer_uid = uid, socket = %sock.path.display());
-    let _g = span.enter();
+    tracing::Instrument::instrument(
+        handle_peer(stream, pid, uid, sock, cfg, registry, offered),
+        span,
+    )
+    .await
+}
+
+/// The handshake and registration of one peer whose credentials are known.
+async fn handle_peer(
+    mut stream: UnixStream,
+    pid: i32,
+    uid: u32,
+    sock: &SocketConfig,
+    cfg: &Config,
+    registry: &Registry,
+    offered: u64,
+) {
     let (bytes, fds) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_handshake(&stream)).await
     {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
+            bump(&registry.registrations.refused_handshake);
             warn!(error = %e, "handshake refused");
             reply_if_wset(&mut stream, None, &WsetReply::error(e.to_string())).await;
             return;
         }
         Err(_) => {
+            bump(&registry.registrations.refused_handshake);
             warn!(
                 "handshake refused: peer sent no complete handshake within {HANDSHAKE_TIMEOUT:?}"
             );
@@ -153,6 +175,7 @@ async fn connection(
     let hello = match handshake::parse(&bytes) {
         Ok(h) => h,
         Err(e) => {
+            bump(&registry.registrations.refused_handshake);
             warn!(error = %e, "handshake refused");
             reply_if_wset(&mut stream, Some(&bytes), &WsetReply::error(e.to_string())).await;
             return;
@@ -168,9 +191,17 @@ async fn connection(
     } else {
         register(hello, fds, pid, sock, cfg, registry, offered).await
     };
+    let stats = &registry.registrations;
     let reply = match outcome {
-        Ok(r) => r,
+        Ok(r) => {
+            bump(&stats.accepted);
+            r
+        }
         Err(e) => {
+            bump(match e {
+                IntakeError::NotAllowed { .. } => &stats.refused_peer,
+                _ => &stats.refused_registration,
+            });
             warn!(error = %e, "registration refused");
             WsetReply::error(e.to_string())
         }
@@ -496,6 +527,8 @@ async fn start(
         custody_granules: (cfg.custody_max_bytes / granule).min(u32::MAX as u64) as u32,
         seed: cfg.sample_seed.unwrap_or_else(|| now_ms() ^ req.pid as u64),
         started_ms: now_ms(),
+        fault_budget: cfg.sample_fault_budget,
+        max_stride: cfg.max_rearm_stride(),
     };
     let handle = tokio::task::spawn_blocking(move || TrackerHandle::spawn(spec))
         .await

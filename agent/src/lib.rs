@@ -10,6 +10,7 @@ pub mod config;
 pub mod handshake;
 pub mod host;
 pub mod intake;
+pub mod metrics;
 pub mod registry;
 pub mod service;
 pub mod stream;
@@ -105,12 +106,30 @@ pub async fn run(
         batches.clone(),
         stop_rx.clone(),
     ));
+    let streams = Arc::new(tokio::sync::Semaphore::new(cfg.max_streams));
+    let metrics = match cfg.metrics_addr {
+        Some(addr) => {
+            let sources = metrics::Sources {
+                registry: registry.clone(),
+                cfg: cfg.clone(),
+                identity: identity.clone(),
+                streams: streams.clone(),
+            };
+            let render: wset_serve::metrics::Render = Arc::new(move || metrics::render(&sources));
+            Some(
+                wset_serve::metrics::spawn("agent", addr, render, stop_rx.clone())
+                    .await?
+                    .1,
+            )
+        }
+        None => None,
+    };
     let svc = service::AgentService {
         registry: registry.clone(),
         cfg: cfg.clone(),
         identity,
         batches,
-        streams: Arc::new(tokio::sync::Semaphore::new(cfg.max_streams)),
+        streams,
         stop: stop_rx.clone(),
     };
     use wset_proto::v1::agent_service_server::{AgentServiceServer, SERVICE_NAME};
@@ -172,6 +191,9 @@ pub async fn run(
     reaper.abort();
     publisher.abort();
     grpc.await.context("gRPC server task")??;
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     for s in &cfg.sockets {
         let _ = std::fs::remove_file(&s.path);
     }

@@ -26,6 +26,10 @@ struct Args {
     /// gRPC listen address.
     #[arg(long, env = "WSET_GRPC_ADDR")]
     grpc_addr: Option<SocketAddr>,
+    /// Prometheus metrics address (GET /metrics), or "off"
+    /// [default: 127.0.0.1:7080].
+    #[arg(long, env = "WSET_METRICS_ADDR", value_parser = wset_serve::metrics::parse_addr)]
+    metrics_addr: Option<wset_serve::metrics::Addr>,
     /// State directory (custody files).
     #[arg(long, env = "WSET_STATE_DIR")]
     state_dir: Option<PathBuf>,
@@ -68,6 +72,11 @@ struct Args {
     /// (0: never). Spinning spares the guest the wake-up of a halted CPU per fault.
     #[arg(long, default_value_t = wset_agent::config::DEFAULT_SPIN_US)]
     spin_us: u64,
+    /// Sampled memfd guests: faults per second per VM the agent may cause by
+    /// re-confirming pages already known hot (0: every interval, no budget).
+    /// Pages not known hot are always watched; the summary states the stride.
+    #[arg(long, default_value_t = wset_agent::config::DEFAULT_SAMPLE_FAULT_BUDGET)]
+    sample_fault_budget: u32,
     /// This host's name in summaries and host facts (default: the kernel's
     /// hostname; set it to the Kubernetes node name in a DaemonSet).
     #[arg(long, env = "WSET_HOST_NAME")]
@@ -123,6 +132,9 @@ fn config(a: Args) -> anyhow::Result<Config> {
     if let Some(x) = a.grpc_addr {
         c.grpc_addr = x;
     }
+    if let Some(x) = a.metrics_addr {
+        c.metrics_addr = x.0;
+    }
     if let Some(x) = a.state_dir {
         c.state_dir = x;
     }
@@ -148,6 +160,7 @@ fn config(a: Args) -> anyhow::Result<Config> {
     c.sample_seed = a.sample_seed;
     c.exact_dirty = a.dirty == "exact";
     c.spin = Duration::from_micros(a.spin_us);
+    c.sample_fault_budget = a.sample_fault_budget;
     if !a.age_buckets_ms.is_empty() {
         let mut b = a.age_buckets_ms;
         b.sort_unstable();
@@ -184,8 +197,13 @@ fn config(a: Args) -> anyhow::Result<Config> {
 fn main() -> std::process::ExitCode {
     use wset_serve::process;
     let args = Args::parse();
-    process::init_tracing(args.log_json);
-    let result = config(args)
-        .and_then(|cfg| process::block_on(wset_agent::run(cfg, process::shutdown_signal())));
+    let json = args.log_json;
+    let result = config(args).and_then(|cfg| {
+        process::run(
+            "wset-agent",
+            json,
+            wset_agent::run(cfg, process::shutdown_signal()),
+        )
+    });
     process::exit("wset-agent", result)
 }

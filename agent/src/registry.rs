@@ -2,7 +2,7 @@
 //! touches the registry; trackers never wait on its lock.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,22 @@ pub enum RegistryError {
 pub struct Registry {
     vms: Mutex<HashMap<String, Entry>>,
     next_cpu: AtomicUsize,
+    /// How registrations went, for the metrics.
+    pub registrations: RegistrationStats,
+}
+
+/// Registration outcomes since start; all monotonic.
+#[derive(Debug, Default)]
+pub struct RegistrationStats {
+    pub accepted: AtomicU64,
+    /// Unreadable, malformed or late handshakes.
+    pub refused_handshake: AtomicU64,
+    /// Peers outside the allow-list.
+    pub refused_peer: AtomicU64,
+    /// Registrations past the rate limit.
+    pub refused_rate: AtomicU64,
+    /// Well-formed registrations that failed (bad fds, regions, duplicates).
+    pub refused_registration: AtomicU64,
 }
 
 impl Registry {
@@ -199,6 +215,11 @@ impl Registry {
                 .map(|(le_ns, count)| wset_proto::v1::LatencyBucket { le_ns, count })
                 .collect(),
         })
+    }
+
+    /// The shared tracker state of one VM.
+    pub fn shared(&self, vm_id: &str) -> Option<std::sync::Arc<VmShared>> {
+        self.lock().get(vm_id).map(|e| e.shared.clone())
     }
 
     pub fn tracking_count(&self) -> usize {

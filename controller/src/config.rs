@@ -11,6 +11,8 @@ use crate::history::Level;
 pub struct Config {
     /// Address of the controller's gRPC server.
     pub grpc_addr: SocketAddr,
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`); `None`: off.
+    pub metrics_addr: Option<SocketAddr>,
     /// The sled store lives here.
     pub data_dir: PathBuf,
     /// Agent endpoints (`host:port`) subscribed to always.
@@ -68,6 +70,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             grpc_addr: "127.0.0.1:7071".parse().expect("static address"),
+            metrics_addr: Some("127.0.0.1:7081".parse().expect("static address")),
             data_dir: "/var/lib/wset/controller".into(),
             agents: vec!["127.0.0.1:7070".into()],
             agents_dns: None,

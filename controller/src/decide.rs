@@ -134,6 +134,13 @@ static PLAN_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// Plan now (call off the async workers).
 pub fn plan_now(store: &Store, shared: &Shared, cfg: &Config) -> Result<PlanRecord, StoreError> {
+    let span = tracing::info_span!(
+        "plan",
+        hosts = tracing::field::Empty,
+        vms = tracing::field::Empty,
+        moves = tracing::field::Empty
+    );
+    let _e = span.enter();
     let started = Instant::now();
     let now = crate::now_ms();
     let (input, samples) = build_input(
@@ -144,6 +151,9 @@ pub fn plan_now(store: &Store, shared: &Shared, cfg: &Config) -> Result<PlanReco
         now,
     )?;
     let plan = planner::plan(&input, &cfg.planner);
+    span.record("hosts", input.hosts.len());
+    span.record("vms", input.vms.len());
+    span.record("moves", plan.moves.len());
     Ok(PlanRecord {
         id: format!("plan-{now}-{}", PLAN_SEQ.fetch_add(1, Ordering::Relaxed)),
         created_ms: now,

@@ -56,6 +56,16 @@ impl Default for Shared {
 }
 
 impl Shared {
+    /// Every agent's status now.
+    pub fn agent_list(&self) -> Vec<pb::AgentStatus> {
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn agent(&self, endpoint: &str, f: impl FnOnce(&mut pb::AgentStatus)) {
         let mut a = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = a.get_mut(endpoint) {
@@ -135,6 +145,13 @@ pub fn writer(store: Store, shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>) {
                 summaries,
                 events,
             } => {
+                let span = tracing::info_span!(
+                    "ingest",
+                    agent = %endpoint,
+                    host_id = %host.host_id,
+                    summaries = summaries.len()
+                );
+                let _e = span.enter();
                 let (w, updated) = index_batch(
                     &shared,
                     &mut persisted,

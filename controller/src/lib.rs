@@ -12,6 +12,7 @@ pub mod config;
 pub mod decide;
 pub mod history;
 pub mod ingest;
+pub mod metrics;
 pub mod planner;
 pub mod scheduler;
 pub mod service;
@@ -82,6 +83,7 @@ pub async fn run(
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let queue = tx.downgrade();
     let discovery = tokio::spawn(ingest::discover(
         cfg.clone(),
         shared.clone(),
@@ -103,6 +105,22 @@ pub async fn run(
         plans.clone(),
         stop_rx.clone(),
     ));
+    let metrics = match cfg.metrics_addr {
+        Some(addr) => {
+            let sources = metrics::Sources {
+                shared: shared.clone(),
+                plans: plans.clone(),
+                queue,
+            };
+            let render: wset_serve::metrics::Render = Arc::new(move || metrics::render(&sources));
+            Some(
+                wset_serve::metrics::spawn("controller", addr, render, stop_rx.clone())
+                    .await?
+                    .1,
+            )
+        }
+        None => None,
+    };
     let sched = scheduler::SchedulerService {
         store: store.clone(),
         shared: shared.clone(),
@@ -151,6 +169,9 @@ pub async fn run(
     .await
     .context("writer shutdown")?;
     grpc.await.context("gRPC server task")??;
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     info!("stopped cleanly");
     Ok(())
 }

@@ -19,6 +19,10 @@ struct Args {
     /// gRPC listen address [default: 127.0.0.1:7071].
     #[arg(long, env = "WSET_CONTROLLER_ADDR")]
     grpc_addr: Option<SocketAddr>,
+    /// Prometheus metrics address (GET /metrics), or "off"
+    /// [default: 127.0.0.1:7081].
+    #[arg(long, env = "WSET_METRICS_ADDR", value_parser = wset_serve::metrics::parse_addr)]
+    metrics_addr: Option<wset_serve::metrics::Addr>,
     /// Directory of the history store [default: /var/lib/wset/controller].
     #[arg(long, env = "WSET_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -97,6 +101,9 @@ fn config(a: Args) -> anyhow::Result<Config> {
     if let Some(x) = a.grpc_addr {
         c.grpc_addr = x;
     }
+    if let Some(x) = a.metrics_addr {
+        c.metrics_addr = x.0;
+    }
     if let Some(x) = a.data_dir {
         c.data_dir = x;
     }
@@ -165,8 +172,13 @@ fn config(a: Args) -> anyhow::Result<Config> {
 fn main() -> std::process::ExitCode {
     use wset_serve::process;
     let args = Args::parse();
-    process::init_tracing(args.log_json);
-    let result = config(args)
-        .and_then(|cfg| process::block_on(wset_controller::run(cfg, process::shutdown_signal())));
+    let json = args.log_json;
+    let result = config(args).and_then(|cfg| {
+        process::run(
+            "wset-controller",
+            json,
+            wset_controller::run(cfg, process::shutdown_signal()),
+        )
+    });
     process::exit("wset-controller", result)
 }

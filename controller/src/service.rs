@@ -200,15 +200,9 @@ impl pb::controller_service_server::ControllerService for ControllerService {
         &self,
         _req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        let agents = self
-            .shared
-            .agents
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        Ok(Response::new(pb::ListAgentsResponse { agents }))
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: self.shared.agent_list(),
+        }))
     }
 
     async fn list_vms(

@@ -4,6 +4,10 @@
 //! memfd memory, WP_ASYNC dirty tracking on anonymous memory), in
 //! alternating rounds; the ratio of work done is the slowdown.
 //!
+//! On memfd guests a third arm runs the agent with `--sample-fault-budget 0`
+//! (every hot sampled granule re-armed every interval), which shows what the
+//! default fault budget saves.
+//!
 //! Run: cargo build --release --bins && cargo bench -p wset-tests --bench guest_slowdown
 //! WSET_BENCH_SECS sets each round's length (default 10), WSET_BENCH_ROUNDS
 //! the number of rounds per configuration (default 5).
@@ -27,20 +31,32 @@ fn rounds() -> usize {
         .unwrap_or(5)
 }
 
-fn default_agent() -> Agent {
+#[derive(Clone, Copy, PartialEq)]
+enum Arm {
+    Untracked,
+    Defaults,
+    NoBudget,
+}
+
+fn default_agent(arm: Arm) -> Agent {
     Agent::start(AgentOpts {
         interval_ms: 2000,
         windows_ms: vec![10_000, 60_000, 300_000, 1_800_000],
         access: "4096".into(),
-        extra: vec![],
+        extra: if arm == Arm::NoBudget {
+            vec!["--sample-fault-budget".into(), "0".into()]
+        } else {
+            vec![]
+        },
         snapshot: None,
         state_dir: None,
         grpc_addr: None,
+        env: vec![],
     })
 }
 
 /// Work done (periods of the script) in one round.
-fn round(kind: &'static str, backing: &'static str, tracked: bool) -> f64 {
+fn round(kind: &'static str, backing: &'static str, arm: Arm) -> f64 {
     let p = Phase {
         name: "work".into(),
         touches: vec![
@@ -69,8 +85,8 @@ fn round(kind: &'static str, backing: &'static str, tracked: bool) -> f64 {
     o.backing = backing;
     o.mem_mib = 256;
     o.fill_seed = Some(1);
-    let (agent, mut g) = if tracked {
-        let a = default_agent();
+    let (agent, mut g) = if arm != Arm::Untracked {
+        let a = default_agent(arm);
         let g = Guest::start(&a, o);
         (Some(a), g)
     } else {
@@ -104,22 +120,32 @@ fn main() {
         ("process", "memfd"),
         ("process", "anon"),
     ] {
-        let (mut off, mut on) = (Vec::new(), Vec::new());
+        let mut arms = vec![Arm::Untracked, Arm::Defaults];
+        if backing == "memfd" {
+            arms.push(Arm::NoBudget);
+        }
+        let mut results: Vec<Vec<f64>> = vec![Vec::new(); arms.len()];
         for r in 0..rounds() {
-            if r % 2 == 0 {
-                off.push(round(kind, backing, false));
-                on.push(round(kind, backing, true));
-            } else {
-                on.push(round(kind, backing, true));
-                off.push(round(kind, backing, false));
+            // Rotate the order so no arm always runs first.
+            for i in 0..arms.len() {
+                let a = (i + r) % arms.len();
+                results[a].push(round(kind, backing, arms[a]));
             }
             eprintln!("{kind}/{backing}: round {}/{} done", r + 1, rounds());
         }
-        let (off, on) = (median(off), median(on));
+        let m: Vec<f64> = results.into_iter().map(median).collect();
+        let (off, on) = (m[0], m[1]);
         println!(
             "  {kind:>7} guest, {backing:>5}: untracked {off:>9.1} passes/s, tracked {on:>9.1} passes/s, ratio {:.3}x, slowdown {:+.2}% (target <= 2%)",
             on / off,
             (1.0 - on / off) * 100.0
         );
+        if let Some(&nb) = m.get(2) {
+            println!(
+                "  {kind:>7} guest, {backing:>5}: without the fault budget {nb:>9.1} passes/s, ratio {:.3}x, slowdown {:+.2}%",
+                nb / off,
+                (1.0 - nb / off) * 100.0
+            );
+        }
     }
 }

@@ -51,6 +51,7 @@ fn run(rwp: &str, touched_pages: u32) -> Figures {
         snapshot: None,
         state_dir: None,
         grpc_addr: None,
+        env: vec![],
     });
     let p = Phase {
         name: "work".into(),

@@ -117,6 +117,24 @@ pub fn spawn_server(
     }
 }
 
+/// The metrics address a server logged at start (`... metrics at
+/// http://ADDR/metrics`).
+fn logged_metrics_addr(log: &Mutex<Vec<String>>, tag: &str) -> String {
+    let log = log.lock().unwrap();
+    log.iter()
+        .find_map(|l| {
+            let i = l.find("metrics at http://")?;
+            let rest = &l[i + "metrics at http://".len()..];
+            Some(rest.split('/').next()?.to_owned())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the {tag} logged no metrics address; its log:\n{}",
+                log.join("\n")
+            )
+        })
+}
+
 /// A running agent.
 #[derive(Debug)]
 pub struct Agent {
@@ -143,6 +161,8 @@ pub struct AgentOpts {
     pub state_dir: Option<PathBuf>,
     /// gRPC address (default: a free loopback port).
     pub grpc_addr: Option<String>,
+    /// Environment variables of the agent process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for AgentOpts {
@@ -155,6 +175,7 @@ impl Default for AgentOpts {
             snapshot: None,
             state_dir: None,
             grpc_addr: None,
+            env: vec![],
         }
     }
 }
@@ -183,13 +204,16 @@ impl Agent {
             )
             .arg("--grpc-addr")
             .arg(opts.grpc_addr.as_deref().unwrap_or("127.0.0.1:0"))
+            .arg("--metrics-addr")
+            .arg("127.0.0.1:0")
             .arg("--interval-ms")
             .arg(opts.interval_ms.to_string())
             .arg("--windows-ms")
             .arg(windows.join(","))
             .arg("--access")
             .arg(&opts.access)
-            .args(&opts.extra);
+            .args(&opts.extra)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)));
         let (child, log, grpc_addr) = spawn_server(cmd, "agent");
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -209,6 +233,11 @@ impl Agent {
 
     pub fn log(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Where the agent serves Prometheus metrics (`host:port`).
+    pub fn metrics_addr(&self) -> String {
+        logged_metrics_addr(&self.log, "agent")
     }
 
     /// Wait until a log line containing `needle` appears.
@@ -592,6 +621,8 @@ impl Controller {
             data_dir.display().to_string(),
             "--grpc-addr".into(),
             "127.0.0.1:0".into(),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
         ];
         if !agents.is_empty() {
             a.extend(["--agents".into(), agents.join(",")]);
@@ -631,6 +662,11 @@ impl Controller {
 
     pub fn log(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Where the controller serves Prometheus metrics (`host:port`).
+    pub fn metrics_addr(&self) -> String {
+        logged_metrics_addr(&self.log, "controller")
     }
 
     /// Run one call against the controller's service.

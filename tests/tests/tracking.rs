@@ -27,6 +27,7 @@ fn opts(access: &str) -> AgentOpts {
         snapshot: None,
         state_dir: None,
         grpc_addr: None,
+        env: vec![],
     }
 }
 

@@ -115,6 +115,8 @@ fn tracker_round_with(spin: Duration) -> (Duration, Vec<u32>) {
         custody_granules: 0,
         seed: 1,
         started_ms: 0,
+        fault_budget: 0,
+        max_stride: 1,
     })
     .unwrap();
     let out = touch_all(mem.ptr as usize);

@@ -76,6 +76,11 @@ pub struct EpochCounts {
     pub written: u32,
     pub sample_accessed: u32,
     pub sample_written: u32,
+    /// Estimated sampled granules accessed / written that the sampler did
+    /// not watch this epoch (hot granules left unarmed to keep within the
+    /// fault budget), from the hot granules it did re-arm.
+    pub sample_accessed_unwatched: u32,
+    pub sample_written_unwatched: u32,
 }
 
 /// The shared state of one tracked VM.
@@ -96,8 +101,16 @@ pub struct VmShared {
     /// Distinct sampled granules accessed / written in each epoch.
     sample_accessed_in: [AtomicU32; EPOCH_RING],
     sample_written_in: [AtomicU32; EPOCH_RING],
+    /// Estimates for the sampled granules left unwatched in each epoch.
+    unwatched_accessed_in: [AtomicU32; EPOCH_RING],
+    unwatched_written_in: [AtomicU32; EPOCH_RING],
+    /// Hot sampled granules are re-armed once every `stride` intervals (1:
+    /// every interval); the sampler sets it from its fault budget.
+    stride: AtomicU32,
     pub counters: Counters,
     latency: [AtomicU64; LATENCY_BOUNDS_NS.len() + 1],
+    /// Sum of the fault-service latencies counted in `latency`, ns.
+    latency_sum_ns: AtomicU64,
     state: AtomicU8,
     end_reason: OnceLock<String>,
     started_ms: u64,
@@ -135,8 +148,12 @@ impl VmShared {
             written_in: std::array::from_fn(|_| AtomicU32::new(0)),
             sample_accessed_in: std::array::from_fn(|_| AtomicU32::new(0)),
             sample_written_in: std::array::from_fn(|_| AtomicU32::new(0)),
+            unwatched_accessed_in: std::array::from_fn(|_| AtomicU32::new(0)),
+            unwatched_written_in: std::array::from_fn(|_| AtomicU32::new(0)),
+            stride: AtomicU32::new(1),
             counters: Counters::default(),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency_sum_ns: AtomicU64::new(0),
             state: AtomicU8::new(TrackerState::Tracking as u8),
             end_reason: OnceLock::new(),
             started_ms,
@@ -195,7 +212,27 @@ impl VmShared {
         self.written_in[next].store(0, Relaxed);
         self.sample_accessed_in[next].store(0, Relaxed);
         self.sample_written_in[next].store(0, Relaxed);
+        self.unwatched_accessed_in[next].store(0, Relaxed);
+        self.unwatched_written_in[next].store(0, Relaxed);
         self.epoch.store(e + 1, Release);
+    }
+
+    /// Tracker only, before closing epoch `e`: the estimated accesses and
+    /// writes of sampled granules it left unwatched during `e`.
+    pub fn set_unwatched(&self, e: u32, accessed: u32, written: u32) {
+        let i = e as usize % EPOCH_RING;
+        self.unwatched_accessed_in[i].store(accessed, Relaxed);
+        self.unwatched_written_in[i].store(written, Relaxed);
+    }
+
+    /// Tracker only: the re-arm stride now in force.
+    pub fn set_stride(&self, stride: u32) {
+        self.stride.store(stride.max(1), Relaxed);
+    }
+
+    /// Hot sampled granules are re-armed once every this many intervals.
+    pub fn stride(&self) -> u32 {
+        self.stride.load(Relaxed)
     }
 
     /// Tracker only: count one fault served in `ns` nanoseconds.
@@ -206,6 +243,12 @@ impl VmShared {
             .position(|&b| ns <= b)
             .unwrap_or(LATENCY_BOUNDS_NS.len());
         self.latency[i].fetch_add(1, Relaxed);
+        self.latency_sum_ns.fetch_add(ns, Relaxed);
+    }
+
+    /// Sum of every fault-service latency in the histogram, ns.
+    pub fn latency_sum_ns(&self) -> u64 {
+        self.latency_sum_ns.load(Relaxed)
     }
 
     /// Fault-service latency histogram: `(upper bound ns, or 0 for +inf; count)`.
@@ -242,6 +285,8 @@ impl VmShared {
             written: self.written_in[i].load(Relaxed),
             sample_accessed: self.sample_accessed_in[i].load(Relaxed),
             sample_written: self.sample_written_in[i].load(Relaxed),
+            sample_accessed_unwatched: self.unwatched_accessed_in[i].load(Relaxed),
+            sample_written_unwatched: self.unwatched_written_in[i].load(Relaxed),
         })
     }
 

@@ -230,15 +230,17 @@ pub fn summarize(s: &VmShared, plan: &Plan, cfg: &SummaryConfig, now_ms: u64) ->
     // Rates over the last completed interval.
     let (access_rate, dirty_rate) = match s.epoch_counts(cur.saturating_sub(1)) {
         Some(c) => {
+            // Hot granules the sampler left unwatched count as estimated
+            // from the ones it re-armed (see `Tracker::rearm_access`).
             let acc = if sampled {
-                scale(c.sample_accessed as u64)
+                scale(c.sample_accessed as u64 + c.sample_accessed_unwatched as u64)
             } else {
                 c.accessed as u64 * gb
             };
             let secs = interval as f64 / 1000.0;
             let written = c.written as u64 * gb;
             let written = if sampled_writes {
-                scale(c.sample_written as u64).max(written)
+                scale(c.sample_written as u64 + c.sample_written_unwatched as u64).max(written)
             } else {
                 written
             };
@@ -292,6 +294,13 @@ fn error_estimate(
                 0.0
             };
             let half = Z95 * (p * (1.0 - p) / k as f64).sqrt() * fpc;
+            let stride = match s.stride() {
+                1 => String::new(),
+                k => format!(
+                    "; hot granules re-armed every {k} intervals to stay within the fault \
+                     budget, so their per-interval rates are estimated from the ones re-armed"
+                ),
+            };
             // Never report less than one granule of uncertainty in the sample.
             let floor = 1.0 / k as f64 * fpc;
             ErrorEstimate {
@@ -300,7 +309,7 @@ fn error_estimate(
                 lower_bound: false,
                 basis: format!(
                     "reads and writes sampled on {k} of {n} granules of {gb} B, {interval_ms} ms \
-                     interval; 95% binomial interval; {dirty}"
+                     interval; 95% binomial interval; {dirty}{stride}"
                 ),
             }
         }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::custody::{Custody, CustodyHeader};
 use crate::plan::{Access, Dirty, Plan};
-use crate::shared::{TrackerState, VmShared};
+use crate::shared::{NEVER, TrackerState, VmShared};
 use crate::uffd::{Event, Resolve, Uffd, UffdMsg, fault_flag, feature, pagemap};
 
 /// One contiguous range of guest memory in the VMM's address space.
@@ -58,6 +58,13 @@ pub struct TrackerSpec {
     /// Seed of the sample draw.
     pub seed: u64,
     pub started_ms: u64,
+    /// Sampled tracking: the faults per second the guest may take for
+    /// re-confirming granules already known hot (0: no budget, re-arm every
+    /// hot granule every interval). New accesses are always watched.
+    pub fault_budget: u32,
+    /// Sampled tracking: re-arm each hot granule at least every this many
+    /// intervals (keep it below the shortest window, in intervals).
+    pub max_stride: u32,
 }
 
 /// Why a tracker could not start.
@@ -403,6 +410,65 @@ struct Tracker {
     msgs: Box<[UffdMsg; MSG_BATCH]>,
     deferred: Vec<(u64, u64)>,
     scan_buf: Box<[pagemap::PageRegion]>,
+    /// Sampled tracking, per granule: `epoch << 1 | skipped` of the last
+    /// tick that re-armed (skipped = 0) or deliberately left unarmed
+    /// (skipped = 1) a hot granule.
+    armed_tick: Box<[u32]>,
+    strata: Strata,
+    fault_budget: u32,
+    max_stride: u32,
+    interval_ms: u64,
+}
+
+/// Hot sampled granules in the epoch in progress: those re-armed at its
+/// start and those left unwatched, with the first accesses and writes seen
+/// in each. The re-armed ones stand for the unwatched ones in the rates.
+#[derive(Debug, Default)]
+struct Strata {
+    rearmed: u32,
+    skipped: u32,
+    rearmed_accessed: u32,
+    rearmed_written: u32,
+    skipped_accessed: u32,
+    skipped_written: u32,
+}
+
+impl Strata {
+    /// Estimated first accesses and writes of the skipped granules that
+    /// were not seen: the re-armed granules' proportions applied to them,
+    /// less what was seen anyway (writes to pages still write-protected).
+    fn unseen(&self) -> (u32, u32) {
+        if self.skipped == 0 {
+            return (0, 0);
+        }
+        // Without a re-armed granule to go by, hot granules are taken to
+        // have stayed hot (and their writes to be those seen).
+        let (pa, pw) = if self.rearmed == 0 {
+            (1.0, 0.0)
+        } else {
+            (
+                self.rearmed_accessed as f64 / self.rearmed as f64,
+                self.rearmed_written as f64 / self.rearmed as f64,
+            )
+        };
+        let est = |p: f64| (self.skipped as f64 * p).round() as u32;
+        (
+            est(pa).saturating_sub(self.skipped_accessed),
+            est(pw).saturating_sub(self.skipped_written),
+        )
+    }
+}
+
+/// How many intervals apart hot sampled granules are re-armed so that `hot`
+/// of them fault at most `budget` times per second over `interval_ms`.
+pub fn rearm_stride(hot: u32, budget: u32, interval_ms: u64, max_stride: u32) -> u32 {
+    if budget == 0 || hot == 0 {
+        return 1;
+    }
+    let per_interval = (budget as u64 * interval_ms / 1000).max(1);
+    (hot as u64)
+        .div_ceil(per_interval)
+        .clamp(1, max_stride.max(1) as u64) as u32
 }
 
 impl Tracker {
@@ -490,6 +556,7 @@ impl Tracker {
         // A VMM that is already gone is noticed at the first tick instead.
         let pidfd = pidfd_open(spec.pid).ok();
         let snapshot_backed = source.is_some();
+        let sampled = matches!(spec.plan.access, Access::ShmemSampled { .. });
         let t = Self {
             name: spec.name,
             uffd: spec.uffd,
@@ -517,6 +584,11 @@ impl Tracker {
             msgs: Box::new([UffdMsg::default(); MSG_BATCH]),
             deferred: Vec::with_capacity(DEFERRED_CAP),
             scan_buf: vec![pagemap::PageRegion::default(); SCAN_VEC].into_boxed_slice(),
+            armed_tick: vec![0; if sampled { granules } else { 0 }].into_boxed_slice(),
+            strata: Strata::default(),
+            fault_budget: spec.fault_budget,
+            max_stride: spec.max_stride.max(1),
+            interval_ms: spec.interval.as_millis() as u64,
         };
         t.arm()?;
         Ok(t)
@@ -819,6 +891,20 @@ impl Tracker {
             (false, false, _) => &c.missing_faults,
         };
         counter.fetch_add(1, Relaxed);
+        if let Some(&m) = self.armed_tick.get(g)
+            && m >> 1 == e
+        {
+            let first_access = (self.shared.access_epoch(g) != e) as u32;
+            let first_write = (write && self.shared.write_epoch(g) != e) as u32;
+            let st = &mut self.strata;
+            if m & 1 == 0 {
+                st.rearmed_accessed += first_access;
+                st.rearmed_written += first_write;
+            } else {
+                st.skipped_accessed += first_access;
+                st.skipped_written += first_write;
+            }
+        }
         self.shared.record(g, e, write);
         let slot = self.custody_slot(g);
         if slot.is_none() && !self.slot_of.is_empty() {
@@ -934,6 +1020,8 @@ impl Tracker {
     /// The interval tick: harvest, re-arm, advance the epoch.
     fn tick(&mut self) -> io::Result<()> {
         let e = self.shared.epoch();
+        // A span per interval (not per fault); free when nobody listens.
+        let _span = tracing::info_span!("harvest", vm = %self.name, epoch = e).entered();
         let t0 = now_ns();
         if let Access::Rwp { sync } = self.plan.access {
             self.harvest_rwp(e, sync)?;
@@ -950,7 +1038,9 @@ impl Tracker {
             Dirty::Watched | Dirty::SoftDirty | Dirty::None => {}
         }
         if self.custody.is_some() {
-            self.rearm_access()?;
+            let (a, w) = self.strata.unseen();
+            self.shared.set_unwatched(e, a, w);
+            self.rearm_access(e)?;
         }
         let c = &self.shared.counters;
         c.harvest_ns.fetch_add(now_ns().saturating_sub(t0), Relaxed);
@@ -1069,15 +1159,54 @@ impl Tracker {
 
     /// Take every watched granule that was accessed since it was last armed
     /// back into custody (or mark it armed if it is a hole).
-    fn rearm_access(&mut self) -> io::Result<()> {
+    /// Arm the watched granules accessed since they were last armed, at the
+    /// tick closing epoch `e`. Under a fault budget, granules already known
+    /// hot are re-armed in turn, a `stride`-th of them each interval (each
+    /// at least every `max_stride` intervals); granules never accessed are
+    /// always armed, so a new access is seen in the interval it happens.
+    fn rearm_access(&mut self, e: u32) -> io::Result<()> {
+        let sampled = !self.armed_tick.is_empty();
+        let stride = if sampled {
+            let hot = self
+                .sample
+                .iter()
+                .filter(|&&g| {
+                    let g = g as usize;
+                    self.slot_of[g] == UNARMED
+                        && !self.removed[g]
+                        && self.shared.access_epoch(g) != NEVER
+                })
+                .count() as u32;
+            rearm_stride(hot, self.fault_budget, self.interval_ms, self.max_stride)
+        } else {
+            1
+        };
+        self.shared.set_stride(stride);
+        self.strata = Strata::default();
+        let next = (e + 1) << 1;
         for i in 0..self.sample.len() {
             let g = self.sample[i] as usize;
             if self.slot_of[g] != UNARMED || self.removed[g] {
                 continue;
             }
+            let a = self.shared.access_epoch(g);
+            let hot = sampled && a != NEVER;
+            if hot
+                && stride > 1
+                && !(i as u32).wrapping_add(e).is_multiple_of(stride)
+                && e + 1 - a < stride
+            {
+                self.armed_tick[g] = next | 1;
+                self.strata.skipped += 1;
+                continue;
+            }
             if !self.evict(g)? {
                 self.shared.counters.custody_full.fetch_add(1, Relaxed);
                 break;
+            }
+            if hot {
+                self.armed_tick[g] = next;
+                self.strata.rearmed += 1;
             }
         }
         Ok(())
@@ -1295,6 +1424,45 @@ unsafe impl Send for SourceMap {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stride_keeps_hot_faults_within_the_budget() {
+        // No budget, or nothing hot: every interval.
+        assert_eq!(rearm_stride(1000, 0, 2000, 4), 1);
+        assert_eq!(rearm_stride(0, 32, 2000, 4), 1);
+        // 64 faults fit a 2 s interval at 32/s.
+        assert_eq!(rearm_stride(64, 32, 2000, 4), 1);
+        assert_eq!(rearm_stride(65, 32, 2000, 4), 2);
+        assert_eq!(rearm_stride(192, 32, 2000, 4), 3);
+        // Never beyond the cap, whatever the hot set.
+        assert_eq!(rearm_stride(100_000, 32, 2000, 4), 4);
+        // A budget below one fault per interval still allows one.
+        assert_eq!(rearm_stride(3, 1, 100, 8), 3);
+    }
+
+    #[test]
+    fn unwatched_granules_are_estimated_from_the_rearmed() {
+        let none = Strata::default();
+        assert_eq!(none.unseen(), (0, 0));
+        // Half the re-armed ones were read, a quarter written: 300 skipped
+        // -> 150 read and 75 written, less the 10 and 5 seen anyway.
+        let s = Strata {
+            rearmed: 100,
+            skipped: 300,
+            rearmed_accessed: 50,
+            rearmed_written: 25,
+            skipped_accessed: 10,
+            skipped_written: 5,
+        };
+        assert_eq!(s.unseen(), (140, 70));
+        // Nothing re-armed: the skipped ones are taken as still hot.
+        let s = Strata {
+            skipped: 40,
+            skipped_written: 3,
+            ..Strata::default()
+        };
+        assert_eq!(s.unseen(), (40, 0));
+    }
 
     #[test]
     fn sample_is_distinct_sorted_and_deterministic() {

@@ -274,3 +274,128 @@ fn shmem_sampled_estimates_within_its_error() {
     assert_eq!(mem.check(0x1234, &[]), 0);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Run a sampled memfd guest with a quarter of memory read and an eighth
+/// written every interval, under `budget` faults/s (0: none) and at most
+/// `max_stride`; returns the summary, the stride in force and the faults
+/// the guest took per interval.
+fn sampled_hot_guest(
+    budget: u32,
+    max_stride: u32,
+    name: &str,
+) -> (wset_tracker::summary::Summary, u32, f64) {
+    let pages = 4096;
+    let mem = Arc::new(Mem::memfd(pages));
+    mem.fill(0x1234);
+    let (uffd, p) = common::planned_uffd(
+        BackingKind::Shmem,
+        AccessMode::Sampled { granules: 1024 },
+        pages,
+    );
+    let dir = custody_dir(name);
+    let memfd = mem.memfd.as_ref().unwrap().try_clone().unwrap();
+    let spec = common::spec(
+        uffd,
+        &mem,
+        p.clone(),
+        INTERVAL,
+        Some(memfd),
+        Some(dir.join("vm.custody")),
+    );
+    let h = TrackerHandle::spawn(wset_tracker::TrackerSpec {
+        fault_budget: budget,
+        max_stride,
+        ..spec
+    })
+    .unwrap();
+    wait_epochs(&h, 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers = toucher(mem.clone(), 0..1024, None, stop.clone());
+    let writers = toucher(mem.clone(), 1024..1536, Some(0xD1D1), stop.clone());
+    // Settle for two strides, then count faults over ten intervals.
+    wait_epochs(&h, 10);
+    let f0 = h.shared().counters.faults_handled.load(Ordering::Relaxed);
+    let e0 = h.shared().epoch();
+    wait_epochs(&h, 10);
+    let faults = h.shared().counters.faults_handled.load(Ordering::Relaxed) - f0;
+    let epochs = h.shared().epoch() - e0;
+    let cfg = SummaryConfig {
+        windows_ms: vec![600, 1500],
+        age_buckets_ms: vec![0, 600],
+        heat_slices: 4,
+    };
+    let s = summarize(h.shared(), &p, &cfg, 0);
+    let stride = h.shared().stride();
+    stop.store(true, Ordering::Relaxed);
+    readers.join().unwrap();
+    writers.join().unwrap();
+    h.stop();
+    let overrides: Vec<(usize, u64)> = (1024..1536).map(|p| (p, 0xD1D1)).collect();
+    assert_eq!(mem.check(0x1234, &overrides), 0, "guest memory damaged");
+    std::fs::remove_dir_all(dir).unwrap();
+    (s, stride, faults as f64 / epochs as f64)
+}
+
+#[test]
+fn shmem_sampled_under_a_fault_budget_keeps_its_estimates() {
+    // 1536 hot pages of 4096: ~384 hot granules in a 1024-granule sample.
+    // A budget of 500/s is 50 per 100 ms interval: stride 8, capped at 4.
+    let (free, free_stride, free_faults) = sampled_hot_guest(0, 4, "nobudget");
+    let (s, stride, faults) = sampled_hot_guest(500, 4, "budget");
+    eprintln!(
+        "faults per interval: {free_faults:.0} without a budget, {faults:.0} with (stride {stride}); \
+         access rate {:.0} / {:.0} B/s, dirty rate {:.0} / {:.0} B/s (truth {} / {})",
+        free.access_rate_bytes_per_s,
+        s.access_rate_bytes_per_s,
+        free.dirty_rate_bytes_per_s,
+        s.dirty_rate_bytes_per_s,
+        1536 * PAGE * 10,
+        512 * PAGE * 10
+    );
+    assert_eq!(free_stride, 1);
+    assert_eq!(stride, 4, "{s:#?}");
+    assert!(
+        faults < free_faults / 2.5,
+        "faults per interval with the budget {faults:.0} vs {free_faults:.0} without"
+    );
+    assert!(
+        s.error.basis.contains("re-armed every 4 intervals"),
+        "{}",
+        s.error.basis
+    );
+    let secs = INTERVAL.as_secs_f64();
+    for (what, sum) in [("without", &free), ("with", &s)] {
+        // The working set and the dirty bytes over the windows.
+        let mem = sum.memory_bytes as f64;
+        for w in &sum.windows {
+            let err = (w.wss_bytes as f64 - (1536 * PAGE) as f64).abs() / mem;
+            assert!(
+                err <= sum.error.relative_error * 1.5,
+                "{what} budget, {} ms window: {} vs truth {} ({err:.4} of memory, stated {:.4})",
+                w.window_ms,
+                w.wss_bytes,
+                1536 * PAGE,
+                sum.error.relative_error
+            );
+            let derr = (w.dirty_bytes as f64 - (512 * PAGE) as f64).abs() / mem;
+            assert!(
+                derr <= sum.error.relative_error * 1.5,
+                "{what} budget: dirty {w:?}"
+            );
+        }
+        // Per-interval rates: every hot page is accessed each interval.
+        let acc_truth = (1536 * PAGE) as f64 / secs;
+        let dirty_truth = (512 * PAGE) as f64 / secs;
+        let tol = sum.error.relative_error * 1.5 * mem / secs;
+        assert!(
+            (sum.access_rate_bytes_per_s - acc_truth).abs() <= tol,
+            "{what} budget: access rate {} vs {acc_truth}",
+            sum.access_rate_bytes_per_s
+        );
+        assert!(
+            (sum.dirty_rate_bytes_per_s - dirty_truth).abs() <= tol,
+            "{what} budget: dirty rate {} vs {dirty_truth}",
+            sum.dirty_rate_bytes_per_s
+        );
+    }
+}

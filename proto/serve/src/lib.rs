@@ -6,6 +6,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod metrics;
+
 use std::future::Future;
 use std::time::Duration;
 
@@ -163,23 +165,126 @@ pub mod process {
     use std::future::Future;
     use std::process::ExitCode;
 
-    /// Log to stderr (plain, no colours) or as JSON lines; `RUST_LOG`
-    /// filters (default `info`).
-    pub fn init_tracing(json: bool) {
+    /// Logging and tracing for the process's life. Drop it, or better call
+    /// [`Telemetry::shutdown`], at exit so the last spans are exported.
+    #[derive(Debug)]
+    pub struct Telemetry {
+        provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    }
+
+    impl Telemetry {
+        /// Whether spans go to an OTLP endpoint.
+        pub fn exporting(&self) -> bool {
+            self.provider.is_some()
+        }
+
+        /// Export what is left and stop the exporter (off the async workers:
+        /// the exporter's channel runs on them).
+        pub async fn shutdown(mut self) {
+            if let Some(p) = self.provider.take() {
+                let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
+            }
+        }
+    }
+
+    impl Drop for Telemetry {
+        fn drop(&mut self) {
+            if let Some(p) = self.provider.take() {
+                let _ = p.shutdown();
+            }
+        }
+    }
+
+    /// Whether the standard OpenTelemetry variables ask for OTLP export
+    /// (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+    /// set, `OTEL_SDK_DISABLED` not `true`, `OTEL_TRACES_EXPORTER` not `none`).
+    pub fn otlp_requested() -> bool {
+        let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
+        let is =
+            |k: &str, v: &str| std::env::var(k).is_ok_and(|x| x.trim().eq_ignore_ascii_case(v));
+        (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+            && !is("OTEL_SDK_DISABLED", "true")
+            && !is("OTEL_TRACES_EXPORTER", "none")
+    }
+
+    /// Log to stderr (plain, no colours) or as JSON lines on stdout;
+    /// `RUST_LOG` filters (default `info`). When [`otlp_requested`], spans
+    /// (registration, harvests, gRPC calls, ingest, planning) are also
+    /// exported over OTLP/gRPC as the standard `OTEL_*` variables say
+    /// (endpoint, headers, timeout, compression, `OTEL_SERVICE_NAME`,
+    /// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_*`); `service` is the service
+    /// name unless `OTEL_SERVICE_NAME` gives one. Call it inside the runtime:
+    /// the exporter's channel runs on it.
+    pub fn init_tracing(service: &'static str, json: bool) -> anyhow::Result<Telemetry> {
+        use anyhow::Context;
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::Layer as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+
         let filter =
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-        if json {
-            tracing_subscriber::fmt()
-                .json()
-                .with_env_filter(filter)
-                .init();
+        let fmt = if json {
+            tracing_subscriber::fmt::layer().json().boxed()
         } else {
-            tracing_subscriber::fmt()
+            tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
                 .with_ansi(false)
-                .with_env_filter(filter)
-                .init();
+                .boxed()
+        };
+        let (otel, provider) = if otlp_requested() {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()
+                .context("set up the OTLP span exporter (check OTEL_EXPORTER_OTLP_ENDPOINT)")?;
+            let mut resource = opentelemetry_sdk::Resource::builder();
+            if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+                resource = resource.with_service_name(service);
+            }
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(resource.build())
+                .build();
+            let tracer = provider.tracer(service);
+            // The exporter's own transport must not feed spans back to it.
+            let quiet: tracing_subscriber::filter::Targets = "info,h2=off,hyper=off,hyper_util=off,tonic=off,tower=off,opentelemetry=off,opentelemetry_sdk=off,opentelemetry_otlp=off"
+                .parse()
+                .expect("static filter");
+            (
+                Some(
+                    tracing_opentelemetry::layer()
+                        .with_tracer(tracer)
+                        .with_filter(quiet),
+                ),
+                Some(provider),
+            )
+        } else {
+            (None, None)
+        };
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt)
+            .with(otel)
+            .try_init()
+            .context("install the tracing subscriber")?;
+        if provider.is_some() {
+            tracing::info!(service, "exporting spans over OTLP");
         }
+        Ok(Telemetry { provider })
+    }
+
+    /// Run the process's `main_fn` on a multi-threaded runtime with
+    /// logging and tracing set up ([`init_tracing`]) around it.
+    pub fn run<F>(service: &'static str, json: bool, main_fn: F) -> anyhow::Result<()>
+    where
+        F: Future<Output = anyhow::Result<()>>,
+    {
+        block_on(async move {
+            let telemetry = init_tracing(service, json)?;
+            let r = main_fn.await;
+            telemetry.shutdown().await;
+            r
+        })
     }
 
     /// Wall-clock milliseconds since the Unix epoch (the clock summaries,

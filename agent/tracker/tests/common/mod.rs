@@ -114,6 +114,8 @@ pub fn spec(
         custody_granules: (mem.len as u64 / PAGE) as u32,
         seed: 7,
         started_ms: 0,
+        fault_budget: 0,
+        max_stride: 1,
     }
 }
 

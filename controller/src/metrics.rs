@@ -1,0 +1,221 @@
+//! The controller's Prometheus metrics, rendered on each scrape from the
+//! ingest state and the latest plan.
+
+use std::sync::Arc;
+
+use wset_proto::v1 as pb;
+use wset_serve::metrics::{Exposition, Kind};
+
+use crate::decide::Plans;
+use crate::ingest::{Msg, Shared};
+
+/// Everything a scrape reads.
+#[derive(Debug)]
+pub struct Sources {
+    pub shared: Arc<Shared>,
+    pub plans: Arc<Plans>,
+    /// The writer's queue (weak: the writer still ends when ingest does).
+    pub queue: tokio::sync::mpsc::WeakSender<Msg>,
+}
+
+pub fn render(s: &Sources) -> String {
+    let now = crate::now_ms();
+    let secs = |ms: u64| now.saturating_sub(ms) as f64 / 1000.0;
+    let mut e = Exposition::new();
+    e.family(
+        "wset_controller_info",
+        Kind::Gauge,
+        "The controller and its version (value 1).",
+    )
+    .sample(
+        "wset_controller_info",
+        &[("version", env!("CARGO_PKG_VERSION"))],
+        1.0,
+    );
+
+    let agents = s.shared.agent_list();
+    e.family(
+        "wset_controller_agents",
+        Kind::Gauge,
+        "Agents known, by connection state.",
+    );
+    for state in [
+        pb::AgentConnectionState::Connecting,
+        pb::AgentConnectionState::Connected,
+        pb::AgentConnectionState::BackingOff,
+    ] {
+        let n = agents.iter().filter(|a| a.state == state as i32).count();
+        let name = state
+            .as_str_name()
+            .trim_start_matches("AGENT_CONNECTION_STATE_")
+            .to_lowercase();
+        e.sample("wset_controller_agents", &[("state", &name)], n as f64);
+    }
+    type Field = fn(&pb::AgentStatus) -> Option<f64>;
+    let per_agent: [(&str, Kind, &str, Field); 8] = [
+        (
+            "wset_controller_agent_batches_total",
+            Kind::Counter,
+            "Summary batches received from the agent.",
+            |a| Some(a.batches_received as f64),
+        ),
+        (
+            "wset_controller_agent_summaries_stored_total",
+            Kind::Counter,
+            "VM summaries from the agent written to history.",
+            |a| Some(a.summaries_stored as f64),
+        ),
+        (
+            "wset_controller_agent_summaries_rejected_total",
+            Kind::Counter,
+            "VM summaries from the agent refused as malformed (never stored).",
+            |a| Some(a.summaries_rejected as f64),
+        ),
+        (
+            "wset_controller_agent_batches_skipped_total",
+            Kind::Counter,
+            "Batches the agent made that this subscription skipped (read too slowly): dropped events.",
+            |a| Some(a.batches_skipped as f64),
+        ),
+        (
+            "wset_controller_agent_reconnects_total",
+            Kind::Counter,
+            "Times the subscription to the agent was re-established.",
+            |a| Some(a.reconnects as f64),
+        ),
+        (
+            "wset_controller_ingest_lag_seconds",
+            Kind::Gauge,
+            "Seconds since the agent's latest batch was applied (absent before the first).",
+            |a| (a.last_batch_ms > 0).then_some(a.last_batch_ms as f64),
+        ),
+        (
+            "wset_controller_durable_lag_seconds",
+            Kind::Gauge,
+            "Seconds of the agent's batches not yet flushed to disk (what a controller crash would lose).",
+            |a| (a.durable_through_ms > 0).then_some(a.durable_through_ms as f64),
+        ),
+        (
+            "wset_controller_agent_clock_skew_seconds",
+            Kind::Gauge,
+            "Agent clock minus controller clock at the latest batch.",
+            |a| (a.last_batch_ms > 0).then_some(a.clock_skew_ms as f64 / 1000.0),
+        ),
+    ];
+    for (name, kind, help, field) in per_agent {
+        e.family(name, kind, help);
+        for a in &agents {
+            let Some(v) = field(a) else { continue };
+            let v = if name.ends_with("_lag_seconds") {
+                secs(v as u64)
+            } else {
+                v
+            };
+            e.sample(name, &[("agent", &a.endpoint), ("host_id", &a.host_id)], v);
+        }
+    }
+
+    let (vms, tracking) = {
+        let v = s.shared.vms.read().unwrap_or_else(|p| p.into_inner());
+        let tracking = v
+            .values()
+            .filter(|x| x.state == pb::VmState::Tracking as i32)
+            .count();
+        (v.len(), tracking)
+    };
+    e.family(
+        "wset_controller_vms",
+        Kind::Gauge,
+        "VMs in the index: all ever seen, and those tracking at their latest report.",
+    )
+    .sample("wset_controller_vms", &[("state", "known")], vms as f64)
+    .sample(
+        "wset_controller_vms",
+        &[("state", "tracking")],
+        tracking as f64,
+    );
+    if let Some(q) = s.queue.upgrade() {
+        e.family(
+            "wset_controller_write_queue_depth",
+            Kind::Gauge,
+            "Batches waiting for the history writer.",
+        )
+        .sample(
+            "wset_controller_write_queue_depth",
+            &[],
+            (q.max_capacity() - q.capacity()) as f64,
+        );
+    }
+
+    let plan = s.plans.borrow().clone();
+    if let Some(p) = plan {
+        e.family(
+            "wset_controller_plan_age_seconds",
+            Kind::Gauge,
+            "Seconds since the latest plan was made.",
+        )
+        .sample("wset_controller_plan_age_seconds", &[], secs(p.created_ms));
+        e.family(
+            "wset_controller_plan_duration_seconds",
+            Kind::Gauge,
+            "Time the latest plan took.",
+        )
+        .sample("wset_controller_plan_duration_seconds", &[], p.seconds);
+        e.family(
+            "wset_controller_plan_migrations",
+            Kind::Gauge,
+            "Migrations in the latest plan.",
+        )
+        .sample(
+            "wset_controller_plan_migrations",
+            &[],
+            p.plan.moves.len() as f64,
+        );
+        e.family(
+            "wset_controller_plan_unresolved_hosts",
+            Kind::Gauge,
+            "Hosts the latest plan leaves over their watermark (or in maintenance with VMs).",
+        )
+        .sample(
+            "wset_controller_plan_unresolved_hosts",
+            &[],
+            p.plan.unresolved.len() as f64,
+        );
+        type HostField = fn(&crate::planner::HostPlan) -> f64;
+        let per_host: [(&str, &str, HostField); 5] = [
+            (
+                "wset_host_overflow_probability",
+                "Probability that the host's summed demand exceeds its capacity (latest plan).",
+                |h| h.overflow_probability,
+            ),
+            (
+                "wset_host_admissible_bytes",
+                "Demand that may still be added under the high watermark at the configured risk.",
+                |h| h.admissible_bytes as f64,
+            ),
+            (
+                "wset_host_reclaimable_bytes",
+                "Committed memory the host's VMs leave cold (safely reclaimable).",
+                |h| h.reclaimable_bytes as f64,
+            ),
+            (
+                "wset_host_safe_overcommit_ratio",
+                "Guest memory per byte of capacity that keeps the host under its watermark at the configured risk.",
+                |h| h.safe_overcommit_ratio,
+            ),
+            (
+                "wset_host_demand_at_risk_bytes",
+                "Summed demand exceeded only with the configured risk.",
+                |h| h.demand_at_risk_bytes,
+            ),
+        ];
+        for (name, help, field) in per_host {
+            e.family(name, Kind::Gauge, help);
+            for h in &p.plan.hosts {
+                e.sample(name, &[("host_id", &h.host_id)], field(h));
+            }
+        }
+    }
+    e.process();
+    e.finish()
+}
