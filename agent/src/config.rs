@@ -54,6 +54,16 @@ pub struct Config {
     pub cpus: Vec<usize>,
     /// Peer uids allowed to register (root is always allowed).
     pub allowed_uids: Vec<u32>,
+    /// Cgroups (path prefixes, whole components) a peer must run in; empty:
+    /// any.
+    pub allowed_cgroups: Vec<String>,
+    /// Group that owns the sockets (with `socket_mode`, who may connect).
+    pub socket_group: Option<u32>,
+    /// Registrations admitted per second across all sockets, and the burst.
+    pub registration_rate: f64,
+    pub registration_burst: u32,
+    /// Handshakes in progress at once.
+    pub max_pending_handshakes: usize,
     /// Read tracking on shmem guests.
     pub access_mode: AccessMode,
     /// Read/write-protect mode (Linux 7.3+) where a VMM's uffd allows it.
@@ -81,6 +91,8 @@ pub struct Config {
     pub max_streams: usize,
     /// Limits of the gRPC server.
     pub grpc_limits: wset_serve::ServerLimits,
+    /// TLS, authorization and the plaintext policy of the gRPC server.
+    pub grpc_security: wset_serve::Security,
     /// Memory the host gives VMs; `None`: the total less a reserve.
     pub vm_capacity_bytes: Option<u64>,
     /// Operator labels of the host.
@@ -101,6 +113,11 @@ impl Default for Config {
             interval: Duration::from_millis(DEFAULT_INTERVAL_MS),
             cpus: default_cpus(),
             allowed_uids: vec![0],
+            allowed_cgroups: Vec::new(),
+            socket_group: None,
+            registration_rate: 50.0,
+            registration_burst: 200,
+            max_pending_handshakes: 64,
             access_mode: AccessMode::Sampled {
                 granules: DEFAULT_SAMPLE_GRANULES,
             },
@@ -116,6 +133,7 @@ impl Default for Config {
             sample_fault_budget: DEFAULT_SAMPLE_FAULT_BUDGET,
             max_streams: 64,
             grpc_limits: wset_serve::ServerLimits::default(),
+            grpc_security: wset_serve::Security::default(),
             vm_capacity_bytes: None,
             host_labels: BTreeMap::new(),
         }

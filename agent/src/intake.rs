@@ -40,6 +40,14 @@ pub enum IntakeError {
         pid: i32,
         allowed: Vec<u32>,
     },
+    #[error(
+        "peer pid {pid} runs in cgroup(s) {cgroups:?}, none under an allowed cgroup ({allowed:?})"
+    )]
+    CgroupNotAllowed {
+        pid: i32,
+        cgroups: Vec<String>,
+        allowed: Vec<String>,
+    },
     #[error("expected {want} fd(s) with the handshake ({what}), got {got}")]
     FdCount {
         want: usize,
@@ -66,9 +74,78 @@ pub enum IntakeError {
     Timeout(Duration),
 }
 
+/// How many registrations are admitted: a token bucket (rate and burst)
+/// shared by every socket, and a cap on handshakes in progress. A flood is
+/// refused at the door, before its handshake is read, so registered VMs
+/// (served by their own threads) and well-behaved peers are unaffected.
+#[derive(Debug)]
+pub struct Admission {
+    bucket: std::sync::Mutex<(f64, std::time::Instant)>,
+    rate: f64,
+    burst: f64,
+    pending: Arc<tokio::sync::Semaphore>,
+    /// Refusals are logged at most 20 a second; the next line counts the rest.
+    log: wset_serve::LogThrottle,
+}
+
+impl Admission {
+    pub fn new(rate_per_s: f64, burst: u32, max_pending: usize) -> Self {
+        Self {
+            bucket: std::sync::Mutex::new((f64::from(burst), std::time::Instant::now())),
+            rate: rate_per_s,
+            burst: f64::from(burst),
+            pending: Arc::new(tokio::sync::Semaphore::new(max_pending)),
+            log: wset_serve::LogThrottle::new(20),
+        }
+    }
+
+    /// Take one token, or say why not.
+    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, String> {
+        let permit = self
+            .pending
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "too many handshakes in progress; try again shortly".to_owned())?;
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * self.rate).min(self.burst);
+        b.1 = now;
+        if b.0 < 1.0 {
+            return Err(format!(
+                "registration rate limit ({}/s, burst {}) reached; try again shortly",
+                self.rate, self.burst
+            ));
+        }
+        b.0 -= 1.0;
+        Ok(permit)
+    }
+}
+
+/// The cgroups `pid` belongs to (every hierarchy's path).
+fn cgroups_of(pid: i32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2).map(str::to_owned))
+        .collect()
+}
+
+/// Whether any of `cgroups` is `prefix` or below it.
+fn cgroup_allowed(cgroups: &[String], allowed: &[String]) -> bool {
+    allowed.is_empty()
+        || cgroups.iter().any(|c| {
+            allowed.iter().any(|a| {
+                let a = a.trim_end_matches('/');
+                a.is_empty()
+                    || c == a
+                    || c.strip_prefix(a).is_some_and(|rest| rest.starts_with('/'))
+            })
+        })
+}
+
 /// Bind one socket: create its directory, replace a stale socket file, and
-/// set its mode.
-pub fn bind(sock: &SocketConfig, mode: u32) -> io::Result<UnixListener> {
+/// set its mode and group.
+pub fn bind(sock: &SocketConfig, mode: u32, group: Option<u32>) -> io::Result<UnixListener> {
     let path = &sock.path;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
@@ -87,6 +164,11 @@ pub fn bind(sock: &SocketConfig, mode: u32) -> io::Result<UnixListener> {
     let l = UnixListener::bind(path)
         .map_err(|e| io::Error::new(e.kind(), format!("bind {}: {e}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(|e| {
+            io::Error::other(format!("chown {} to group {gid}: {e}", path.display()))
+        })?;
+    }
     Ok(l)
 }
 
@@ -98,6 +180,7 @@ pub async fn serve(
     cfg: Arc<Config>,
     registry: Arc<Registry>,
     offered: u64,
+    admission: Arc<Admission>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let sock = Arc::new(sock);
@@ -106,8 +189,11 @@ pub async fn serve(
             _ = shutdown.changed() => break,
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
-                    let (cfg, registry, sock) = (cfg.clone(), registry.clone(), sock.clone());
-                    tokio::spawn(async move { connection(stream, &sock, &cfg, &registry, offered).await });
+                    let (cfg, registry, sock, adm) =
+                        (cfg.clone(), registry.clone(), sock.clone(), admission.clone());
+                    tokio::spawn(async move {
+                        connection(stream, &sock, &cfg, &registry, offered, &adm).await
+                    });
                 }
                 Err(e) => {
                     warn!(socket = %sock.path.display(), error = %e, "accept failed");
@@ -129,11 +215,27 @@ async fn connection(
     cfg: &Config,
     registry: &Registry,
     offered: u64,
+    admission: &Admission,
 ) {
     let (pid, uid) = match getsockopt(&stream, sockopt::PeerCredentials) {
         Ok(c) => (c.pid(), c.uid()),
         Err(e) => {
             warn!(error = %e, "SO_PEERCRED failed; dropping connection");
+            return;
+        }
+    };
+    // Refused at the door: the handshake is not even read.
+    let _permit = match admission.admit() {
+        Ok(p) => p,
+        Err(why) => {
+            bump(&registry.registrations.refused_rate);
+            if let Some(suppressed) = admission.log.allow() {
+                warn!(peer_pid = pid, peer_uid = uid, socket = %sock.path.display(), suppressed, "registration refused: {why}");
+            }
+            let mut stream = stream;
+            let mut line = serde_json::to_vec(&WsetReply::error(why)).expect("reply serializes");
+            line.push(b'\n');
+            let _ = tokio::time::timeout(Duration::from_millis(100), stream.write_all(&line)).await;
             return;
         }
     };
@@ -182,11 +284,18 @@ async fn handle_peer(
         }
     };
     let wset = !matches!(hello, Hello::Firecracker(_));
+    let cgroups = cgroups_of(pid);
     let outcome = if uid != 0 && !cfg.allowed_uids.contains(&uid) {
         Err(IntakeError::NotAllowed {
             uid,
             pid,
             allowed: cfg.allowed_uids.clone(),
+        })
+    } else if !cgroup_allowed(&cgroups, &cfg.allowed_cgroups) {
+        Err(IntakeError::CgroupNotAllowed {
+            pid,
+            cgroups,
+            allowed: cfg.allowed_cgroups.clone(),
         })
     } else {
         register(hello, fds, pid, sock, cfg, registry, offered).await
@@ -199,7 +308,9 @@ async fn handle_peer(
         }
         Err(e) => {
             bump(match e {
-                IntakeError::NotAllowed { .. } => &stats.refused_peer,
+                IntakeError::NotAllowed { .. } | IntakeError::CgroupNotAllowed { .. } => {
+                    &stats.refused_peer
+                }
                 _ => &stats.refused_registration,
             });
             warn!(error = %e, "registration refused");
@@ -587,4 +698,37 @@ async fn start(
         notes,
         ..Default::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_allow_list_matches_whole_path_components() {
+        let cg = vec!["/kubepods.slice/pod-a/vmm".to_owned(), "/".to_owned()];
+        let allow =
+            |a: &[&str]| cgroup_allowed(&cg, &a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(allow(&[]));
+        assert!(allow(&["/kubepods.slice"]));
+        assert!(allow(&["/kubepods.slice/"]));
+        assert!(allow(&["/kubepods.slice/pod-a/vmm"]));
+        assert!(!allow(&["/kubepods"]));
+        assert!(!allow(&["/system.slice", "/kubepods.slice/pod-b"]));
+    }
+
+    #[test]
+    fn admission_refuses_past_the_burst_and_refills() {
+        let a = Admission::new(1000.0, 3, 100);
+        let held: Vec<_> = (0..3)
+            .map(|_| a.admit().expect("within the burst"))
+            .collect();
+        assert!(a.admit().unwrap_err().contains("rate limit"));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(a.admit().is_ok());
+        drop(held);
+        let b = Admission::new(1000.0, 10, 1);
+        let _one = b.admit().unwrap();
+        assert!(b.admit().unwrap_err().contains("in progress"));
+    }
 }

@@ -75,8 +75,13 @@ pub async fn run(
         .context("custody recovery task")?;
 
     let mut tasks = Vec::new();
+    let admission = Arc::new(intake::Admission::new(
+        cfg.registration_rate,
+        cfg.registration_burst,
+        cfg.max_pending_handshakes,
+    ));
     for sock in &cfg.sockets {
-        let l = intake::bind(sock, cfg.socket_mode)
+        let l = intake::bind(sock, cfg.socket_mode, cfg.socket_group)
             .with_context(|| format!("listen on {}", sock.path.display()))?;
         info!(socket = %sock.path.display(), snapshot = ?sock.snapshot, "accepting VMMs");
         tasks.push(tokio::spawn(intake::serve(
@@ -85,6 +90,7 @@ pub async fn run(
             cfg.clone(),
             registry.clone(),
             offered,
+            admission.clone(),
             stop_rx.clone(),
         )));
     }
@@ -142,6 +148,7 @@ pub async fn run(
         routes,
         cfg.grpc_addr,
         cfg.grpc_limits.clone(),
+        cfg.grpc_security.clone(),
         stop_rx.clone(),
     )
     .await?;

@@ -42,6 +42,20 @@ struct Args {
     /// Extra peer uids allowed to register (root always is).
     #[arg(long, value_delimiter = ',')]
     allow_uid: Vec<u32>,
+    /// Only peers running in these cgroups (path prefixes, e.g.
+    /// /kubepods.slice; repeatable) may register [default: any cgroup].
+    #[arg(long, env = "WSET_ALLOW_CGROUP", value_delimiter = ',')]
+    allow_cgroup: Vec<String>,
+    /// Group (name or gid) that owns the sockets; with --socket-mode it
+    /// decides who may connect at all.
+    #[arg(long, value_parser = parse_group)]
+    socket_group: Option<u32>,
+    /// Registrations admitted per second across all sockets.
+    #[arg(long, default_value_t = 50.0)]
+    registration_rate: f64,
+    /// Registrations admitted at once after a quiet spell.
+    #[arg(long, default_value_t = 200)]
+    registration_burst: u32,
     /// Read tracking on memfd guests: "off", "exhaustive", or a sample size in granules.
     #[arg(long, default_value = "4096", value_parser = parse_access)]
     access: AccessMode,
@@ -92,9 +106,22 @@ struct Args {
     /// Summary streams (WatchSummaries) open at once; more are refused.
     #[arg(long, default_value_t = 64)]
     max_streams: usize,
+    #[command(flatten)]
+    security: wset_serve::SecurityArgs,
     /// Log as JSON lines.
     #[arg(long, env = "WSET_LOG_JSON")]
     log_json: bool,
+}
+
+fn parse_group(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.parse() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(s) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(format!("no group named {s:?}")),
+        Err(e) => Err(format!("look up group {s:?}: {e}")),
+    }
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {
@@ -124,7 +151,10 @@ fn parse_rwp(s: &str) -> Result<RwpMode, String> {
 }
 
 fn config(a: Args) -> anyhow::Result<Config> {
-    let mut c = Config::default();
+    let mut c = Config {
+        grpc_security: a.security.security(),
+        ..Config::default()
+    };
     if !a.sockets.is_empty() {
         c.sockets = a.sockets;
     }
@@ -152,6 +182,14 @@ fn config(a: Args) -> anyhow::Result<Config> {
         c.cpus = a.cpus;
     }
     c.allowed_uids.extend(a.allow_uid);
+    c.allowed_cgroups = a.allow_cgroup;
+    c.socket_group = a.socket_group;
+    anyhow::ensure!(
+        a.registration_rate > 0.0 && a.registration_burst > 0,
+        "--registration-rate and --registration-burst must be positive"
+    );
+    c.registration_rate = a.registration_rate;
+    c.registration_burst = a.registration_burst;
     c.access_mode = a.access;
     c.rwp = a.rwp;
     if !a.windows_ms.is_empty() {

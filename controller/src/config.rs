@@ -40,6 +40,10 @@ pub struct Config {
     /// Longest time range one history query may span.
     pub max_query_span: Duration,
     pub grpc_limits: wset_serve::ServerLimits,
+    /// TLS, authorization and the plaintext policy of the gRPC server.
+    pub grpc_security: wset_serve::Security,
+    /// TLS towards the agents (`None`: plaintext).
+    pub agent_tls: Option<wset_serve::tls::ClientTls>,
     /// How often the planner runs on fresh history.
     pub plan_interval: Duration,
     pub planner: crate::planner::Config,
@@ -86,6 +90,8 @@ impl Default for Config {
             cache_bytes: 256 << 20,
             max_query_span: Duration::from_millis(400 * DAY_MS),
             grpc_limits: wset_serve::ServerLimits::default(),
+            grpc_security: wset_serve::Security::default(),
+            agent_tls: None,
             plan_interval: Duration::from_secs(30),
             planner: crate::planner::Config::default(),
         }

@@ -372,13 +372,32 @@ pub async fn subscribe(
 
 async fn session(endpoint: &str, shared: &Shared, tx: &mpsc::Sender<Msg>, cfg: &Config) -> End {
     let fail = |error: String, had_batches| End::Failed { error, had_batches };
-    let ep = match tonic::transport::Endpoint::from_shared(format!("http://{endpoint}")) {
+    let scheme = if cfg.agent_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let ep = match tonic::transport::Endpoint::from_shared(format!("{scheme}://{endpoint}")) {
         Ok(e) => e
             .connect_timeout(Duration::from_secs(5))
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5)),
         Err(e) => return fail(format!("bad endpoint {endpoint:?}: {e}"), false),
+    };
+    let ep = match &cfg.agent_tls {
+        None => ep,
+        Some(t) => {
+            let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            match wset_serve::tls::client_config(t, host).and_then(|c| {
+                ep.tls_config(c)
+                    .map_err(|e| anyhow::anyhow!("agent TLS configuration: {e}"))
+            }) {
+                Ok(ep) => ep,
+                Err(e) => return fail(format!("{e:#}"), false),
+            }
+        }
     };
     let channel = match ep.connect().await {
         Ok(c) => c,

@@ -150,6 +150,7 @@ pub async fn run(
         routes,
         cfg.grpc_addr,
         cfg.grpc_limits.clone(),
+        cfg.grpc_security.clone(),
         stop_rx.clone(),
     )
     .await?;

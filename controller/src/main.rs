@@ -91,13 +91,43 @@ struct Args {
     /// sled page cache, MiB.
     #[arg(long, default_value_t = 256)]
     cache_mib: u64,
+    #[command(flatten)]
+    security: wset_serve::SecurityArgs,
+    /// Dial agents over TLS, trusting this PEM CA bundle for their
+    /// certificates (re-read at every connection, so rotations apply).
+    #[arg(long, env = "WSET_AGENT_TLS_CA")]
+    agent_tls_ca: Option<PathBuf>,
+    /// The controller's client certificate towards agents (mutual TLS).
+    #[arg(long, env = "WSET_AGENT_TLS_CERT", requires_all = ["agent_tls_key", "agent_tls_ca"])]
+    agent_tls_cert: Option<PathBuf>,
+    /// The PEM private key of --agent-tls-cert.
+    #[arg(long, env = "WSET_AGENT_TLS_KEY", requires = "agent_tls_cert")]
+    agent_tls_key: Option<PathBuf>,
+    /// The name agents' certificates carry [default: the --agents-dns name,
+    /// else the host of each endpoint].
+    #[arg(long, env = "WSET_AGENT_TLS_SERVER_NAME", requires = "agent_tls_ca")]
+    agent_tls_server_name: Option<String>,
     /// Log as JSON lines.
     #[arg(long, env = "WSET_LOG_JSON")]
     log_json: bool,
 }
 
 fn config(a: Args) -> anyhow::Result<Config> {
-    let mut c = Config::default();
+    let mut c = Config {
+        grpc_security: a.security.security(),
+        ..Config::default()
+    };
+    c.agent_tls = a.agent_tls_ca.map(|ca| wset_serve::tls::ClientTls {
+        ca,
+        cert: a.agent_tls_cert,
+        key: a.agent_tls_key,
+        server_name: a.agent_tls_server_name.or_else(|| {
+            a.agents_dns
+                .as_deref()
+                .and_then(|d| d.rsplit_once(':'))
+                .map(|(name, _)| name.to_owned())
+        }),
+    });
     if let Some(x) = a.grpc_addr {
         c.grpc_addr = x;
     }

@@ -381,6 +381,9 @@ pub struct GuestOpts {
     pub labels: String,
     /// More wset-guest arguments.
     pub extra: Vec<String>,
+    /// Run the VMM in this cgroup directory (it moves itself there before
+    /// it starts).
+    pub cgroup: Option<PathBuf>,
 }
 
 impl GuestOpts {
@@ -396,6 +399,7 @@ impl GuestOpts {
             snapshot: None,
             labels: "{}".into(),
             extra: Vec::new(),
+            cgroup: None,
         }
     }
 }
@@ -422,7 +426,17 @@ impl Guest {
         if o.kind == "kvm" {
             require("/dev/kvm", "KVM guests need /dev/kvm");
         }
-        let mut cmd = Command::new(bin("wset-guest"));
+        let mut cmd = match &o.cgroup {
+            None => Command::new(bin("wset-guest")),
+            Some(dir) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+                    .arg(dir)
+                    .arg(bin("wset-guest"));
+                c
+            }
+        };
         cmd.arg("--socket")
             .arg(socket)
             .args([

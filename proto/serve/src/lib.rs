@@ -6,7 +6,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod metrics;
+pub mod tls;
 
 use std::future::Future;
 use std::time::Duration;
@@ -80,40 +82,101 @@ pub async fn with_standard_services(
     ))
 }
 
+/// How a server is reached: TLS (mutual with a client CA), the methods
+/// each client identity may call, and whether plaintext is allowed off
+/// loopback.
+#[derive(Clone, Debug, Default)]
+pub struct Security {
+    pub tls: Option<tls::ServerTls>,
+    pub authz: authz::Policy,
+    /// Serve plaintext on an address other than loopback (only on a network
+    /// you trust: anyone who reaches it can call everything).
+    pub insecure_plaintext: bool,
+}
+
+impl Security {
+    /// Refuse configurations that would expose a server unknowingly.
+    pub fn check(&self, what: &str, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+        match &self.tls {
+            None if !addr.ip().is_loopback() && !self.insecure_plaintext => anyhow::bail!(
+                "{what}: refusing plaintext gRPC on {addr}, which is not a loopback address: \
+                 give --tls-cert and --tls-key (and --tls-client-ca for mutual TLS), or \
+                 --insecure-plaintext on a network you trust"
+            ),
+            Some(t) if t.client_ca.is_none() && !self.authz.is_open() => anyhow::bail!(
+                "{what}: --authz rules match client certificates: give --tls-client-ca too"
+            ),
+            None if !self.authz.is_open() => anyhow::bail!(
+                "{what}: --authz rules match client certificates: give --tls-cert, --tls-key \
+                 and --tls-client-ca"
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Bind `addr` and serve `routes` there in a task of its own until `stop`
-/// changes (then drain as `serve` does). Binding errors come back at once.
+/// changes (then drain as `serve` does). Configuration and binding errors
+/// come back at once.
 pub async fn spawn(
     what: &'static str,
     routes: Routes,
     addr: std::net::SocketAddr,
     limits: ServerLimits,
+    security: Security,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    security.check(what, addr)?;
+    let tls = match &security.tls {
+        Some(t) => Some(tls::Reloading::start(what, t.clone(), stop.clone())?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("bind the {what} gRPC address {addr}"))?;
+    if security.tls.is_some() && security.authz.is_open() {
+        warn!(
+            "{what}: no --authz rules: every client whose certificate the client CA signed may call every method"
+        );
+    }
     Ok(tokio::spawn(async move {
-        serve(what, routes, listener, &limits, async move {
-            let _ = stop.changed().await;
-        })
+        serve(
+            what,
+            routes,
+            listener,
+            &limits,
+            tls,
+            security.authz,
+            async move {
+                let _ = stop.changed().await;
+            },
+        )
         .await
     }))
 }
 
-/// Serve `routes` on `listener` with `limits` until `shutdown` resolves, then
-/// let in-flight calls finish for at most `limits.drain`. `what` names the
+/// Serve `routes` on `listener` with `limits` (over TLS when `tls` is
+/// given, with `authz` enforced) until `shutdown` resolves, then let
+/// in-flight calls finish for at most `limits.drain`. `what` names the
 /// server in logs and errors.
 pub async fn serve(
     what: &'static str,
     routes: Routes,
     listener: tokio::net::TcpListener,
     limits: &ServerLimits,
+    tls: Option<tls::Reloading>,
+    authz: authz::Policy,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener address")?;
-    info!(%addr, "{what} gRPC serving");
+    let scheme = match (&tls, authz.is_open()) {
+        (None, _) => "plaintext",
+        (Some(_), true) => "TLS",
+        (Some(_), false) => "mutual TLS with authorization",
+    };
+    info!(%addr, transport = scheme, "{what} gRPC serving");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = Server::builder()
+    let router = Server::builder()
         .timeout(limits.call_timeout)
         .concurrency_limit_per_connection(limits.max_calls_per_connection)
         .load_shed(true)
@@ -121,16 +184,32 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
-        .layer(tower::ServiceBuilder::new().load_shed().layer(
-            tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_concurrent_calls),
-        ))
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(authz::AuthzLayer {
+                    what,
+                    policy: std::sync::Arc::new(authz),
+                })
+                .load_shed()
+                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                    limits.max_concurrent_calls,
+                )),
+        )
+        .add_routes(routes);
+    let signal = async move {
+        let _ = stop_rx.await;
+    };
+    let server: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match tls {
+        None => Box::pin(router.serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async move {
-                let _ = stop_rx.await;
-            },
-        );
+            signal,
+        )),
+        Some(t) => {
+            Box::pin(router.serve_with_incoming_shutdown(tls::incoming(what, listener, t), signal))
+        }
+    };
     let mut server = tokio::spawn(server);
     tokio::select! {
         r = &mut server => {
@@ -323,5 +402,104 @@ pub mod process {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// The transport flags both servers take (flattened into each binary's
+/// arguments).
+#[derive(Clone, Debug, clap::Args)]
+pub struct SecurityArgs {
+    /// Serve gRPC over TLS with this PEM certificate (chain), reloaded when
+    /// the file changes.
+    #[arg(long, env = "WSET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "WSET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Require client certificates signed by this PEM CA bundle (mutual TLS).
+    #[arg(long, env = "WSET_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+    /// How often the certificate files are checked for changes, seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tls_reload_secs: u64,
+    /// Who may call what, IDENTITY=METHODS (repeatable): IDENTITY is a URI
+    /// or DNS name in the client certificate's SANs or its common name (*
+    /// for any client), METHODS is *, /package.Service/* or
+    /// /package.Service/Method. Needs --tls-client-ca. Without rules every
+    /// client the client CA signed may call everything; health checks are
+    /// always allowed.
+    #[arg(long = "authz", value_name = "IDENTITY=METHODS")]
+    pub authz: Vec<authz::Rule>,
+    /// Serve plaintext gRPC on a non-loopback address (a trusted network only).
+    #[arg(long, env = "WSET_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
+}
+
+impl SecurityArgs {
+    pub fn security(self) -> Security {
+        Security {
+            tls: self.tls_cert.map(|cert| tls::ServerTls {
+                cert,
+                key: self
+                    .tls_key
+                    .expect("clap requires --tls-key with --tls-cert"),
+                client_ca: self.tls_client_ca,
+                reload: Duration::from_secs(self.tls_reload_secs),
+            }),
+            authz: authz::Policy { rules: self.authz },
+            insecure_plaintext: self.insecure_plaintext,
+        }
+    }
+}
+
+/// Keeps a flood of identical warnings (refused connections) from flooding
+/// the log: at most `per_second` lines a second are written; the rest are
+/// counted, and the next line written says how many were suppressed.
+#[derive(Debug)]
+pub struct LogThrottle {
+    per_second: u32,
+    state: std::sync::Mutex<(std::time::Instant, u32, u64)>,
+}
+
+impl LogThrottle {
+    pub fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            state: std::sync::Mutex::new((std::time::Instant::now(), 0, 0)),
+        }
+    }
+
+    /// `Some(suppressed since the last line)` when this event may be logged.
+    pub fn allow(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if now.duration_since(s.0) >= Duration::from_secs(1) {
+            s.0 = now;
+            s.1 = 0;
+        }
+        if s.1 < self.per_second {
+            s.1 += 1;
+            Some(std::mem::take(&mut s.2))
+        } else {
+            s.2 += 1;
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_counts_what_it_suppresses() {
+        let t = LogThrottle::new(2);
+        assert_eq!(t.allow(), Some(0));
+        assert_eq!(t.allow(), Some(0));
+        assert_eq!(t.allow(), None);
+        assert_eq!(t.allow(), None);
+        std::thread::sleep(Duration::from_millis(1001));
+        assert_eq!(t.allow(), Some(2));
+        assert_eq!(t.allow(), Some(0));
     }
 }

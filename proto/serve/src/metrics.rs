@@ -273,7 +273,7 @@ pub fn parse_addr(s: &str) -> Result<Addr, String> {
 /// Renders the exposition on each scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Bind `addr` and serve `GET /metrics` (and `GET /` naming it) until `stop`
+/// Bind `addr` and serve `GET /metrics` and `GET /healthz` until `stop`
 /// changes. Binding errors come back at once, naming `what`.
 pub async fn spawn(
     what: &'static str,
@@ -306,9 +306,12 @@ pub async fn spawn(
                 }
             }),
         )
+        // For HTTP liveness probes (kubelet's gRPC probes cannot present a
+        // client certificate to a mutual-TLS gRPC server).
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .route(
             "/",
-            axum::routing::get(|| async { "wset metrics: GET /metrics\n" }),
+            axum::routing::get(|| async { "wset: GET /metrics, GET /healthz\n" }),
         );
     let task = tokio::spawn(async move {
         let r = axum::serve(listener, app)
