@@ -17,6 +17,7 @@ use wset_tracker::plan::{self, BackingKind, PlanInput};
 use wset_tracker::uffd::{self, feature};
 use wset_tracker::{Region, TrackerHandle, TrackerSpec, Uffd};
 
+use crate::adopt;
 use crate::config::{Config, SocketConfig};
 use crate::handshake::{self, Backing, Hello, Layout, WsetReply};
 use crate::now_ms;
@@ -456,6 +457,7 @@ async fn register(
                 uffd: uffd_fd,
                 memory_fd: None,
                 source,
+                snapshot: sock.snapshot.clone(),
                 handshake: "firecracker",
             };
             start(req, cfg, registry, offered).await
@@ -501,11 +503,70 @@ async fn register(
                 uffd: uffd_fd,
                 memory_fd,
                 source: None,
+                snapshot: None,
                 handshake: "wset.v1",
             };
             start(req, cfg, registry, offered).await
         }
     }
+}
+
+/// Track a VM again from its record (after an agent restart): take the
+/// VMM's userfaultfd and memfd, and start as at registration. With several
+/// uffds in the VMM, the one the guest's ranges are registered with (or
+/// that may register them) is the one whose registration succeeds.
+pub async fn adopt(
+    rec: &adopt::Record,
+    cfg: &Config,
+    registry: &Registry,
+    offered: u64,
+) -> Result<WsetReply, IntakeError> {
+    let got = tokio::task::spawn_blocking({
+        let rec = rec.clone();
+        move || adopt::reclaim(&rec)
+    })
+    .await
+    .map_err(|e| io::Error::other(format!("re-adoption task: {e}")))?
+    .map_err(|e| IntakeError::Io(io::Error::other(e.to_string())))?;
+    let backing = match rec.backing.as_str() {
+        "shmem" => BackingKind::Shmem,
+        "hugetlb" => BackingKind::Hugetlb,
+        _ => BackingKind::Anonymous,
+    };
+    let handshake = if rec.handshake == "firecracker" {
+        "firecracker"
+    } else {
+        "wset.v1"
+    };
+    let mut last = None;
+    for uffd in got.uffds {
+        let req = Request {
+            vm_id: rec.vm_id.clone(),
+            name: rec.name.clone(),
+            labels: rec.labels.clone(),
+            pid: rec.vmm_pid,
+            layout: rec.layout(),
+            backing,
+            uffd,
+            memory_fd: match &got.memory_fd {
+                Some(m) => Some(m.try_clone()?),
+                None => None,
+            },
+            source: match &got.source {
+                Some(f) => Some(f.try_clone()?),
+                None => None,
+            },
+            snapshot: rec.snapshot.clone(),
+            handshake,
+        };
+        match start(req, cfg, registry, offered).await {
+            Err(e @ IntakeError::Tracker(wset_tracker::TrackerError::Register { .. })) => {
+                last = Some(e);
+            }
+            other => return other,
+        }
+    }
+    Err(last.expect("reclaim returns at least one uffd"))
 }
 
 fn kind_of(b: Backing) -> BackingKind {
@@ -572,6 +633,8 @@ struct Request {
     uffd: OwnedFd,
     memory_fd: Option<OwnedFd>,
     source: Option<std::fs::File>,
+    /// Where `source` was opened from (kept so a restarted agent reopens it).
+    snapshot: Option<std::path::PathBuf>,
     handshake: &'static str,
 }
 
@@ -613,6 +676,39 @@ async fn start(
             ),
         )));
     }
+    let record = adopt::Record {
+        vm_id: req.vm_id.clone(),
+        name: req.name.clone(),
+        labels: req.labels.clone(),
+        handshake: req.handshake.to_owned(),
+        vmm_pid: req.pid,
+        vmm_start_ticks: adopt::start_ticks(req.pid).unwrap_or(0),
+        backing: match req.backing {
+            BackingKind::Anonymous => "anonymous",
+            BackingKind::Shmem => "shmem",
+            BackingKind::Hugetlb => "hugetlb",
+        }
+        .to_owned(),
+        page_size: req.layout.page_size,
+        regions: req
+            .layout
+            .regions
+            .iter()
+            .map(|r| adopt::RecordRegion {
+                host_addr: r.host_addr,
+                size: r.size,
+                file_offset: r.file_offset,
+            })
+            .collect(),
+        memory: match &req.memory_fd {
+            Some(m) => {
+                let st = nix::sys::stat::fstat(m).map_err(io::Error::from)?;
+                Some((st.st_dev, st.st_ino))
+            }
+            None => None,
+        },
+        snapshot: req.snapshot.clone(),
+    };
     let spec = TrackerSpec {
         name: format!("wset-{}", req.vm_id),
         uffd,
@@ -681,6 +777,11 @@ async fn start(
             .await
             .ok();
         return Err(e.into());
+    }
+    // A restarted agent resumes from this (see `adopt`); without it the VM
+    // is still tracked now, so a failure is only logged.
+    if let Err(e) = adopt::save(&cfg.state_dir, &record) {
+        warn!(vm_id = %req.vm_id, error = %e, "could not record the VM for re-adoption after a restart");
     }
     info!(
         vm_id = %req.vm_id,

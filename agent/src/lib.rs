@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod adopt;
 pub mod config;
 pub mod handshake;
 pub mod host;
@@ -51,6 +52,46 @@ pub fn recover_custody(state_dir: &std::path::Path) {
     }
 }
 
+/// Track again every VM a previous agent recorded whose VMM still runs
+/// and holds its userfaultfd (see `adopt`); forget the others.
+async fn readopt(cfg: &Config, registry: &Registry, offered: u64) {
+    let t0 = std::time::Instant::now();
+    let mut adopted = 0;
+    for r in adopt::load_all(&cfg.state_dir) {
+        let rec = match r {
+            Ok(rec) => rec,
+            Err(e) => {
+                warn!(error = %e, "unreadable VM record left as it is");
+                continue;
+            }
+        };
+        let t = std::time::Instant::now();
+        match intake::adopt(&rec, cfg, registry, offered).await {
+            Ok(reply) => {
+                adopted += 1;
+                info!(
+                    vm_id = %rec.vm_id,
+                    vmm_pid = rec.vmm_pid,
+                    methods = ?reply.methods,
+                    ms = t.elapsed().as_millis() as u64,
+                    "VM re-adopted: tracking resumed after an agent restart"
+                );
+            }
+            Err(e) => {
+                adopt::remove(&cfg.state_dir, &rec.vm_id);
+                warn!(vm_id = %rec.vm_id, vmm_pid = rec.vmm_pid, error = %e, "VM not re-adopted; its record is removed");
+            }
+        }
+    }
+    if adopted > 0 {
+        info!(
+            vms = adopted,
+            ms = t0.elapsed().as_millis() as u64,
+            "re-adoption done"
+        );
+    }
+}
+
 /// Run the agent until `shutdown` resolves; then stop every tracker (each
 /// puts pages in custody back and unregisters) and return.
 pub async fn run(
@@ -73,6 +114,9 @@ pub async fn run(
     tokio::task::spawn_blocking(move || recover_custody(&dir))
         .await
         .context("custody recovery task")?;
+
+    // VMs a previous agent tracked: track them again.
+    readopt(&cfg, &registry, offered).await;
 
     let mut tasks = Vec::new();
     let admission = Arc::new(intake::Admission::new(
@@ -157,6 +201,7 @@ pub async fn run(
     let reaper = {
         let registry = registry.clone();
         let ttl = cfg.retired_ttl;
+        let state_dir = cfg.state_dir.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -167,6 +212,7 @@ pub async fn run(
                         let r = registry.clone();
                         let done = tokio::task::spawn_blocking(move || r.reap(ttl)).await.unwrap_or_default();
                         for (info, report) in done {
+                            adopt::remove(&state_dir, &info.vm_id);
                             info!(vm_id = %info.vm_id, state = ?report.state, reason = %report.reason, "VM retired");
                         }
                     }

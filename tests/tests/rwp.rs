@@ -427,3 +427,57 @@ fn hugetlbfs_async_harvest_reports_the_accessed_huge_pages() {
         );
     }
 }
+
+/// The agent SIGKILLed at random moments (in async mode some kills land in
+/// a harvest's freeze, in sync mode every access waits on the agent) while
+/// the VMM keeps its copy of the uffd: a restarted agent on the same state
+/// directory takes that copy back, thaws it, wakes the waiting threads and
+/// tracks the VM again with RWP; the guest's memory checks every time.
+#[test]
+fn killed_agent_is_replaced_and_rwp_vms_are_readopted() {
+    require_rwp();
+    for mode in ["async", "sync"] {
+        let state = wset_tests::harness::TempDir::new("rwp-kills");
+        let mut opts = agent_opts(&["--rwp", mode]);
+        opts.state_dir = Some(state.0.clone());
+        let mut agent = Agent::start(opts.clone());
+        // Long enough for three restarts under software emulation.
+        let script = Script::steady(vec![Touch::read(16, 300), Touch::write(1000, 100)], 180_000);
+        let mut o = GuestOpts::new(&format!("rwp-kill-{mode}"), script);
+        o.kind = "process";
+        o.backing = "anon";
+        o.mem_mib = 16;
+        o.fill_seed = Some(9);
+        let mut g = Guest::start(&agent, o);
+        g.wait_event("phase", Duration::from_secs(30));
+        for (round, wait_ms) in [700u64, 1300, 400].into_iter().enumerate() {
+            std::thread::sleep(Duration::from_millis(wait_ms));
+            agent.kill();
+            let t = std::time::Instant::now();
+            agent = Agent::start(opts.clone());
+            let s = agent.wait_summary(&g.vm_id, Duration::from_secs(60), "re-adopted", |s| {
+                s.state == pb::VmState::Tracking as i32 && s.epoch >= 3
+            });
+            let rwp = if mode == "async" {
+                pb::TrackingMethod::RwpAsync
+            } else {
+                pb::TrackingMethod::RwpSync
+            };
+            assert!(methods(&s).contains(&rwp), "{mode} round {round}: {s:#?}");
+            let w = window(&s, 1000);
+            assert_eq!(w.wss_bytes, 400 * PAGE, "{mode} round {round}: {s:#?}");
+            let v = g.verify_now();
+            assert_eq!(v["ok"], true, "{mode} round {round}: memory damaged: {v}");
+            eprintln!(
+                "rwp {mode}: kill {round} after {wait_ms} ms, tracked again in {:?}",
+                t.elapsed()
+            );
+        }
+        assert!(agent.terminate().success());
+        let v = g.verify_now();
+        assert_eq!(
+            v["ok"], true,
+            "{mode}: memory incomplete after the stop: {v}"
+        );
+    }
+}

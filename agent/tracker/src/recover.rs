@@ -60,7 +60,8 @@ pub enum RecoverError {
     },
 }
 
-fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+/// A pidfd for `pid` (`pidfd_open(2)`).
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
     if fd < 0 {
@@ -70,8 +71,9 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Duplicate fd `target` of the process behind `pidfd` into our fd table.
-fn pidfd_getfd(pidfd: &OwnedFd, target: RawFd) -> io::Result<OwnedFd> {
+/// Duplicate fd `target` of the process behind `pidfd` into our fd table
+/// (`pidfd_getfd(2)`; needs ptrace access to it).
+pub fn pidfd_getfd(pidfd: &OwnedFd, target: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_getfd(2) takes a pidfd, a target fd and flags, and
     // returns a new fd in our table or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) } as RawFd;

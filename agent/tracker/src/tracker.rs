@@ -591,6 +591,13 @@ impl Tracker {
             interval_ms: spec.interval.as_millis() as u64,
         };
         t.arm()?;
+        // Wake every thread waiting on a fault in the guest's ranges: after
+        // an agent restart, faults whose messages the dead tracker read but
+        // never answered have nobody else to wake them. A woken thread whose
+        // page is still missing faults again, and this tracker serves it.
+        for r in &t.regions {
+            let _ = t.uffd.wake(r.host_addr, r.len);
+        }
         Ok(t)
     }
 

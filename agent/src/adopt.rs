@@ -1,0 +1,284 @@
+//! Resuming tracking after the agent restarts (a crash, an OOM kill, an
+//! upgrade).
+//!
+//! Every registered VM has a record under `<state dir>/vms/`: who its VMM
+//! is (pid and start time, so a reused pid is not mistaken for it), its
+//! layout, its backing (and the memfd's device and inode), its snapshot
+//! file. A restarted agent, after putting back any pages a dead one left in
+//! custody, takes each live VMM's own copy of its userfaultfd (and memfd)
+//! with `pidfd_getfd(2)` and starts a tracker on them as at registration.
+//! The tracker wakes every thread of the guest that waits on a fault whose
+//! message the dead agent read but never answered; the threads fault
+//! again and are served. RWP VMs frozen by a harvest in flight are thawed
+//! when the new tracker sets the uffd's mode.
+//!
+//! A VMM that kept no copy of its uffd cannot be re-adopted: the kernel
+//! dropped the registration when the agent's copy closed, the guest runs
+//! on untracked, and it must register again. Records go when their VM
+//! ends; a clean stop keeps them, so an upgraded agent resumes too.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Write as _};
+use std::os::fd::{OwnedFd, RawFd};
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use wset_tracker::recover::{pidfd_getfd, pidfd_open};
+
+use serde::{Deserialize, Serialize};
+
+use crate::handshake::{Layout, LayoutRegion};
+
+/// What the agent must know to track a VM again without its VMM's help.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub vm_id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// `firecracker` or `wset.v1`.
+    pub handshake: String,
+    pub vmm_pid: i32,
+    /// The VMM's start time (`/proc/<pid>/stat` field 22), against pid reuse.
+    pub vmm_start_ticks: u64,
+    /// `anonymous`, `shmem` or `hugetlb`.
+    pub backing: String,
+    pub page_size: u64,
+    pub regions: Vec<RecordRegion>,
+    /// Device and inode of the memfd (shmem and hugetlb backings).
+    pub memory: Option<(u64, u64)>,
+    /// The memory file a Firecracker snapshot's pages are served from.
+    pub snapshot: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordRegion {
+    pub host_addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+impl Record {
+    pub fn layout(&self) -> Layout {
+        Layout {
+            page_size: self.page_size,
+            regions: self
+                .regions
+                .iter()
+                .map(|r| LayoutRegion {
+                    host_addr: r.host_addr,
+                    size: r.size,
+                    file_offset: r.file_offset,
+                })
+                .collect(),
+        }
+    }
+}
+
+fn dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("vms")
+}
+
+fn path(state_dir: &Path, vm_id: &str) -> PathBuf {
+    dir(state_dir).join(format!("{vm_id}.json"))
+}
+
+/// Write the record (a new file renamed over the old, synced), so a crash
+/// leaves either the old record or the new one.
+pub fn save(state_dir: &Path, r: &Record) -> io::Result<()> {
+    let d = dir(state_dir);
+    std::fs::create_dir_all(&d)
+        .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", d.display())))?;
+    let p = path(state_dir, &r.vm_id);
+    let tmp = d.join(format!(".{}.tmp", r.vm_id));
+    let mut f = File::create(&tmp)
+        .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", tmp.display())))?;
+    f.write_all(&serde_json::to_vec_pretty(r).expect("a record serializes"))?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &p)
+        .map_err(|e| io::Error::new(e.kind(), format!("rename to {}: {e}", p.display())))?;
+    File::open(&d)?.sync_all()
+}
+
+/// Forget a VM that ended.
+pub fn remove(state_dir: &Path, vm_id: &str) {
+    let _ = std::fs::remove_file(path(state_dir, vm_id));
+}
+
+/// Every record, with the ones that cannot be read named.
+pub fn load_all(state_dir: &Path) -> Vec<Result<Record, String>> {
+    let Ok(rd) = std::fs::read_dir(dir(state_dir)) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Result<Record, String>> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            std::fs::read(&p)
+                .map_err(|e| format!("read {}: {e}", p.display()))
+                .and_then(|b| {
+                    serde_json::from_slice(&b).map_err(|e| format!("parse {}: {e}", p.display()))
+                })
+        })
+        .collect();
+    out.sort_by(|a, b| match (a, b) {
+        (Ok(a), Ok(b)) => a.vm_id.cmp(&b.vm_id),
+        _ => std::cmp::Ordering::Equal,
+    });
+    out
+}
+
+/// The start time of `pid` in clock ticks after boot, if it runs.
+pub fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    // Field 22 of proc(5); `rest` starts at field 3.
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// Why a VM could not be re-adopted.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("its VMM (pid {pid}) is gone")]
+    VmmGone { pid: i32 },
+    #[error("pid {pid} is now another process (the VMM is gone)")]
+    PidReused { pid: i32 },
+    #[error(
+        "its VMM (pid {pid}) keeps no copy of its userfaultfd: the kernel dropped the \
+         registration with the agent's copy; the guest runs untracked until the VMM registers again"
+    )]
+    NoUffd { pid: i32 },
+    #[error(
+        "its VMM (pid {pid}) no longer holds the guest memory file (device {dev}, inode {ino})"
+    )]
+    NoMemfd { pid: i32, dev: u64, ino: u64 },
+    #[error("taking fd {fd} of pid {pid}: {source} (the agent needs CAP_SYS_PTRACE)")]
+    GetFd {
+        pid: i32,
+        fd: RawFd,
+        source: io::Error,
+    },
+    #[error("the snapshot file {path}: {source}")]
+    Snapshot { path: String, source: io::Error },
+}
+
+/// The VMM's file descriptors a tracker needs again: every userfaultfd it
+/// holds (the one covering the guest is found by registering), the memfd.
+#[derive(Debug)]
+pub struct Reclaimed {
+    pub uffds: Vec<OwnedFd>,
+    pub memory_fd: Option<OwnedFd>,
+    pub source: Option<File>,
+}
+
+/// Take what the VM's tracker needs from its VMM.
+pub fn reclaim(r: &Record) -> Result<Reclaimed, AdoptError> {
+    let pid = r.vmm_pid;
+    let pidfd = pidfd_open(pid).map_err(|_| AdoptError::VmmGone { pid })?;
+    match start_ticks(pid) {
+        None => return Err(AdoptError::VmmGone { pid }),
+        Some(t) if t != r.vmm_start_ticks => return Err(AdoptError::PidReused { pid }),
+        Some(_) => {}
+    }
+    let mut uffds = Vec::new();
+    let mut memory_fd = None;
+    let entries =
+        std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(|_| AdoptError::VmmGone { pid })?;
+    for e in entries.flatten() {
+        let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<RawFd>().ok()) else {
+            continue;
+        };
+        let take =
+            |fd| pidfd_getfd(&pidfd, fd).map_err(|source| AdoptError::GetFd { pid, fd, source });
+        if std::fs::read_link(e.path()).is_ok_and(|p| p.as_os_str() == "anon_inode:[userfaultfd]") {
+            uffds.push(take(fd)?);
+        } else if let Some((dev, ino)) = r.memory
+            && memory_fd.is_none()
+            && std::fs::metadata(e.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+        {
+            memory_fd = Some(take(fd)?);
+        }
+    }
+    if uffds.is_empty() {
+        return Err(AdoptError::NoUffd { pid });
+    }
+    if let (Some((dev, ino)), None) = (r.memory, &memory_fd) {
+        return Err(AdoptError::NoMemfd { pid, dev, ino });
+    }
+    let source = match &r.snapshot {
+        Some(p) => Some(File::open(p).map_err(|source| AdoptError::Snapshot {
+            path: p.display().to_string(),
+            source,
+        })?),
+        None => None,
+    };
+    Ok(Reclaimed {
+        uffds,
+        memory_fd,
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record {
+        Record {
+            vm_id: "web-1".into(),
+            name: "web".into(),
+            labels: [("tier".to_owned(), "front".to_owned())].into(),
+            handshake: "wset.v1".into(),
+            vmm_pid: std::process::id() as i32,
+            vmm_start_ticks: start_ticks(std::process::id() as i32).unwrap(),
+            backing: "shmem".into(),
+            page_size: 4096,
+            regions: vec![RecordRegion {
+                host_addr: 0x7f00_0000_0000,
+                size: 1 << 20,
+                file_offset: 0,
+            }],
+            memory: Some((1, 2)),
+            snapshot: None,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_go() {
+        let d = std::env::temp_dir().join(format!("wset-adopt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let r = record();
+        save(&d, &r).unwrap();
+        std::fs::write(dir(&d).join("broken.json"), b"{").unwrap();
+        let all = load_all(&d);
+        assert_eq!(all.len(), 2);
+        assert!(all.iter().any(|x| x.as_ref().is_ok_and(|x| *x == r)));
+        assert!(
+            all.iter()
+                .any(|x| x.as_ref().is_err_and(|e| e.contains("broken.json")))
+        );
+        assert_eq!(r.layout().total_bytes(), 1 << 20);
+        remove(&d, "web-1");
+        assert_eq!(load_all(&d).len(), 1);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_reused_pid_or_missing_uffd_is_named() {
+        let mut r = record();
+        r.vmm_start_ticks += 1;
+        assert!(matches!(reclaim(&r), Err(AdoptError::PidReused { .. })));
+        // This test process holds no userfaultfd.
+        let r = Record {
+            memory: None,
+            ..record()
+        };
+        assert!(matches!(reclaim(&r), Err(AdoptError::NoUffd { .. })));
+        let r = Record {
+            vmm_pid: i32::MAX,
+            ..record()
+        };
+        assert!(matches!(reclaim(&r), Err(AdoptError::VmmGone { .. })));
+    }
+}
