@@ -48,12 +48,12 @@ install_packages() {
 
 # grpcurl, the reflection client the tests and the README use: grpcurl-rs
 # from crates.io (no Debian package exists).
-require_grpcurl() {
+require_cargo_fuzz() {
   export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-  command -v grpcurl >/dev/null && return 0
-  step "installing grpcurl (cargo install --locked grpcurl-rs; a few minutes, once)"
-  cargo install --locked grpcurl-rs >&2 \
-    || fail "cargo install grpcurl-rs failed (above); the gRPC reflection tests need a grpcurl on PATH"
+  cargo fuzz --version >/dev/null 2>&1 && return 0
+  step "installing cargo-fuzz (cargo install --locked cargo-fuzz; a minute or two, once)"
+  cargo install --locked cargo-fuzz >&2 \
+    || fail "cargo install cargo-fuzz failed (above); the fuzzing step needs it"
 }
 
 require_cargo

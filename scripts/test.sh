@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every wset test: formatting, lints, unit tests, real-kernel tests
-# (userfaultfd, KVM), the end-to-end tests, and the RWP kernel lane (a Linux
-# 7.3+ kernel booted under QEMU, scripts/kernel-lane.sh). Installs what it
+# (userfaultfd, KVM), the end-to-end tests, the RWP kernel lane (a Linux
+# 7.3+ kernel booted under QEMU, scripts/kernel-lane.sh) and a short fuzzing
+# run of every fuzz target (scripts/fuzz.sh). Installs what it
 # needs as root.
 # Usage: scripts/test.sh
 set -euo pipefail
@@ -47,6 +48,10 @@ step "RWP kernel lane (Linux 7.3+ under QEMU: the RWP tests, then the same scena
 scripts/kernel-lane.sh 2>&1 | tee -a "$log"
 lane_status=${PIPESTATUS[0]}
 [ "$lane_status" -eq 0 ] || status=$lane_status
+step "fuzzing (scripts/fuzz.sh: each target ${WSET_FUZZ_SECS:-30} s from its corpus)"
+scripts/fuzz.sh "${WSET_FUZZ_SECS:-30}" 2>&1 | tee -a "$log"
+fuzz_status=${PIPESTATUS[0]}
+[ "$fuzz_status" -eq 0 ] || status=$fuzz_status
 set -e
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')

@@ -678,6 +678,10 @@ impl Controller {
         self.log.lock().unwrap().clone()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Where the controller serves Prometheus metrics (`host:port`).
     pub fn metrics_addr(&self) -> String {
         logged_metrics_addr(&self.log, "controller")

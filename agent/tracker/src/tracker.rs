@@ -29,6 +29,80 @@ pub struct Region {
     pub file_offset: u64,
 }
 
+/// A VM's ranges cut into granules: which granule a fault address falls
+/// in, and which granules a range covers wholly. Pure, so the tracker and
+/// the fuzzer share it.
+#[derive(Clone, Debug)]
+pub struct RegionMap {
+    regions: Vec<Region>,
+    /// First granule index of each region.
+    base: Vec<usize>,
+    granule: u64,
+    granules: usize,
+}
+
+impl RegionMap {
+    /// `regions` sorted and apart, lengths multiples of `granule`.
+    pub fn new(regions: &[Region], granule: u64) -> Self {
+        let mut base = Vec::with_capacity(regions.len());
+        let mut acc = 0usize;
+        for r in regions {
+            base.push(acc);
+            acc += (r.len / granule) as usize;
+        }
+        Self {
+            regions: regions.to_vec(),
+            base,
+            granule,
+            granules: acc,
+        }
+    }
+
+    pub fn granules(&self) -> usize {
+        self.granules
+    }
+
+    /// The granule holding `addr`, and the granule's start address.
+    #[inline]
+    pub fn locate(&self, addr: u64) -> Option<(usize, u64)> {
+        // A VM has one to a handful of regions: a linear scan beats a search.
+        for (i, r) in self.regions.iter().enumerate() {
+            if addr >= r.host_addr && addr - r.host_addr < r.len {
+                let within = (addr - r.host_addr) / self.granule;
+                return Some((
+                    self.base[i] + within as usize,
+                    r.host_addr + within * self.granule,
+                ));
+            }
+        }
+        None
+    }
+
+    /// Start address of granule `g`.
+    pub fn granule_addr(&self, g: usize) -> u64 {
+        let i = self.base.partition_point(|&b| b <= g) - 1;
+        self.regions[i].host_addr + (g - self.base[i]) as u64 * self.granule
+    }
+
+    /// The granules wholly inside `[start, end)`, in order; the work is
+    /// bounded by the VM's size whatever the range.
+    pub fn wholly_within(&self, start: u64, end: u64) -> impl Iterator<Item = usize> + '_ {
+        self.regions.iter().enumerate().flat_map(move |(i, r)| {
+            let lo = start.max(r.host_addr);
+            let hi = end.min(r.host_addr.saturating_add(r.len));
+            let (first, last) = if lo < hi {
+                (
+                    (lo - r.host_addr).div_ceil(self.granule),
+                    (hi - r.host_addr) / self.granule,
+                )
+            } else {
+                (0, 0)
+            };
+            (first..last.max(first)).map(move |k| self.base[i] + k as usize)
+        })
+    }
+}
+
 /// Everything a tracker needs; consumed by [`TrackerHandle::spawn`].
 #[derive(Debug)]
 pub struct TrackerSpec {
@@ -410,6 +484,7 @@ struct Tracker {
     msgs: Box<[UffdMsg; MSG_BATCH]>,
     deferred: Vec<(u64, u64)>,
     scan_buf: Box<[pagemap::PageRegion]>,
+    map: RegionMap,
     /// Sampled tracking, per granule: `epoch << 1 | skipped` of the last
     /// tick that re-armed (skipped = 0) or deliberately left unarmed
     /// (skipped = 1) a hot granule.
@@ -557,6 +632,7 @@ impl Tracker {
         let pidfd = pidfd_open(spec.pid).ok();
         let snapshot_backed = source.is_some();
         let sampled = matches!(spec.plan.access, Access::ShmemSampled { .. });
+        let map = RegionMap::new(&spec.regions, granule);
         let t = Self {
             name: spec.name,
             uffd: spec.uffd,
@@ -584,6 +660,7 @@ impl Tracker {
             msgs: Box::new([UffdMsg::default(); MSG_BATCH]),
             deferred: Vec::with_capacity(DEFERRED_CAP),
             scan_buf: vec![pagemap::PageRegion::default(); SCAN_VEC].into_boxed_slice(),
+            map,
             armed_tick: vec![0; if sampled { granules } else { 0 }].into_boxed_slice(),
             strata: Strata::default(),
             fault_budget: spec.fault_budget,
@@ -798,17 +875,7 @@ impl Tracker {
 
     #[inline]
     fn locate(&self, addr: u64) -> Option<(usize, u64)> {
-        // Regions are few (a VM has one to a handful): a linear scan beats a search.
-        for (i, r) in self.regions.iter().enumerate() {
-            if addr >= r.host_addr && addr < r.host_addr + r.len {
-                let within = (addr - r.host_addr) / self.granule;
-                return Some((
-                    self.region_base[i] + within as usize,
-                    r.host_addr + within * self.granule,
-                ));
-            }
-        }
-        None
+        self.map.locate(addr)
     }
 
     /// The region holding granule `g`, and `g`'s byte offset inside it.
@@ -836,15 +903,9 @@ impl Tracker {
             }
             Event::Remove { start, end } => {
                 self.shared.counters.remove_events.fetch_add(1, Relaxed);
-                let mut a = start;
-                while a < end {
-                    if let Some((g, ga)) = self.locate(a) {
-                        // Only granules wholly inside the range were dropped.
-                        if ga >= start && ga + self.granule <= end {
-                            self.removed[g] = true;
-                        }
-                    }
-                    a = (a - a % self.granule) + self.granule;
+                // Only granules wholly inside the range were dropped.
+                for g in self.map.wholly_within(start, end) {
+                    self.removed[g] = true;
                 }
             }
             Event::Unmap { start, end } => {
@@ -1431,6 +1492,36 @@ unsafe impl Send for SourceMap {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn region_map_locates_and_bounds_ranges() {
+        let regions = [
+            Region {
+                host_addr: 0x10000,
+                len: 0x3000,
+                file_offset: 0,
+            },
+            Region {
+                host_addr: 0x20000,
+                len: 0x2000,
+                file_offset: 0x3000,
+            },
+        ];
+        let m = RegionMap::new(&regions, 0x1000);
+        assert_eq!(m.granules(), 5);
+        assert_eq!(m.locate(0x10fff), Some((0, 0x10000)));
+        assert_eq!(m.locate(0x12abc), Some((2, 0x12000)));
+        assert_eq!(m.locate(0x13000), None);
+        assert_eq!(m.locate(0x21000), Some((4, 0x21000)));
+        assert_eq!(m.locate(u64::MAX), None);
+        assert_eq!(m.granule_addr(3), 0x20000);
+        // Wholly inside only; a huge range is no more work than the VM.
+        let w: Vec<usize> = m.wholly_within(0x10800, 0x21000).collect();
+        assert_eq!(w, vec![1, 2, 3]);
+        assert_eq!(m.wholly_within(0, u64::MAX).count(), 5);
+        assert_eq!(m.wholly_within(0x21000, 0x20000).count(), 0);
+        assert_eq!(m.wholly_within(0x10000, 0x10fff).count(), 0);
+    }
 
     #[test]
     fn stride_keeps_hot_faults_within_the_budget() {

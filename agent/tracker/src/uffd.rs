@@ -629,7 +629,8 @@ pub fn fdinfo_features(fd: RawFd) -> io::Result<u64> {
     })
 }
 
-fn parse_fdinfo_features(text: &str) -> Option<u64> {
+/// The features word of an fdinfo text's `API:` line.
+pub fn parse_fdinfo_features(text: &str) -> Option<u64> {
     let line = text.lines().find_map(|l| l.strip_prefix("API:"))?;
     let mut parts = line.trim().split(':');
     let _api = parts.next()?;

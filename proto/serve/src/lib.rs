@@ -358,6 +358,7 @@ pub mod process {
     where
         F: Future<Output = anyhow::Result<()>>,
     {
+        raise_nofile();
         block_on(async move {
             let telemetry = init_tracing(service, json)?;
             let r = main_fn.await;
@@ -372,6 +373,19 @@ pub mod process {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    /// Raise the soft limit on open files to the hard one: a controller
+    /// keeps a connection per agent (thousands), an agent several fds per
+    /// VM, and the usual soft limit (1024) is far below either.
+    pub fn raise_nofile() {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+            && soft < hard
+            && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+        {
+            eprintln!("could not raise the open-file limit from {soft} to {hard}: {e}");
+        }
     }
 
     /// Run `f` to completion on a multi-threaded runtime.
