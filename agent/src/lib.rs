@@ -157,23 +157,17 @@ pub async fn run(
         stop_rx.clone(),
     ));
     let streams = Arc::new(tokio::sync::Semaphore::new(cfg.max_streams));
-    let metrics = match cfg.metrics_addr {
-        Some(addr) => {
-            let sources = metrics::Sources {
+    let sources = cfg.metrics_addr.map(|addr| {
+        (
+            addr,
+            metrics::Sources {
                 registry: registry.clone(),
                 cfg: cfg.clone(),
                 identity: identity.clone(),
                 streams: streams.clone(),
-            };
-            let render: wset_serve::metrics::Render = Arc::new(move || metrics::render(&sources));
-            Some(
-                wset_serve::metrics::spawn("agent", addr, render, stop_rx.clone())
-                    .await?
-                    .1,
-            )
-        }
-        None => None,
-    };
+            },
+        )
+    });
     let svc = service::AgentService {
         registry: registry.clone(),
         cfg: cfg.clone(),
@@ -186,7 +180,19 @@ pub async fn run(
     let routes = tonic::service::Routes::new(
         AgentServiceServer::new(svc).max_decoding_message_size(cfg.grpc_limits.max_request_bytes),
     );
-    let (routes, _health) = wset_serve::with_standard_services(routes, &[SERVICE_NAME]).await?;
+    let (routes, _health, probe) =
+        wset_serve::with_standard_services(routes, &[SERVICE_NAME]).await?;
+    let metrics = match sources {
+        Some((addr, sources)) => {
+            let render: wset_serve::metrics::Render = Arc::new(move || metrics::render(&sources));
+            Some(
+                wset_serve::metrics::spawn("agent", addr, render, Some(probe), stop_rx.clone())
+                    .await?
+                    .1,
+            )
+        }
+        None => None,
+    };
     let grpc = wset_serve::spawn(
         "agent",
         routes,

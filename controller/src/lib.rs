@@ -105,22 +105,16 @@ pub async fn run(
         plans.clone(),
         stop_rx.clone(),
     ));
-    let metrics = match cfg.metrics_addr {
-        Some(addr) => {
-            let sources = metrics::Sources {
+    let sources = cfg.metrics_addr.map(|addr| {
+        (
+            addr,
+            metrics::Sources {
                 shared: shared.clone(),
                 plans: plans.clone(),
                 queue,
-            };
-            let render: wset_serve::metrics::Render = Arc::new(move || metrics::render(&sources));
-            Some(
-                wset_serve::metrics::spawn("controller", addr, render, stop_rx.clone())
-                    .await?
-                    .1,
-            )
-        }
-        None => None,
-    };
+            },
+        )
+    });
     let sched = scheduler::SchedulerService {
         store: store.clone(),
         shared: shared.clone(),
@@ -143,8 +137,25 @@ pub async fn run(
         ControllerServiceServer::new(svc).max_decoding_message_size(limit),
     )
     .add_service(SchedulerServiceServer::new(sched).max_decoding_message_size(limit));
-    let (routes, _health) =
+    let (routes, _health, probe) =
         wset_serve::with_standard_services(routes, &[ctl::SERVICE_NAME, sch::SERVICE_NAME]).await?;
+    let metrics = match sources {
+        Some((addr, sources)) => {
+            let render: wset_serve::metrics::Render = Arc::new(move || metrics::render(&sources));
+            Some(
+                wset_serve::metrics::spawn(
+                    "controller",
+                    addr,
+                    render,
+                    Some(probe),
+                    stop_rx.clone(),
+                )
+                .await?
+                .1,
+            )
+        }
+        None => None,
+    };
     let grpc = wset_serve::spawn(
         "controller",
         routes,

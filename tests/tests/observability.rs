@@ -2,7 +2,8 @@
 //! `prometheus` package; scripts/test.sh installs it) scrapes the agent's
 //! and the controller's metrics endpoints, and its query API must show
 //! each target up and the figures moving; `promtool check metrics` lints
-//! both expositions.
+//! both expositions; the metrics port answers gRPC health checks in
+//! plaintext, as the kubelet's probes make them.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -180,6 +181,32 @@ fn prometheus_scrapes_agent_and_controller() {
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
         let (status, _) = http_get(addr, "/nothing-here");
         assert_eq!(status, 404, "{what}: an unknown path is not found");
+    }
+
+    // The kubelet's gRPC probe: plaintext grpc.health.v1 on the metrics
+    // port (the gRPC port may demand client certificates).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (what, addr) in [("agent", &am), ("controller", &cm)] {
+        let status = rt
+            .block_on(async {
+                let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                    .expect("endpoint")
+                    .connect()
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+                h.check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+            })
+            .unwrap_or_else(|e| panic!("{what}: gRPC health on the metrics port: {e}"));
+        assert_eq!(
+            status.into_inner().status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{what}"
+        );
     }
 
     let prom = Prometheus::start(&am, &cm);

@@ -50,14 +50,23 @@ impl Default for ServerLimits {
     }
 }
 
+/// The health service alone, for probes on the metrics port.
+pub type ProbeHealth =
+    tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>;
+
 /// Health and reflection beside the application's services. Returns the
-/// routes and the health reporter (the overall status `""` starts SERVING;
-/// `services` are set SERVING too).
+/// routes, the health reporter (the overall status `""` starts SERVING;
+/// `services` are set SERVING too) and the same health service for the
+/// metrics port, where probes that cannot present a client certificate
+/// (the kubelet's) reach it.
 pub async fn with_standard_services(
     routes: Routes,
     services: &[&str],
-) -> anyhow::Result<(Routes, tonic_health::server::HealthReporter)> {
-    let (reporter, health) = tonic_health::server::health_reporter();
+) -> anyhow::Result<(Routes, tonic_health::server::HealthReporter, ProbeHealth)> {
+    let reporter = tonic_health::server::HealthReporter::new();
+    let health = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+    );
     for s in services {
         reporter
             .set_service_status(*s, tonic_health::ServingStatus::Serving)
@@ -73,12 +82,14 @@ pub async fn with_standard_services(
     let v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
         .context("build reflection service (v1alpha)")?;
+    let probe = health.clone();
     Ok((
         routes
             .add_service(health)
             .add_service(v1)
             .add_service(v1alpha),
         reporter,
+        probe,
     ))
 }
 

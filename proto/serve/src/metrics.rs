@@ -273,12 +273,14 @@ pub fn parse_addr(s: &str) -> Result<Addr, String> {
 /// Renders the exposition on each scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Bind `addr` and serve `GET /metrics` and `GET /healthz` until `stop`
+/// Bind `addr` and serve `GET /metrics`, `GET /healthz` and (when `health`
+/// is given) `grpc.health.v1` over plaintext HTTP/2 until `stop`
 /// changes. Binding errors come back at once, naming `what`.
 pub async fn spawn(
     what: &'static str,
     addr: SocketAddr,
     render: Render,
+    health: Option<crate::ProbeHealth>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -286,7 +288,7 @@ pub async fn spawn(
         .with_context(|| format!("bind the {what} metrics address {addr}"))?;
     let local = listener.local_addr().context("metrics listener address")?;
     info!(addr = %local, "{what} metrics at http://{local}/metrics");
-    let app = axum::Router::new()
+    let mut app = axum::Router::new()
         .route(
             "/metrics",
             axum::routing::get(move || {
@@ -313,6 +315,14 @@ pub async fn spawn(
             "/",
             axum::routing::get(|| async { "wset: GET /metrics, GET /healthz\n" }),
         );
+    // gRPC health (plaintext HTTP/2 beside HTTP/1): the kubelet's gRPC
+    // probes, which cannot present a client certificate to the mutual-TLS
+    // gRPC port. Only the health service is here.
+    if let Some(h) = health {
+        app = app
+            .route_service("/grpc.health.v1.Health/Check", h.clone())
+            .route_service("/grpc.health.v1.Health/Watch", h);
+    }
     let task = tokio::spawn(async move {
         let r = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
