@@ -35,10 +35,14 @@ for t in "${targets[@]}"; do
   mkdir -p "$work/$t" "$work/artifacts"
   # libFuzzer's progress lines (new coverage, reductions) are left out;
   # everything else, a failure's report above all, is shown.
-  if ! cargo "+$toolchain" fuzz run --fuzz-dir fuzz --sanitizer none "$t" "$work/$t" "fuzz/corpus/$t" -- \
-      -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
-      -artifact_prefix="$work/artifacts/$t-" -print_final_stats=1 2>&1 \
-      | grep -Ev '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse|INITED)' >&2; [ "${PIPESTATUS[0]}" -eq 0 ]; then
+  set +e
+  cargo "+$toolchain" fuzz run --fuzz-dir fuzz --sanitizer none "$t" "$work/$t" "fuzz/corpus/$t" -- \
+    -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
+    -artifact_prefix="$work/artifacts/$t-" -print_final_stats=1 2>&1 \
+    | grep -Ev '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse|INITED)|^[[:space:]]+NEW_FUNC' >&2
+  rc=${PIPESTATUS[0]}
+  set -e
+  if [ "$rc" -ne 0 ]; then
     kept=fuzz/artifacts/$t
     mkdir -p "$kept"
     cp "$work"/artifacts/"$t"-* "$kept"/ 2>/dev/null || true
