@@ -763,7 +763,14 @@ async fn start(
     if req.backing == BackingKind::Anonymous {
         let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", req.pid)).unwrap_or_default();
         let thp = handshake::thp_bytes(&smaps, &req.layout);
-        if thp > 0 {
+        if thp > 0 && matches!(p.access, wset_tracker::Access::Rwp { .. }) {
+            notes.push(format!(
+                "{} MiB of guest memory is mapped with transparent huge pages; read/write-protect \
+                 mode protects and reports them per 2 MiB, so accesses and writes there count \
+                 whole huge pages",
+                thp >> 20
+            ));
+        } else if thp > 0 {
             notes.push(format!(
                 "{} MiB of guest memory is mapped with transparent huge pages; the kernel splits \
                  one when it is written, so writes are still tracked per 4 KiB",

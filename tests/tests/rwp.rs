@@ -481,3 +481,62 @@ fn killed_agent_is_replaced_and_rwp_vms_are_readopted() {
         );
     }
 }
+
+/// A guest on transparent huge pages under RWP async. The 7.3 kernel
+/// protects and reports a THP per 2 MiB (measured: one touched 4 KiB page
+/// in each of five huge pages reads as 10 MiB, one written page as 2 MiB
+/// dirty), so the agent counts whole huge pages there and says so at
+/// registration and in the summary; RWP stays in force and the guest's
+/// memory intact.
+#[test]
+fn rwp_async_on_transparent_huge_pages() {
+    require_rwp();
+    let mut agent = Agent::start(agent_opts(&[]));
+    // One read page in each of four huge pages, one written page in a fifth.
+    let touches = vec![
+        Touch::read(512 + 3, 1),
+        Touch::read(1024 + 100, 1),
+        Touch::read(1536 + 7, 1),
+        Touch::read(2048 + 300, 1),
+        Touch::write(2560 + 9, 1),
+    ];
+    let script = Script::steady(touches, 120_000);
+    let mut o = GuestOpts::new("rwp-thp", script);
+    o.kind = "process";
+    o.backing = "thp";
+    o.mem_mib = 16;
+    o.fill_seed = Some(5);
+    let mut g = Guest::start(&agent, o);
+    let notes = g.registered["reply"]["notes"].to_string();
+    eprintln!("rwp-thp registration notes: {notes}");
+    g.wait_event("phase", Duration::from_secs(30));
+    let e0 = agent.summary(&g.vm_id).expect("summary").epoch;
+    let s = agent.wait_summary(&g.vm_id, Duration::from_secs(60), "settled", |s| {
+        s.epoch >= e0 + 6
+    });
+    assert!(
+        methods(&s).contains(&pb::TrackingMethod::RwpAsync),
+        "{s:#?}"
+    );
+    let w = window(&s, 1000);
+    let exact = 5 * PAGE;
+    let huge = 5 * (2 << 20);
+    eprintln!(
+        "rwp-thp: working set {} bytes for 5 touched 4 KiB pages in 5 huge pages (exact {exact}, whole huge pages {huge}); dirty {}",
+        w.wss_bytes, w.dirty_bytes
+    );
+    assert_eq!(
+        w.wss_bytes, huge,
+        "not whole huge pages (exact would be {exact}): {s:#?}"
+    );
+    assert_eq!(w.dirty_bytes, 2 << 20, "{s:#?}");
+    assert!(
+        notes.contains("per 2 MiB, so accesses and writes there count whole huge pages"),
+        "{notes}"
+    );
+    let basis = &s.error.as_ref().expect("error estimate").basis;
+    assert!(basis.contains("transparent huge pages"), "{basis}");
+    let v = g.verify_now();
+    assert_eq!(v["ok"], true, "memory damaged: {v}");
+    assert!(agent.terminate().success());
+}

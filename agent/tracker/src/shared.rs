@@ -61,6 +61,9 @@ pub struct Counters {
     /// Bytes reported written inside transparent huge pages, where the
     /// kernel tracks writes per 2 MiB.
     pub huge_written_bytes: AtomicU64,
+    /// Bytes reported accessed inside transparent huge pages under RWP,
+    /// which the kernel protects and reports per 2 MiB.
+    pub huge_accessed_bytes: AtomicU64,
     /// RWP faults served in sync mode (or during a harvest's freeze), by
     /// what the fault flags say the access was.
     pub rwp_read_faults: AtomicU64,

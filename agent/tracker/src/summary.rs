@@ -313,17 +313,31 @@ fn error_estimate(
                 ),
             }
         }
-        Access::Rwp { sync } => ErrorEstimate {
-            relative_error: 0.0,
-            confidence: 1.0,
-            lower_bound: false,
-            basis: format!(
-                "every access, read or write, seen by read/write-protect mode ({}) at {gb} B granules, \
-                 attributed to {interval_ms} ms intervals (the harvest freezes the guest's first \
-                 accesses while it scans, so none falls between intervals); {dirty}",
-                if sync { "sync" } else { "async" }
-            ),
-        },
+        Access::Rwp { sync } => {
+            let huge = s
+                .counters
+                .huge_accessed_bytes
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let thp = if huge > 0 {
+                "; part of the memory is mapped with transparent huge pages, which the kernel \
+                 protects and reports per 2 MiB: there the working set and dirty bytes count \
+                 whole huge pages (an upper bound)"
+            } else {
+                ""
+            };
+            ErrorEstimate {
+                relative_error: 0.0,
+                confidence: 1.0,
+                lower_bound: false,
+                basis: format!(
+                    "every access, read or write, seen by read/write-protect mode ({}) at {gb} B \
+                     granules, attributed to {interval_ms} ms intervals (the harvest freezes the \
+                     guest's first accesses while it scans, so none falls between intervals); \
+                     {dirty}{thp}",
+                    if sync { "sync" } else { "async" }
+                ),
+            }
+        }
         Access::ShmemExhaustive => ErrorEstimate {
             relative_error: 0.0,
             confidence: 1.0,

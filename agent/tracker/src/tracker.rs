@@ -1171,7 +1171,7 @@ impl Tracker {
             // it has not been accessed either.
             category_mask: pagemap::PAGE_IS_PRESENT,
             category_anyof_mask: anyof,
-            return_mask: anyof,
+            return_mask: anyof | pagemap::PAGE_IS_HUGE,
         };
         let (shared, uffd, base, granule) =
             (&self.shared, &self.uffd, &self.region_base, self.granule);
@@ -1183,6 +1183,13 @@ impl Tracker {
                 return Ok(());
             }
             let written = pr.categories & pagemap::PAGE_IS_SOFT_DIRTY != 0;
+            if pr.categories & pagemap::PAGE_IS_HUGE != 0 {
+                // A transparent huge page: protected and reported per PMD.
+                shared
+                    .counters
+                    .huge_accessed_bytes
+                    .fetch_add(pr.end - pr.start, Relaxed);
+            }
             let mut a = pr.start - (pr.start - r.host_addr) % granule;
             while a < pr.end {
                 shared.record(
