@@ -157,17 +157,12 @@ pub async fn run(
         stop_rx.clone(),
     ));
     let streams = Arc::new(tokio::sync::Semaphore::new(cfg.max_streams));
-    let sources = cfg.metrics_addr.map(|addr| {
-        (
-            addr,
-            metrics::Sources {
-                registry: registry.clone(),
-                cfg: cfg.clone(),
-                identity: identity.clone(),
-                streams: streams.clone(),
-            },
-        )
-    });
+    let sources = metrics::Sources {
+        registry: registry.clone(),
+        cfg: cfg.clone(),
+        identity: identity.clone(),
+        streams: streams.clone(),
+    };
     let svc = service::AgentService {
         registry: registry.clone(),
         cfg: cfg.clone(),
@@ -182,17 +177,14 @@ pub async fn run(
     );
     let (routes, _health, probe) =
         wset_serve::with_standard_services(routes, &[SERVICE_NAME]).await?;
-    let metrics = match sources {
-        Some((addr, sources)) => {
-            let render: wset_serve::metrics::Render = Arc::new(move || metrics::render(&sources));
-            Some(
-                wset_serve::metrics::spawn("agent", addr, render, Some(probe), stop_rx.clone())
-                    .await?
-                    .1,
-            )
-        }
-        None => None,
-    };
+    let metrics = wset_serve::metrics::spawn_if(
+        "agent",
+        cfg.metrics_addr,
+        move || metrics::render(&sources),
+        Some(probe),
+        stop_rx.clone(),
+    )
+    .await?;
     let grpc = wset_serve::spawn(
         "agent",
         routes,

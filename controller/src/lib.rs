@@ -105,16 +105,11 @@ pub async fn run(
         plans.clone(),
         stop_rx.clone(),
     ));
-    let sources = cfg.metrics_addr.map(|addr| {
-        (
-            addr,
-            metrics::Sources {
-                shared: shared.clone(),
-                plans: plans.clone(),
-                queue,
-            },
-        )
-    });
+    let sources = metrics::Sources {
+        shared: shared.clone(),
+        plans: plans.clone(),
+        queue,
+    };
     let sched = scheduler::SchedulerService {
         store: store.clone(),
         shared: shared.clone(),
@@ -139,23 +134,14 @@ pub async fn run(
     .add_service(SchedulerServiceServer::new(sched).max_decoding_message_size(limit));
     let (routes, _health, probe) =
         wset_serve::with_standard_services(routes, &[ctl::SERVICE_NAME, sch::SERVICE_NAME]).await?;
-    let metrics = match sources {
-        Some((addr, sources)) => {
-            let render: wset_serve::metrics::Render = Arc::new(move || metrics::render(&sources));
-            Some(
-                wset_serve::metrics::spawn(
-                    "controller",
-                    addr,
-                    render,
-                    Some(probe),
-                    stop_rx.clone(),
-                )
-                .await?
-                .1,
-            )
-        }
-        None => None,
-    };
+    let metrics = wset_serve::metrics::spawn_if(
+        "controller",
+        cfg.metrics_addr,
+        move || metrics::render(&sources),
+        Some(probe),
+        stop_rx.clone(),
+    )
+    .await?;
     let grpc = wset_serve::spawn(
         "controller",
         routes,

@@ -273,6 +273,22 @@ pub fn parse_addr(s: &str) -> Result<Addr, String> {
 /// Renders the exposition on each scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// [`spawn`] when `addr` is given (`None`: metrics are off); the task's handle.
+pub async fn spawn_if(
+    what: &'static str,
+    addr: Option<SocketAddr>,
+    render: impl Fn() -> String + Send + Sync + 'static,
+    health: Option<crate::ProbeHealth>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    match addr {
+        Some(addr) => Ok(Some(
+            spawn(what, addr, Arc::new(render), health, stop).await?.1,
+        )),
+        None => Ok(None),
+    }
+}
+
 /// Bind `addr` and serve `GET /metrics`, `GET /healthz` and (when `health`
 /// is given) `grpc.health.v1` over plaintext HTTP/2 until `stop`
 /// changes. Binding errors come back at once, naming `what`.
