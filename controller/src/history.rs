@@ -311,6 +311,23 @@ pub struct Level {
     pub retention_ms: u64,
 }
 
+/// How much time one stored block of raw samples spans.
+pub const RAW_BLOCK_MS: u64 = 60_000;
+
+impl Level {
+    /// The span of time packed into one stored block once it is closed: a
+    /// minute of raw samples, or 60 buckets of a rollup, and never more
+    /// than an eighth of the retention (so retention stays fine-grained).
+    pub fn block_ms(&self) -> u64 {
+        let base = if self.bucket_ms == 0 {
+            RAW_BLOCK_MS
+        } else {
+            self.bucket_ms.saturating_mul(60)
+        };
+        base.min(self.retention_ms / 8).max(1)
+    }
+}
+
 /// The stored series that answers a query for `[start_ms, …)` at
 /// `resolution_ms`: for 0, the raw samples (as far back as they are kept);
 /// otherwise the coarsest series no coarser than asked whose retention

@@ -199,8 +199,30 @@ fn config(a: Args) -> anyhow::Result<Config> {
     Ok(c)
 }
 
+/// Malloc arenas kept at most, unless `MALLOC_ARENA_MAX` says otherwise.
+const MALLOC_ARENAS: i32 = 2;
+
+/// Keep glibc's malloc to [`MALLOC_ARENAS`] arenas. By default it opens up
+/// to eight per core, one for each thread that contends, and memory freed
+/// in one arena is not reused by another: under load (the ingest tasks,
+/// the writer thread and the store's threads handing buffers to each
+/// other) that fragmentation was most of the controller's growth
+/// (BENCHMARKS.md). Small allocations still go through each thread's own
+/// cache without a lock. Called before any thread starts.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt sets one of the allocator's tunables; no thread
+        // runs yet.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) } != 1 {
+            eprintln!("wset-controller: could not limit malloc to {MALLOC_ARENAS} arenas");
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     use wset_serve::process;
+    limit_malloc_arenas();
     let args = Args::parse();
     let json = args.log_json;
     let result = config(args).and_then(|cfg| {

@@ -1,10 +1,10 @@
 //! Load, sustained: one real agent tracking 100 guests, and the real
 //! controller subscribed to that agent and to 1,000 simulated agents (10
-//! VMs each), for WSET_LOAD_SECS (default 120) after everything is up. Both
+//! VMs each), for WSET_LOAD_SECS (default 180) after everything is up. Both
 //! processes' CPU and resident memory (and the controller's store on disk)
-//! are sampled every 10 s and printed; the agent's memory must level off
-//! (the last third's mean within 15% + 48 MiB of the middle third's), the
-//! controller's may grow only as its store does, every agent must stay
+//! are sampled every 10 s and printed; both processes' memory must level
+//! off (the last third's mean within 15% + 48 MiB of the middle third's)
+//! while the controller's store keeps growing, every agent must stay
 //! connected and every VM tracked.
 
 use std::sync::Arc;
@@ -24,7 +24,7 @@ fn secs() -> u64 {
     std::env::var("WSET_LOAD_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(120)
+        .unwrap_or(180)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -201,10 +201,8 @@ fn one_agent_with_100_guests_and_a_controller_with_1000_agents() {
     let rejected: u64 = agents.iter().map(|a| a.summaries_rejected).sum();
     assert_eq!(rejected, 0);
 
-    // The agent's memory levels off. The controller's grows with its store
-    // (about 1.6 MiB resident per MiB stored here, BENCHMARKS.md), which
-    // is open work; until then its growth must at least not outpace the
-    // store's.
+    // Both processes' memory levels off; the controller's store grows
+    // all along (its memory must not follow it).
     let third = points.len() / 3;
     let (mid, end) = (&points[third..2 * third], &points[2 * third..]);
     let mean = |pts: &[Point], f: fn(&Point) -> u64| mean_rss(pts, f) / (1 << 20) as f64;
@@ -228,9 +226,9 @@ fn one_agent_with_100_guests_and_a_controller_with_1000_agents() {
         (ce - cm) / (se - sm).max(0.1)
     );
     assert!(
-        ce - cm <= 2.5 * (se - sm).max(0.0) + 48.0,
-        "the controller's memory grows faster than its store: {cm:.1} -> {ce:.1} MiB resident, \
-         {sm:.1} -> {se:.1} MiB stored"
+        ce <= cm * 1.15 + 48.0,
+        "the controller's memory keeps growing: {cm:.1} MiB then {ce:.1} MiB resident, while \
+         its store went {sm:.1} -> {se:.1} MiB"
     );
     drop(guests);
 }
