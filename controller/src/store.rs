@@ -512,11 +512,7 @@ impl Series {
             .take(limit)
             .map(|kv| decode(self.what, &kv?.1))
             .collect::<Result<Vec<M>, _>>()?;
-        let mut all = if packed.is_empty() {
-            single
-        } else {
-            merge_sorted(packed, single)
-        };
+        let mut all = merge_sorted(packed, single);
         all.truncate(limit);
         Ok(all)
     }
@@ -576,27 +572,27 @@ impl Series {
     ) -> Result<u64, StoreError> {
         let (b, span) = (level.bucket_ms, level.block_ms());
         let cutoff = horizon_ms - horizon_ms % span;
-        let mut single: Vec<(sled::IVec, M)> = Vec::new();
+        let (mut keys, mut single) = (Vec::new(), Vec::<M>::new());
         for kv in self
             .points
             .range(point_key(id, b, 0)..point_key(id, b, cutoff))
         {
             let (k, v) = kv?;
-            single.push((k, decode(self.what, &v)?));
+            keys.push(k);
+            single.push(decode(self.what, &v)?);
         }
-        if single.is_empty() {
+        let packed = keys.len() as u64;
+        if packed == 0 {
             return Ok(0);
         }
         let mut blocks = sled::Batch::default();
-        let mut rest = single.as_slice();
-        while let Some((_, p)) = rest.first() {
+        while let Some(p) = single.first() {
             let start = p.timestamp_ms() - p.timestamp_ms() % span;
-            let n = rest
+            let n = single
                 .iter()
-                .take_while(|(_, q)| q.timestamp_ms() < start + span)
+                .take_while(|q| q.timestamp_ms() < start + span)
                 .count();
-            let (group, tail) = rest.split_at(n);
-            rest = tail;
+            let group: Vec<M> = single.drain(..n).collect();
             let mut old = Vec::new();
             for kv in self
                 .blocks
@@ -606,7 +602,7 @@ impl Series {
                 old.extend(decode_block::<M>(self.what, &v)?);
                 blocks.remove(k);
             }
-            let merged = merge_sorted(old, group.iter().map(|(_, p)| p.clone()).collect());
+            let merged = merge_sorted(old, group);
             let last = merged.last().map_or(start, Mergeable::timestamp_ms);
             // Inserted after the removes in the same batch: the insert wins
             // when the last point (hence the key) is unchanged.
@@ -614,11 +610,11 @@ impl Series {
         }
         self.blocks.apply_batch(blocks)?;
         let mut singles = sled::Batch::default();
-        for (k, _) in &single {
-            singles.remove(k.clone());
+        for k in keys {
+            singles.remove(k);
         }
         self.points.apply_batch(singles)?;
-        Ok(single.len() as u64)
+        Ok(packed)
     }
 
     /// Drop the points of one series older than `cutoff_ms`. Returns how
