@@ -432,7 +432,7 @@ pub fn parse_maps(text: &str) -> Vec<MapsEntry> {
 /// Bytes of `AnonHugePages` (transparent huge pages) in `/proc/<pid>/smaps`
 /// text, counted for the mappings that overlap the layout's regions.
 pub fn thp_bytes(smaps: &str, layout: &Layout) -> u64 {
-    let mut total = 0;
+    let mut total: u64 = 0;
     let mut overlaps = false;
     for line in smaps.lines() {
         if let Some((range, _)) = line.split_once(' ')
@@ -444,13 +444,14 @@ pub fn thp_bytes(smaps: &str, layout: &Layout) -> u64 {
                 .iter()
                 .any(|r| s < r.host_addr + r.size && r.host_addr < e);
         } else if overlaps && let Some(v) = line.strip_prefix("AnonHugePages:") {
-            total += v
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0)
-                * 1024;
+            total = total.saturating_add(
+                v.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    .saturating_mul(1024),
+            );
         }
     }
     total
@@ -487,15 +488,18 @@ pub fn check_mapped(
                 ));
             }
             if let Some(ino) = memory_ino {
+                // The layout was checked not to overflow; the maps text is
+                // not trusted to, and an offset past 2^64 matches nothing.
                 let want_off = r.file_offset + (at - r.host_addr);
-                let got_off = m.offset + (at - m.start);
-                if m.inode != ino || !m.shared || got_off != want_off {
+                let got_off = m.offset.checked_add(at - m.start);
+                if m.inode != ino || !m.shared || got_off != Some(want_off) {
                     return Err(format!(
                         "region {i} ({:#x}+{:#x}): {at:#x} does not map the passed memfd shared at \
-                         offset {want_off:#x} (maps: inode {} offset {got_off:#x} {} {:?})",
+                         offset {want_off:#x} (maps: inode {} offset {} {} {:?})",
                         r.host_addr,
                         r.size,
                         m.inode,
+                        got_off.map_or_else(|| "beyond 2^64".to_owned(), |o| format!("{o:#x}")),
                         if m.shared { "shared" } else { "private" },
                         m.path
                     ));
@@ -682,5 +686,19 @@ mod tests {
         assert!(e.contains("not readable and writable"), "{e}");
         let e = check_mapped(&l(0x7f00_0000_0000, 0x1000, 0), &maps, None).unwrap_err();
         assert!(e.contains("not anonymous memory"), "{e}");
+        // A maps offset near 2^64 (found by the handshake fuzz target) is a
+        // mismatch, not an overflow.
+        let wild =
+            parse_maps("7f0000000000-7f0004000000 rw-s fffffffffffff000 00:01 1234 /memfd:guest\n");
+        let e = check_mapped(&l(0x7f00_0300_0000, 0x1000, 0), &wild, Some(1234)).unwrap_err();
+        assert!(e.contains("offset beyond 2^64"), "{e}");
+        let huge = "7f0000000000-7f0000200000 rw-p 00000000 00:00 0\n\
+                    AnonHugePages: 18446744073709551615 kB\n\
+                    7f0000200000-7f0000400000 rw-p 00000000 00:00 0\n\
+                    AnonHugePages: 18446744073709551615 kB\n";
+        assert_eq!(
+            thp_bytes(huge, &l(0x7f00_0000_0000, 0x40_0000, 0)),
+            u64::MAX
+        );
     }
 }
