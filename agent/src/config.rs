@@ -68,6 +68,9 @@ pub struct Config {
     pub access_mode: AccessMode,
     /// Read/write-protect mode (Linux 7.3+) where a VMM's uffd allows it.
     pub rwp: RwpMode,
+    /// RWP guests on memfd or hugetlbfs memory: evict a page not accessed
+    /// for this many intervals into custody (0: never).
+    pub evict_cold_after: u32,
     /// Custody capacity per VM for exhaustive tracking, bytes.
     pub custody_max_bytes: u64,
     /// Largest guest memory accepted, bytes.
@@ -122,6 +125,7 @@ impl Default for Config {
                 granules: DEFAULT_SAMPLE_GRANULES,
             },
             rwp: RwpMode::Async,
+            evict_cold_after: 0,
             custody_max_bytes: 16 << 30,
             max_vm_bytes: 1 << 40,
             retired_ttl: Duration::from_secs(600),

@@ -661,6 +661,7 @@ async fn start(
         granules,
         custody_granules: (cfg.custody_max_bytes / granule).min(u32::MAX as u64) as u32,
         exact_dirty: cfg.exact_dirty,
+        evict_after: cfg.evict_cold_after,
     });
     let custody_dir = cfg.state_dir.join("custody");
     std::fs::create_dir_all(&custody_dir)

@@ -65,6 +65,12 @@ struct Args {
     /// or "off" (mainline methods only).
     #[arg(long, default_value = "async", value_parser = parse_rwp)]
     rwp: RwpMode,
+    /// Evict cold pages of RWP guests on memfd or hugetlbfs memory: a page
+    /// not accessed for this many intervals is saved to the VM's custody
+    /// file (under --state-dir) and its memory freed; its next access brings
+    /// it back. 0 (the default): never.
+    #[arg(long, default_value_t = 0)]
+    evict_cold_after: u32,
     /// Working-set windows in milliseconds, e.g. "10000,60000,300000,1800000".
     #[arg(long, value_delimiter = ',')]
     windows_ms: Vec<u64>,
@@ -192,6 +198,7 @@ fn config(a: Args) -> anyhow::Result<Config> {
     c.registration_burst = a.registration_burst;
     c.access_mode = a.access;
     c.rwp = a.rwp;
+    c.evict_cold_after = a.evict_cold_after;
     if !a.windows_ms.is_empty() {
         c.summary.windows_ms = a.windows_ms;
     }

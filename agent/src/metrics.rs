@@ -189,12 +189,24 @@ pub fn render(s: &Sources) -> String {
         &'a wset_tracker::VmShared,
     );
     type Family = (&'static str, Kind, &'static str, fn(PerVm<'_>) -> f64);
-    let scalars: [Family; 7] = [
+    let scalars: [Family; 9] = [
         (
             "wset_vm_pages_in_custody",
             Kind::Gauge,
             "Guest pages held in the agent's custody file (their hole punched in guest memory) now.",
             |(c, ..)| c.pages_in_custody as f64,
+        ),
+        (
+            "wset_vm_evicted_pages_total",
+            Kind::Counter,
+            "Cold pages RWP eviction saved to custody and freed from guest memory.",
+            |(c, ..)| c.evicted_pages as f64,
+        ),
+        (
+            "wset_vm_refaulted_pages_total",
+            Kind::Counter,
+            "Pages brought back from custody by a guest access.",
+            |(c, ..)| c.refaulted_pages as f64,
         ),
         (
             "wset_vm_events_dropped_total",

@@ -209,6 +209,9 @@ impl Registry {
             rwp_read_faults: c.rwp_read_faults.load(Relaxed),
             rwp_write_faults: c.rwp_write_faults.load(Relaxed),
             harvest_ns_total: c.harvest_ns.load(Relaxed),
+            evicted_pages: c.evicted_pages.load(Relaxed),
+            refaulted_pages: c.refaulted_pages.load(Relaxed),
+            unpunchable_pages: c.unpunchable_pages.load(Relaxed),
             fault_service_latency: shared
                 .latency_histogram()
                 .into_iter()

@@ -36,6 +36,7 @@ fn scan_pages(mem: &GuestMemory, category: u64, flags: u64) -> Vec<bool> {
     let mut hit = vec![false; mem.pages() as usize];
     let s = pagemap::Scan {
         flags,
+        category_inverted: 0,
         category_mask: category,
         category_anyof_mask: 0,
         return_mask: category,
@@ -539,4 +540,147 @@ fn rwp_async_on_transparent_huge_pages() {
     let v = g.verify_now();
     assert_eq!(v["ok"], true, "memory damaged: {v}");
     assert!(agent.terminate().success());
+}
+
+/// Resident shmem of a process (`RssShmem` in `/proc/<pid>/status`), bytes.
+fn resident_shmem(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("guest status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssShmem:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("RssShmem in /proc/<pid>/status")
+        * 1024
+}
+
+/// Cold-page eviction (`--evict-cold-after 4`) on a memfd guest whose data
+/// pages (16 MiB less 16 pages) are all written at start and of which 400
+/// pages stay hot: every other
+/// page is saved to custody and freed, so the guest's resident memory falls
+/// to its hot set while the working set and dirty bytes stay exact; a read
+/// of every page brings each one back intact and counts as a read, not a
+/// write; then the pages go cold and are evicted again. In async mode the
+/// agent then stops cleanly, in sync mode it is SIGKILLed and restarted on
+/// its state directory: either way every evicted page is back in the guest.
+#[test]
+fn rwp_evicts_cold_pages_and_brings_them_back() {
+    require_rwp();
+    // The process guest fills (and reads back) its data pages, after the
+    // first few it leaves alone.
+    const PAGES: u64 = (16 << 20) / PAGE - wset_tests::kvm::FIRST_DATA_PAGE as u64;
+    const HOT: u64 = 400;
+    for mode in ["async", "sync"] {
+        let state = wset_tests::harness::TempDir::new("rwp-evict");
+        let mut opts = agent_opts(&["--rwp", mode, "--evict-cold-after", "4"]);
+        // A long window, so that a read of all 16 MiB under software
+        // emulation falls inside one.
+        opts.windows_ms = vec![1000, 30_000];
+        opts.state_dir = Some(state.0.clone());
+        let mut agent = Agent::start(opts.clone());
+        let script = Script::steady(vec![Touch::read(16, 300), Touch::write(1000, 100)], 240_000);
+        let mut o = GuestOpts::new(&format!("rwp-evict-{mode}"), script);
+        o.kind = "process";
+        o.backing = "memfd";
+        o.mem_mib = 16;
+        o.fill_seed = Some(9);
+        let mut g = Guest::start(&agent, o);
+        let notes = g.registered["reply"]["notes"].to_string();
+        assert!(
+            notes.contains("cold pages evicted: a page not accessed for 4 intervals"),
+            "{mode}: {notes}"
+        );
+        g.wait_event("phase", Duration::from_secs(30));
+        let before = resident_shmem(g.pid());
+        let cold = PAGES - HOT;
+        let evicted = |s: &pb::VmSummary| s.counters.as_ref().map_or(0, |c| c.pages_in_custody);
+        let s = agent.wait_summary(
+            &g.vm_id,
+            Duration::from_secs(120),
+            "cold pages evicted",
+            |s| evicted(s) >= cold,
+        );
+        let c = s.counters.clone().unwrap();
+        let after = resident_shmem(g.pid());
+        eprintln!(
+            "rwp evict {mode}: {} pages in custody ({} evicted, {} refaulted), guest resident \
+             shmem {} KiB -> {} KiB",
+            c.pages_in_custody,
+            c.evicted_pages,
+            c.refaulted_pages,
+            before >> 10,
+            after >> 10
+        );
+        assert_eq!(
+            c.pages_in_custody, cold,
+            "{mode}: only the cold pages: {s:#?}"
+        );
+        // (Resident shmem also counts the guest's own files on the lane's
+        // tmpfs root, which do not change.)
+        let freed = before.saturating_sub(after);
+        assert!(
+            freed.abs_diff(cold * PAGE) <= 16 * PAGE,
+            "{mode}: resident shmem {before} B -> {after} B, {freed} B freed; {cold} pages were \
+             evicted"
+        );
+        let w = window(&s, 1000);
+        assert_eq!(w.wss_bytes, HOT * PAGE, "{mode}: {s:#?}");
+        assert_eq!(w.dirty_bytes, 100 * PAGE, "{mode}: {s:#?}");
+        let basis = &s.error.as_ref().expect("error estimate").basis;
+        assert!(basis.contains("evicted to custody"), "{basis}");
+
+        // Read every page: each evicted one comes back intact, and is a
+        // read (a page placed with UFFDIO_COPY would read as written).
+        let t = std::time::Instant::now();
+        let v = g.verify_now();
+        assert_eq!(v["ok"], true, "{mode}: evicted memory damaged: {v}");
+        let read_all = t.elapsed();
+        let e = agent.summary(&g.vm_id).expect("summary").epoch;
+        let s = agent.wait_summary(&g.vm_id, Duration::from_secs(60), "after the read", |s| {
+            s.epoch >= e + 2
+        });
+        let c2 = s.counters.clone().unwrap();
+        eprintln!(
+            "rwp evict {mode}: all {PAGES} data pages read back in {read_all:?}, {} pages refaulted",
+            c2.refaulted_pages - c.refaulted_pages
+        );
+        assert!(
+            c2.refaulted_pages - c.refaulted_pages >= cold,
+            "{mode}: every evicted page must come back: {c:?} -> {c2:?}"
+        );
+        let w = window(&s, 30_000);
+        assert_eq!(w.wss_bytes, PAGES * PAGE, "{mode}: every page read: {s:#?}");
+        assert_eq!(
+            w.dirty_bytes,
+            100 * PAGE,
+            "{mode}: reading evicted pages back must not count as writing them: {s:#?}"
+        );
+
+        // Cold again, evicted again; then the agent goes with pages held.
+        agent.wait_summary(&g.vm_id, Duration::from_secs(120), "evicted again", |s| {
+            evicted(s) >= cold
+        });
+        if mode == "async" {
+            assert!(agent.terminate().success());
+        } else {
+            agent.kill();
+            agent = Agent::start(opts.clone());
+            agent.wait_summary(&g.vm_id, Duration::from_secs(60), "re-adopted", |s| {
+                s.state == pb::VmState::Tracking as i32 && s.epoch >= 2
+            });
+        }
+        let v = g.verify_now();
+        assert_eq!(
+            v["ok"],
+            true,
+            "{mode}: memory incomplete after the agent {}: {v}",
+            if mode == "async" {
+                "stopped"
+            } else {
+                "was killed"
+            }
+        );
+        if mode == "sync" {
+            assert!(agent.terminate().success());
+        }
+    }
 }

@@ -93,6 +93,7 @@ fn tracker_round_with(spin: Duration) -> (Duration, Vec<u32>) {
         first_touch: true,
         dirty: Dirty::WpSync,
         access: Access::None,
+        evict_after: 0,
         notes: vec![],
     };
     let h = TrackerHandle::spawn(TrackerSpec {

@@ -112,6 +112,10 @@ pub struct Plan {
     pub first_touch: bool,
     pub dirty: Dirty,
     pub access: Access,
+    /// Cold-page eviction (RWP VMs on memfd or hugetlbfs memory): a present
+    /// page not accessed for this many whole intervals is saved to custody
+    /// and its memory freed; the next access brings it back. 0: never.
+    pub evict_after: u32,
     /// Why each method was or was not chosen.
     pub notes: Vec<String>,
 }
@@ -163,6 +167,9 @@ pub struct PlanInput {
     /// are sampled (exact dirty bytes, at one fault per first write per
     /// page per interval).
     pub exact_dirty: bool,
+    /// Evict pages not accessed for this many intervals (0: never); done
+    /// only under RWP, on memory the agent can save and punch.
+    pub evict_after: u32,
 }
 
 /// Features a VMM should request at `UFFDIO_API` time for the best tracking
@@ -245,6 +252,21 @@ pub fn plan(input: PlanInput) -> Plan {
             );
             Dirty::SoftDirty
         };
+        let evict_after = match eviction_refused(input, missing_ok) {
+            _ if input.evict_after == 0 => 0,
+            Some(why) => {
+                notes.push(format!("cold pages not evicted: {why}"));
+                0
+            }
+            None => {
+                notes.push(format!(
+                    "cold pages evicted: a page not accessed for {} intervals is saved to the \
+                     agent's custody file and its memory freed; its next access brings it back",
+                    input.evict_after
+                ));
+                input.evict_after
+            }
+        };
         let mut register_mode = mode::RWP;
         if missing_ok {
             register_mode |= mode::MISSING;
@@ -254,11 +276,19 @@ pub fn plan(input: PlanInput) -> Plan {
             first_touch: missing_ok,
             dirty,
             access: Access::Rwp { sync },
+            evict_after,
             notes,
         };
     }
     if rwp_ok && input.rwp == RwpMode::Off {
         notes.push("RWP off by configuration (--rwp off)".into());
+    }
+    if input.evict_after > 0 {
+        notes.push(
+            "cold pages not evicted: eviction needs read/write-protect mode (Linux 7.3+), which \
+             freezes a cold page while it is saved without a fault on every hot one"
+                .into(),
+        );
     }
 
     let access = match (input.backing, input.access_mode) {
@@ -351,7 +381,29 @@ pub fn plan(input: PlanInput) -> Plan {
         first_touch: missing_ok,
         dirty,
         access,
+        evict_after: 0,
         notes,
+    }
+}
+
+/// Why an RWP VM's cold pages cannot be evicted, if they cannot.
+fn eviction_refused(input: PlanInput, missing_ok: bool) -> Option<&'static str> {
+    if input.backing == BackingKind::Anonymous {
+        Some(
+            "the agent cannot free private anonymous memory of another process; back guest \
+             memory with a memfd",
+        )
+    } else if !missing_ok {
+        Some("an evicted page comes back on a MISSING fault, which this uffd cannot take")
+    } else if !input.have_memory_fd {
+        Some("the handshake did not pass the memory's fd")
+    } else if !input.vmm_holds_uffd {
+        Some(
+            "the VMM does not keep its own copy of the uffd, so an evicted page would read back \
+             as zeros if the agent died",
+        )
+    } else {
+        None
     }
 }
 
@@ -371,6 +423,96 @@ mod tests {
             granules: 16384,
             custody_granules: 16384,
             exact_dirty: false,
+            evict_after: 0,
+        }
+    }
+
+    /// Eviction is planned only where an evicted page can come back: RWP,
+    /// memory the agent can save and punch, MISSING faults, and a VMM that
+    /// keeps its uffd. Each refusal says why.
+    #[test]
+    fn eviction_only_where_a_page_can_come_back() {
+        let rwp = feature::RWP | feature::RWP_ASYNC;
+        let with = |p: PlanInput| PlanInput {
+            evict_after: 8,
+            ..p
+        };
+        let cases = [
+            (
+                "rwp memfd",
+                with(input(rwp | feature::MISSING_SHMEM, BackingKind::Shmem)),
+                8,
+                "",
+            ),
+            (
+                "rwp hugetlbfs",
+                with(input(
+                    rwp | feature::MISSING_HUGETLBFS,
+                    BackingKind::Hugetlb,
+                )),
+                8,
+                "",
+            ),
+            (
+                "rwp anonymous",
+                with(input(rwp, BackingKind::Anonymous)),
+                0,
+                "private anonymous",
+            ),
+            (
+                "no MISSING",
+                with(input(rwp, BackingKind::Shmem)),
+                0,
+                "MISSING fault",
+            ),
+            (
+                "no memfd",
+                PlanInput {
+                    have_memory_fd: false,
+                    ..with(input(rwp | feature::MISSING_SHMEM, BackingKind::Shmem))
+                },
+                0,
+                "memory's fd",
+            ),
+            (
+                "VMM dropped its uffd",
+                PlanInput {
+                    vmm_holds_uffd: false,
+                    ..with(input(rwp | feature::MISSING_SHMEM, BackingKind::Shmem))
+                },
+                0,
+                "zeros",
+            ),
+            (
+                "no RWP",
+                with(input(feature::MISSING_SHMEM, BackingKind::Shmem)),
+                0,
+                "needs read/write-protect",
+            ),
+            (
+                "not asked",
+                input(rwp | feature::MISSING_SHMEM, BackingKind::Shmem),
+                0,
+                "",
+            ),
+        ];
+        for (name, inp, after, why) in cases {
+            let p = plan(inp);
+            assert_eq!(p.evict_after, after, "{name}: {:?}", p.notes);
+            let said = p.notes.iter().find(|n| n.contains("cold pages"));
+            match (after, why) {
+                (0, "") => assert!(said.is_none(), "{name}: {:?}", p.notes),
+                (0, why) => assert!(
+                    said.is_some_and(|n| n.contains("not evicted") && n.contains(why)),
+                    "{name}: {:?}",
+                    p.notes
+                ),
+                _ => assert!(
+                    said.is_some_and(|n| n.contains("evicted: a page not accessed for 8")),
+                    "{name}: {:?}",
+                    p.notes
+                ),
+            }
         }
     }
 

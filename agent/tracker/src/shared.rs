@@ -57,6 +57,13 @@ pub struct Counters {
     pub sampled_pages: AtomicU64,
     pub custody_full: AtomicU64,
     pub pages_in_custody: AtomicU64,
+    /// Cold pages RWP eviction saved to custody and freed.
+    pub evicted_pages: AtomicU64,
+    /// Pages brought back from custody by a guest access.
+    pub refaulted_pages: AtomicU64,
+    /// Pages the kernel zeroed in place instead of punching (part of a
+    /// large folio it could not split), put back at once and not evicted.
+    pub unpunchable_pages: AtomicU64,
     pub retries: AtomicU64,
     /// Bytes reported written inside transparent huge pages, where the
     /// kernel tracks writes per 2 MiB.

@@ -325,6 +325,18 @@ fn error_estimate(
             } else {
                 ""
             };
+            let evict = if plan.evict_after > 0 {
+                format!(
+                    "; pages idle {} intervals evicted to custody ({} held now), each seen again \
+                     by the fault that brings it back",
+                    plan.evict_after,
+                    s.counters
+                        .pages_in_custody
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                )
+            } else {
+                String::new()
+            };
             ErrorEstimate {
                 relative_error: 0.0,
                 confidence: 1.0,
@@ -333,7 +345,7 @@ fn error_estimate(
                     "every access, read or write, seen by read/write-protect mode ({}) at {gb} B \
                      granules, attributed to {interval_ms} ms intervals (the harvest freezes the \
                      guest's first accesses while it scans, so none falls between intervals); \
-                     {dirty}{thp}",
+                     {dirty}{thp}{evict}",
                     if sync { "sync" } else { "async" }
                 ),
             }
@@ -385,6 +397,7 @@ mod tests {
             first_touch: true,
             dirty: Dirty::WpSync,
             access,
+            evict_after: 0,
             notes: vec![],
         }
     }

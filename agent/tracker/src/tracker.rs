@@ -448,6 +448,19 @@ const UNARMED: u32 = u32::MAX;
 /// next access faults anyway.
 const ARMED_HOLE: u32 = u32::MAX - 1;
 
+/// What [`Tracker::evict`] did with a granule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Evict {
+    /// Saved to custody and punched: its next access faults.
+    Saved,
+    /// A hole already: its next access faults anyway.
+    Hole,
+    /// Left in place (the VMM is gone, or the kernel would not punch it).
+    Kept,
+    /// Custody is full.
+    Full,
+}
+
 #[derive(Debug)]
 struct Tracker {
     name: String,
@@ -458,6 +471,9 @@ struct Tracker {
     granule: u64,
     plan: Plan,
     memory_fd: Option<OwnedFd>,
+    /// The memory fd is on hugetlbfs, where `SEEK_DATA` sees no holes and
+    /// a punch always frees whole huge pages.
+    hugetlbfs: bool,
     source: Option<SourceMap>,
     _source_file: Option<File>,
     pagemap: Option<File>,
@@ -471,7 +487,8 @@ struct Tracker {
     spin_ns: u64,
     shared: Arc<VmShared>,
     custody: Option<Custody>,
-    /// Per granule: custody slot, [`ARMED_HOLE`] or [`UNARMED`] (access methods only).
+    /// Per granule: custody slot, [`ARMED_HOLE`] or [`UNARMED`] (access
+    /// methods and eviction only).
     slot_of: Box<[u32]>,
     /// Granules the access method watches.
     sample: Box<[u32]>,
@@ -560,12 +577,13 @@ impl Tracker {
             region_base.push(acc);
             acc += (r.len / granule) as usize;
         }
-        // Custody-based access methods; RWP needs no custody.
+        // Custody-based access methods, and RWP's cold-page eviction.
         let access = matches!(
             spec.plan.access,
             Access::ShmemSampled { .. } | Access::ShmemExhaustive
         );
-        let (custody, sample) = if access {
+        let evicting = spec.plan.evict_after > 0;
+        let (custody, sample) = if access || evicting {
             let path = spec
                 .custody_path
                 .clone()
@@ -575,7 +593,11 @@ impl Tracker {
                 .as_ref()
                 .ok_or(TrackerError::Missing("the memory fd"))?;
             let st = nix_fstat(mfd.as_raw_fd()).map_err(TrackerError::Custody)?;
-            let sample = sample.unwrap_or_else(|| (0..granules as u32).collect());
+            // Eviction watches no sample: the RWP harvest sees every page.
+            let sample = match (access, sample) {
+                (false, _) => Vec::new(),
+                (true, s) => s.unwrap_or_else(|| (0..granules as u32).collect()),
+            };
             let slots = match spec.plan.access {
                 Access::ShmemSampled { .. } => sample.len() as u32,
                 _ => spec.custody_granules.min(granules as u32),
@@ -594,6 +616,10 @@ impl Tracker {
         } else {
             (None, Vec::new())
         };
+        let hugetlbfs = spec
+            .memory_fd
+            .as_ref()
+            .is_some_and(|f| on_hugetlbfs(f.as_raw_fd()));
         let rwp = matches!(spec.plan.access, Access::Rwp { .. });
         let pagemap = if spec.plan.dirty == Dirty::WpAsync || rwp {
             Some(
@@ -640,6 +666,7 @@ impl Tracker {
             region_base,
             granule,
             plan: spec.plan,
+            hugetlbfs,
             memory_fd: spec.memory_fd,
             source,
             _source_file: spec.source,
@@ -652,7 +679,8 @@ impl Tracker {
             spin_ns: spec.spin.as_nanos() as u64,
             shared,
             custody,
-            slot_of: vec![UNARMED; if access { granules } else { 0 }].into_boxed_slice(),
+            slot_of: vec![UNARMED; if access || evicting { granules } else { 0 }]
+                .into_boxed_slice(),
             sample: sample.into_boxed_slice(),
             removed: vec![false; granules].into_boxed_slice(),
             served: vec![false; if snapshot_backed { granules } else { 0 }].into_boxed_slice(),
@@ -1065,6 +1093,9 @@ impl Tracker {
 
     /// Put a page from custody back into the guest.
     fn restore(&mut self, g: usize, ga: u64, slot: u32, write: bool) -> io::Result<Resolve> {
+        if self.plan.dirty == Dirty::SoftDirty {
+            return self.restore_through_file(g, ga, slot);
+        }
         let wp = !write && self.watches_writes(g);
         let custody = self.custody.as_mut().expect("custody slot without custody");
         // SAFETY: the slot pointer is valid for one granule.
@@ -1079,10 +1110,46 @@ impl Tracker {
                 custody.release(slot);
                 self.slot_of[g] = UNARMED;
                 self.shared.counters.pages_in_custody.fetch_sub(1, Relaxed);
+                self.shared.counters.refaulted_pages.fetch_add(1, Relaxed);
             }
             Resolve::Again | Resolve::Gone => {}
         }
         Ok(r)
+    }
+
+    /// Put a page from custody back by writing it into the memory file and
+    /// waking the threads waiting on it: they fault again, find the page in
+    /// the file and map it like any other page of it, so a read maps it
+    /// clean and only a write sets its soft-dirty bit. (`UFFDIO_COPY` maps
+    /// every page it places dirty, which would count each read of an
+    /// evicted page as a write.)
+    fn restore_through_file(&mut self, g: usize, ga: u64, slot: u32) -> io::Result<Resolve> {
+        let off = self.file_offset(g);
+        // Data already there was written into the file by the VMM after the
+        // eviction: it is newer than ours.
+        if !self.file_has_data(off) {
+            self.write_back(g, slot)?;
+        }
+        self.custody
+            .as_mut()
+            .expect("custody slot without custody")
+            .release(slot);
+        self.slot_of[g] = UNARMED;
+        self.shared.counters.pages_in_custody.fetch_sub(1, Relaxed);
+        self.shared.counters.refaulted_pages.fetch_add(1, Relaxed);
+        self.uffd.wake(ga, self.granule)?;
+        Ok(Resolve::Done)
+    }
+
+    /// Whether the memory file holds data (not a hole) anywhere in the
+    /// granule at `off`.
+    fn file_has_data(&self, off: u64) -> bool {
+        let Some(mfd) = &self.memory_fd else {
+            return false;
+        };
+        // SAFETY: lseek on our memfd.
+        let data = unsafe { libc::lseek(mfd.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+        data >= 0 && (data as u64) < off + self.granule
     }
 
     /// The interval tick: harvest, re-arm, advance the epoch.
@@ -1105,7 +1172,10 @@ impl Tracker {
             // bits are harvested with RWP's.
             Dirty::Watched | Dirty::SoftDirty | Dirty::None => {}
         }
-        if self.custody.is_some() {
+        if matches!(
+            self.plan.access,
+            Access::ShmemSampled { .. } | Access::ShmemExhaustive
+        ) {
             let (a, w) = self.strata.unseen();
             self.shared.set_unwatched(e, a, w);
             self.rearm_access(e)?;
@@ -1130,7 +1200,7 @@ impl Tracker {
         }
     }
 
-    /// RWP harvest: freeze, scan, re-protect, thaw. While frozen (sync mode)
+    /// RWP harvest: freeze, scan, re-protect, evict, thaw. While frozen (sync mode)
     /// a first access to a protected page waits for this thread, so nothing
     /// slips between the scan and the re-protect or the soft-dirty reset;
     /// those accesses are served (and recorded in the next epoch) right
@@ -1145,6 +1215,7 @@ impl Tracker {
         } else {
             Ok(())
         };
+        let r = r.and_then(|()| self.evict_cold(e));
         // Thaw whatever happened: a guest must never stay frozen.
         let thaw = if sync {
             Ok(())
@@ -1166,6 +1237,7 @@ impl Tracker {
                 0
             };
         let scan = pagemap::Scan {
+            category_inverted: 0,
             flags: 0,
             // Only present pages: a never-touched page is not protected, but
             // it has not been accessed either.
@@ -1209,6 +1281,7 @@ impl Tracker {
             return Ok(());
         };
         let scan = pagemap::Scan {
+            category_inverted: 0,
             flags: pagemap::PM_SCAN_WP_MATCHING | pagemap::PM_SCAN_CHECK_WPASYNC,
             category_mask: pagemap::PAGE_IS_WRITTEN,
             category_anyof_mask: 0,
@@ -1275,9 +1348,15 @@ impl Tracker {
                 self.strata.skipped += 1;
                 continue;
             }
-            if !self.evict(g)? {
-                self.shared.counters.custody_full.fetch_add(1, Relaxed);
-                break;
+            match self.evict(g)? {
+                Evict::Full => {
+                    self.shared.counters.custody_full.fetch_add(1, Relaxed);
+                    break;
+                }
+                Evict::Saved => {
+                    self.shared.counters.sampled_pages.fetch_add(1, Relaxed);
+                }
+                Evict::Hole | Evict::Kept => {}
             }
             if hot {
                 self.armed_tick[g] = next;
@@ -1287,34 +1366,31 @@ impl Tracker {
         Ok(())
     }
 
-    /// Save granule `g` into custody and punch its hole. Returns false when
-    /// custody is full.
-    fn evict(&mut self, g: usize) -> io::Result<bool> {
+    /// Save granule `g` into custody and punch its hole.
+    fn evict(&mut self, g: usize) -> io::Result<Evict> {
         let off = self.file_offset(g);
         let ga = self.granule_addr(g);
         let mfd = self
             .memory_fd
             .as_ref()
-            .expect("access method without memory fd")
+            .expect("custody without memory fd")
             .as_raw_fd();
         // A hole faults on its next access anyway: armed for free.
-        // SAFETY: lseek on our memfd.
-        let data = unsafe { libc::lseek(mfd, off as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 || data as u64 >= off + self.granule {
+        if !self.hugetlbfs && !self.file_has_data(off) {
             self.slot_of[g] = ARMED_HOLE;
-            return Ok(true);
+            return Ok(Evict::Hole);
         }
-        let custody = self
-            .custody
-            .as_mut()
-            .expect("access method without custody");
+        let rwp = matches!(self.plan.access, Access::Rwp { .. });
+        let custody = self.custody.as_mut().expect("eviction without custody");
         let Some(slot) = custody.take() else {
-            return Ok(false);
+            return Ok(Evict::Full);
         };
-        // 1. Freeze: from here a guest write waits on a WP fault we serve later.
-        if self.uffd.write_protect(ga, self.granule, true, true)? == Resolve::Gone {
+        // 1. Freeze: from here a guest write waits on a WP fault we serve
+        // later. Under RWP the page is frozen already: it is protected (not
+        // accessed since the last harvest) and the harvest runs in sync mode.
+        if !rwp && self.uffd.write_protect(ga, self.granule, true, true)? == Resolve::Gone {
             custody.release(slot);
-            return Ok(true);
+            return Ok(Evict::Kept);
         }
         // 2. Save the granule into the custody file.
         let dst = custody.slot_ptr(slot);
@@ -1359,10 +1435,104 @@ impl Tracker {
                 format!("punching page at offset {off:#x}: {err}"),
             ));
         }
+        // A part of a large folio the kernel could not split is zeroed in
+        // place rather than punched: no fault would bring the page back, so
+        // put the saved copy back at once.
+        if !self.hugetlbfs && self.file_has_data(off) {
+            self.write_back(g, slot).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("page at offset {off:#x} was zeroed, not punched, and putting it back failed: {e}"),
+                )
+            })?;
+            self.custody.as_mut().expect("custody").release(slot);
+            self.shared.counters.unpunchable_pages.fetch_add(1, Relaxed);
+            return Ok(Evict::Kept);
+        }
         self.slot_of[g] = slot;
         self.shared.counters.pages_in_custody.fetch_add(1, Relaxed);
-        self.shared.counters.sampled_pages.fetch_add(1, Relaxed);
-        Ok(true)
+        Ok(Evict::Saved)
+    }
+
+    /// RWP eviction, inside the harvest's freeze: every present page not
+    /// accessed for `evict_after` intervals is saved to custody and punched
+    /// out of the memory file. Such a page is still protected (the harvest
+    /// found it not accessed) and the uffd is in sync mode, so a guest
+    /// access to it waits for this thread and is served right after the
+    /// tick, from custody.
+    fn evict_cold(&mut self, e: u32) -> io::Result<()> {
+        let after = self.plan.evict_after;
+        if after == 0 || self.custody.is_none() {
+            return Ok(());
+        }
+        let Some(pm) = self.pagemap.take() else {
+            return Ok(());
+        };
+        let mut buf = std::mem::take(&mut self.scan_buf);
+        let r = self.evict_cold_in(&pm, &mut buf, e, after);
+        self.scan_buf = buf;
+        self.pagemap = Some(pm);
+        r
+    }
+
+    fn evict_cold_in(
+        &mut self,
+        pm: &File,
+        buf: &mut [pagemap::PageRegion],
+        e: u32,
+        after: u32,
+    ) -> io::Result<()> {
+        // Present and not accessed (the accessed ones were re-protected by
+        // the harvest, but their last access is this epoch).
+        let scan = pagemap::Scan {
+            flags: 0,
+            category_inverted: pagemap::PAGE_IS_ACCESSED,
+            category_mask: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_ACCESSED,
+            category_anyof_mask: 0,
+            return_mask: pagemap::PAGE_IS_HUGE,
+        };
+        for ri in 0..self.regions.len() {
+            let (base, len) = (self.regions[ri].host_addr, self.regions[ri].len);
+            let mut start = base;
+            while start < base + len {
+                let (n, walk_end) = match pagemap::scan(pm.as_fd(), start, base + len, scan, buf) {
+                    Err(err) if err.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+                    r => r?,
+                };
+                for pr in &buf[..n] {
+                    // A transparent huge page is not split to evict a part
+                    // of it (hugetlbfs pages are the granule itself).
+                    if pr.categories & pagemap::PAGE_IS_HUGE != 0 && !self.hugetlbfs {
+                        continue;
+                    }
+                    let mut a = pr.start - (pr.start - base) % self.granule;
+                    while a < pr.end {
+                        let g = self.region_base[ri] + ((a - base) / self.granule) as usize;
+                        a += self.granule;
+                        if self.slot_of[g] < ARMED_HOLE
+                            || e.wrapping_sub(self.shared.access_epoch(g)) < after
+                        {
+                            continue;
+                        }
+                        match self.evict(g)? {
+                            Evict::Saved => {
+                                self.shared.counters.evicted_pages.fetch_add(1, Relaxed);
+                            }
+                            Evict::Full => {
+                                self.shared.counters.custody_full.fetch_add(1, Relaxed);
+                                return Ok(());
+                            }
+                            Evict::Hole | Evict::Kept => {}
+                        }
+                    }
+                }
+                if walk_end <= start {
+                    break;
+                }
+                start = walk_end;
+            }
+        }
+        Ok(())
     }
 
     fn granule_addr(&self, g: usize) -> u64 {
@@ -1480,6 +1650,14 @@ fn scan_regions(
         }
     }
     Ok(())
+}
+
+fn on_hugetlbfs(fd: RawFd) -> bool {
+    const HUGETLBFS_MAGIC: libc::__fsword_t = 0x9584_58f6;
+    // SAFETY: a zeroed statfs is a valid out-parameter for fstatfs.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one statfs.
+    unsafe { libc::fstatfs(fd, &mut st) == 0 && st.f_type == HUGETLBFS_MAGIC }
 }
 
 fn nix_fstat(fd: RawFd) -> io::Result<(u64, u64)> {

@@ -694,6 +694,9 @@ pub mod pagemap {
     #[derive(Clone, Copy, Debug)]
     pub struct Scan {
         pub flags: u64,
+        /// Categories tested inverted (a page "in" one of these is one
+        /// without it), for the two masks below.
+        pub category_inverted: u64,
         /// Pages must be in every one of these categories...
         pub category_mask: u64,
         /// ...and in at least one of these (0: no such condition).
@@ -720,7 +723,7 @@ pub mod pagemap {
             vec: out.as_mut_ptr() as u64,
             vec_len: out.len() as u64,
             max_pages: 0,
-            category_inverted: 0,
+            category_inverted: s.category_inverted,
             category_mask: s.category_mask,
             category_anyof_mask: s.category_anyof_mask,
             return_mask: s.return_mask,

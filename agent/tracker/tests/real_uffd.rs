@@ -176,6 +176,7 @@ fn firecracker_style_uffd_gets_sync_wp_dirty_tracking() {
         granules: 64,
         custody_granules: 64,
         exact_dirty: false,
+        evict_after: 0,
     });
     assert_eq!(p.dirty, wset_tracker::Dirty::WpSync);
     let h =

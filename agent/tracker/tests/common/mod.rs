@@ -142,6 +142,7 @@ pub fn planned_uffd(
         granules: granules as u32,
         custody_granules: granules as u32,
         exact_dirty: false,
+        evict_after: 0,
     });
     (uffd, p)
 }
