@@ -5,7 +5,9 @@
 //! are sampled every 10 s and printed; both processes' memory must level
 //! off (the last third's mean within 15% + 48 MiB of the middle third's)
 //! while the controller's store keeps growing, every agent must stay
-//! connected and every VM tracked.
+//! connected and every VM tracked. WSET_LOAD_RETENTION passes a
+//! `--retention` to the controller, for runs long enough to reach a store
+//! that retention caps.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -111,11 +113,15 @@ fn one_agent_with_100_guests_and_a_controller_with_1000_agents() {
     all.push(&agent.grpc_addr);
     // A summary per VM every 5 s: 10,100 VMs, about 2,000 summaries/s.
     // (and a stall timeout well above it).
-    let mut args = Controller::args(
-        &data.0,
-        &all,
-        &["--plan-interval", "15s", "--cache-mib", "64"],
-    );
+    // WSET_LOAD_RETENTION (e.g. raw=5m,1m=15m) caps the history kept, so a
+    // long run reaches a store that no longer grows.
+    let retention = std::env::var("WSET_LOAD_RETENTION").ok();
+    let mut extra = vec!["--plan-interval", "15s", "--cache-mib", "64"];
+    if let Some(r) = &retention {
+        extra.extend(["--retention", r.as_str()]);
+        eprintln!("history retention: {r}");
+    }
+    let mut args = Controller::args(&data.0, &all, &extra);
     for (flag, value) in [("--sample-interval", "5s"), ("--stall-timeout", "30s")] {
         let i = args
             .iter()
