@@ -1097,7 +1097,7 @@ impl Tracker {
             return self.restore_through_file(g, ga, slot);
         }
         let wp = !write && self.watches_writes(g);
-        let custody = self.custody.as_mut().expect("custody slot without custody");
+        let custody = self.custody.as_ref().expect("custody slot without custody");
         // SAFETY: the slot pointer is valid for one granule.
         let r = unsafe {
             self.uffd
@@ -1107,14 +1107,22 @@ impl Tracker {
             Resolve::Done | Resolve::Exists => {
                 // Exists: something put a page there other than us (the VMM
                 // wrote the memory file directly); its data is newer.
-                custody.release(slot);
-                self.slot_of[g] = UNARMED;
-                self.shared.counters.pages_in_custody.fetch_sub(1, Relaxed);
+                self.slot_home(g, slot);
                 self.shared.counters.refaulted_pages.fetch_add(1, Relaxed);
             }
             Resolve::Again | Resolve::Gone => {}
         }
         Ok(r)
+    }
+
+    /// Granule `g`'s page is back in the guest: free its custody slot.
+    fn slot_home(&mut self, g: usize, slot: u32) {
+        self.custody
+            .as_mut()
+            .expect("custody slot without custody")
+            .release(slot);
+        self.slot_of[g] = UNARMED;
+        self.shared.counters.pages_in_custody.fetch_sub(1, Relaxed);
     }
 
     /// Put a page from custody back by writing it into the memory file and
@@ -1130,12 +1138,7 @@ impl Tracker {
         if !self.file_has_data(off) {
             self.write_back(g, slot)?;
         }
-        self.custody
-            .as_mut()
-            .expect("custody slot without custody")
-            .release(slot);
-        self.slot_of[g] = UNARMED;
-        self.shared.counters.pages_in_custody.fetch_sub(1, Relaxed);
+        self.slot_home(g, slot);
         self.shared.counters.refaulted_pages.fetch_add(1, Relaxed);
         self.uffd.wake(ga, self.granule)?;
         Ok(Resolve::Done)
@@ -1564,9 +1567,7 @@ impl Tracker {
             // memory file itself so the data outlives us.
             let ok = put_back || self.write_back(g, slot).is_ok();
             if ok {
-                self.custody.as_mut().expect("custody").release(slot);
-                self.slot_of[g] = UNARMED;
-                self.shared.counters.pages_in_custody.fetch_sub(1, Relaxed);
+                self.slot_home(g, slot);
             } else {
                 left += 1;
             }
