@@ -314,6 +314,9 @@ pub struct Level {
 /// How much time one stored block of raw samples spans.
 pub const RAW_BLOCK_MS: u64 = 60_000;
 
+/// How much time the blocks of raw samples are merged into once it is past.
+pub const RAW_LONG_BLOCK_MS: u64 = 3_600_000;
+
 impl Level {
     /// The span of time packed into one stored block once it is closed: a
     /// minute of raw samples, or 60 buckets of a rollup, and never more
@@ -325,6 +328,21 @@ impl Level {
             self.bucket_ms.saturating_mul(60)
         };
         base.min(self.retention_ms / 8).max(1)
+    }
+
+    /// The span that closed blocks are merged into once it is closed
+    /// itself: an hour of raw samples (60 one-minute blocks) when raw
+    /// samples are kept 8 hours or more, else the block span (no merging).
+    /// Rollups keep the blocks they are packed into.
+    pub fn long_block_ms(&self) -> u64 {
+        if self.bucket_ms == 0
+            && self.block_ms() == RAW_BLOCK_MS
+            && self.retention_ms >= 8 * RAW_LONG_BLOCK_MS
+        {
+            RAW_LONG_BLOCK_MS
+        } else {
+            self.block_ms()
+        }
     }
 }
 

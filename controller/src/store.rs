@@ -12,7 +12,7 @@
 //! | `host_events` | `host_id ‖ 0 ‖ t_ms:u64 ‖ seq:u32` | `HostEvent` |
 //! | `vms` | `vm_id` | `ClusterVm` (without `latest`) |
 //! | `hosts` | `host_id` | the agent's last `HostFacts` |
-//! | `meta` | `wm ‖ tree ‖ series ‖ bucket_ms` | rollup watermark `t_ms:u64` |
+//! | `meta` | `wm ‖ tree ‖ series ‖ bucket_ms`, `lb ‖ tree ‖ series ‖ bucket_ms` | rollup and long-block watermarks `t_ms:u64` |
 //!
 //! `bucket_ms` is 0 for raw samples, else the rollup's bucket length, so a
 //! range scan over one VM (or host) at one resolution over a time range is
@@ -22,15 +22,22 @@
 //! Points arrive one key each (durable as soon as they are flushed). Once
 //! a block of time (`Level::block_ms`: a minute of raw samples, 60 buckets
 //! of a rollup) is closed, maintenance packs its points into one value of
-//! length-delimited points keyed by its last point's time, and removes the
-//! single keys. sled keeps memory per key whatever the cache size, so this
-//! is what bounds the controller's memory as history accumulates (a
-//! minute of a VM's raw samples is one key, not 6-12). Packing writes the
-//! block before removing the single keys, and merges any block already
-//! there, so a crash in between leaves both (readers prefer the single
-//! key; the next pass finishes) and a late point is packed on the next
-//! pass.
+//! length-delimited points, compressed with zstd and keyed by its last
+//! point's time, and removes the single keys. Raw samples kept 8 hours or
+//! more are packed a second time: once an hour is past, its minute blocks
+//! are merged into one (`Level::long_block_ms`, a watermark per series in
+//! `meta`: `lb ‖ tree ‖ series ‖ bucket_ms`). sled keeps memory per key
+//! whatever the cache size, so this is what bounds the controller's memory
+//! as history accumulates (a day of a VM's raw samples is 24 keys, not
+//! 8,640). Packing writes the block before removing the single keys, and
+//! merges any block already there, so a crash in between leaves both
+//! (readers prefer the single key; the next pass finishes) and a late
+//! point is packed on the next pass. Blocks never overlap, so the block
+//! that holds a time is the first key at or after it. Retention drops
+//! whole blocks: a block that straddles the cut stays until all of it is
+//! past.
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -50,6 +57,18 @@ pub enum StoreError {
     },
     #[error("history store: a stored block of {what}s is cut short; the store may be damaged")]
     CutBlock { what: &'static str },
+    #[error(
+        "history store: a stored block of {what}s does not decompress ({source}); the store may be damaged"
+    )]
+    Unpack {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("history store: a block of {what}s could not be compressed ({source})")]
+    Pack {
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// Everything one agent batch (or connection event) changes, applied at once.
@@ -69,6 +88,8 @@ pub struct Maintenance {
     pub rollup_points: u64,
     /// Single points moved into blocks.
     pub packed_points: u64,
+    /// Blocks merged away into long blocks.
+    pub merged_blocks: u64,
     pub expired_points: u64,
     pub forgotten_vms: u64,
 }
@@ -231,8 +252,8 @@ impl Store {
     }
 
     /// How many points a VM has in one series in `[start_ms, end_ms)`,
-    /// without decoding them (range scans and block framing alone: the
-    /// benchmarks' baseline).
+    /// without decoding them (range scans, decompression and block framing
+    /// alone: the benchmarks' baseline).
     pub fn count_vm_points(
         &self,
         vm: &str,
@@ -256,7 +277,7 @@ impl Store {
             .blocks
             .range(point_key(vm, bucket_ms, start_ms)..point_key(vm, bucket_ms, end_ms))
         {
-            n += frames(self.vm.what, &kv?.1)?.len();
+            n += block_len(self.vm.what, &kv?.1)?;
         }
         Ok(n)
     }
@@ -352,10 +373,22 @@ impl Store {
         m: &mut Maintenance,
     ) -> Result<(), StoreError> {
         m.rollup_points += self.rollup::<M>(s, tag, id, now_ms, lateness_ms)?;
+        let horizon = now_ms.saturating_sub(lateness_ms);
         for l in &self.levels {
-            m.packed_points += s.pack::<M>(id, *l, now_ms.saturating_sub(lateness_ms))?;
-            m.expired_points +=
-                s.expire::<M>(id, l.bucket_ms, now_ms.saturating_sub(l.retention_ms))?;
+            let long = l.long_block_ms();
+            let mut wm_key = vec![b'l', b'b', tag];
+            wm_key.extend_from_slice(&series(id, l.bucket_ms));
+            let merged_to = match self.meta.get(&wm_key)? {
+                Some(v) if long > l.block_ms() => key_time(&v),
+                _ => 0,
+            };
+            m.packed_points += s.pack::<M>(id, *l, horizon, merged_to)?;
+            let cut = horizon - horizon % long;
+            if long > l.block_ms() && cut > merged_to {
+                m.merged_blocks += s.merge_blocks::<M>(id, l.bucket_ms, long, merged_to, cut)?;
+                self.meta.insert(wm_key, &cut.to_be_bytes())?;
+            }
+            m.expired_points += s.expire(id, l.bucket_ms, now_ms.saturating_sub(l.retention_ms))?;
         }
         Ok(())
     }
@@ -411,6 +444,17 @@ impl Store {
         for (vm, last_seen) in vms {
             if last_seen.saturating_add(keep) < now_ms {
                 self.vms.remove(vm.as_bytes())?;
+                // Its history is gone with the longest retention; so go
+                // its watermarks.
+                let mut batch = sled::Batch::default();
+                for l in &self.levels {
+                    for kind in [b"wm", b"lb"] {
+                        let mut k = vec![kind[0], kind[1], b'v'];
+                        k.extend_from_slice(&series(vm, l.bucket_ms));
+                        batch.remove(k);
+                    }
+                }
+                self.meta.apply_batch(batch)?;
                 forgotten.push(vm.clone());
             }
         }
@@ -419,7 +463,31 @@ impl Store {
     }
 }
 
-/// The framed points of a block, undecoded.
+/// zstd's frame magic. A block that starts with it is compressed; a block
+/// written before blocks were compressed is bare frames, whose first byte
+/// is a length and whose second is a field tag, never `B5 2F`.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
+
+/// zstd's default level: about 3x on a block of history points, at a cost
+/// paid once per block when it is packed.
+const BLOCK_LEVEL: i32 = 3;
+
+/// The most a block may expand to when read (blocks hold minutes to days
+/// of one series, kilobytes to a few megabytes).
+const MAX_BLOCK_BYTES: usize = 256 << 20;
+
+/// A stored block's frames, decompressed if need be.
+fn block_bytes<'a>(what: &'static str, v: &'a [u8]) -> Result<Cow<'a, [u8]>, StoreError> {
+    if v.starts_with(&ZSTD_MAGIC) {
+        zstd::bulk::decompress(v, MAX_BLOCK_BYTES)
+            .map(Cow::Owned)
+            .map_err(|source| StoreError::Unpack { what, source })
+    } else {
+        Ok(Cow::Borrowed(v))
+    }
+}
+
+/// The framed points of a block's frames, undecoded.
 fn frames<'a>(what: &'static str, mut v: &'a [u8]) -> Result<Vec<&'a [u8]>, StoreError> {
     let mut out = Vec::new();
     while !v.is_empty() {
@@ -436,20 +504,26 @@ fn frames<'a>(what: &'static str, mut v: &'a [u8]) -> Result<Vec<&'a [u8]>, Stor
     Ok(out)
 }
 
+/// How many points a stored block holds.
+fn block_len(what: &'static str, v: &[u8]) -> Result<usize, StoreError> {
+    Ok(frames(what, &block_bytes(what, v)?)?.len())
+}
+
 fn decode_block<M: Message + Default>(what: &'static str, v: &[u8]) -> Result<Vec<M>, StoreError> {
-    frames(what, v)?
+    frames(what, &block_bytes(what, v)?)?
         .into_iter()
         .map(|f| decode(what, f))
         .collect()
 }
 
-fn encode_block<M: Message>(points: &[M]) -> Vec<u8> {
+/// Points framed one after another, compressed as one zstd frame.
+fn encode_block<M: Message>(what: &'static str, points: &[M]) -> Result<Vec<u8>, StoreError> {
     let mut v = Vec::with_capacity(points.iter().map(|p| p.encoded_len() + 4).sum());
     for p in points {
         p.encode_length_delimited(&mut v)
             .expect("a Vec grows as needed");
     }
-    v
+    zstd::bulk::compress(&v, BLOCK_LEVEL).map_err(|source| StoreError::Pack { what, source })
 }
 
 /// Two runs sorted by time merged into one, a single point winning over a
@@ -562,15 +636,18 @@ impl Series {
     }
 
     /// Pack the single points of one series whose block closed before
-    /// `horizon_ms` into their blocks (merging any block already there).
+    /// `horizon_ms` into their blocks (merging any block already there):
+    /// a point before `merged_to_ms` goes into its long block.
     /// Returns the points packed.
     fn pack<M: Message + Default + Mergeable>(
         &self,
         id: &str,
         level: Level,
         horizon_ms: u64,
+        merged_to_ms: u64,
     ) -> Result<u64, StoreError> {
-        let (b, span) = (level.bucket_ms, level.block_ms());
+        let (b, short, long) = (level.bucket_ms, level.block_ms(), level.long_block_ms());
+        let span = short;
         let cutoff = horizon_ms - horizon_ms % span;
         let (mut keys, mut single) = (Vec::new(), Vec::<M>::new());
         for kv in self
@@ -587,7 +664,11 @@ impl Series {
         }
         let mut blocks = sled::Batch::default();
         while let Some(p) = single.first() {
-            let start = p.timestamp_ms() - p.timestamp_ms() % span;
+            // Long spans are whole numbers of short ones, and `merged_to_ms`
+            // a whole number of long ones: a span never crosses it.
+            let t = p.timestamp_ms();
+            let span = if t < merged_to_ms { long } else { short };
+            let start = t - t % span;
             let n = single
                 .iter()
                 .take_while(|q| q.timestamp_ms() < start + span)
@@ -606,7 +687,7 @@ impl Series {
             let last = merged.last().map_or(start, Mergeable::timestamp_ms);
             // Inserted after the removes in the same batch: the insert wins
             // when the last point (hence the key) is unchanged.
-            blocks.insert(point_key(id, b, last), encode_block(&merged));
+            blocks.insert(point_key(id, b, last), encode_block(self.what, &merged)?);
         }
         self.blocks.apply_batch(blocks)?;
         let mut singles = sled::Batch::default();
@@ -617,14 +698,67 @@ impl Series {
         Ok(packed)
     }
 
-    /// Drop the points of one series older than `cutoff_ms`. Returns how
-    /// many.
-    fn expire<M: Message + Default + Mergeable>(
+    /// Merge the blocks of one series whose keys fall in `[from_ms, to_ms)`
+    /// into one block per `long_ms` span of time. Blocks never overlap and
+    /// are keyed by their last point, so the blocks of one span are
+    /// consecutive keys and their points, read in key order, are sorted.
+    /// The merged block replaces them in one batch. Returns the blocks
+    /// merged away.
+    fn merge_blocks<M: Message + Default + Mergeable>(
         &self,
         id: &str,
         bucket_ms: u64,
-        cutoff_ms: u64,
+        long_ms: u64,
+        from_ms: u64,
+        to_ms: u64,
     ) -> Result<u64, StoreError> {
+        let span_of = |k: &[u8]| key_time(k) - key_time(k) % long_ms;
+        let mut batch = sled::Batch::default();
+        let mut merged = 0;
+        let mut group: Vec<(sled::IVec, sled::IVec)> = Vec::new();
+        let mut close = |group: &mut Vec<(sled::IVec, sled::IVec)>| -> Result<(), StoreError> {
+            if group.len() > 1 {
+                let mut pts = Vec::<M>::new();
+                for (k, v) in group.iter() {
+                    pts.extend(decode_block::<M>(self.what, v)?);
+                    batch.remove(k.clone());
+                }
+                if let Some(last) = pts.last() {
+                    // After the removes: the insert wins for the last key.
+                    batch.insert(
+                        point_key(id, bucket_ms, last.timestamp_ms()),
+                        encode_block(self.what, &pts)?,
+                    );
+                }
+                merged += group.len() as u64 - 1;
+            }
+            group.clear();
+            Ok(())
+        };
+        for kv in self
+            .blocks
+            .range(point_key(id, bucket_ms, from_ms)..point_key(id, bucket_ms, to_ms))
+        {
+            let (k, v) = kv?;
+            if group
+                .first()
+                .is_some_and(|(g, _)| span_of(g) != span_of(&k))
+            {
+                close(&mut group)?;
+            }
+            group.push((k, v));
+        }
+        close(&mut group)?;
+        self.blocks.apply_batch(batch)?;
+        Ok(merged)
+    }
+
+    /// Drop the single points of one series older than `cutoff_ms`, and
+    /// its blocks whose every point is. The one block that straddles the
+    /// cutoff is kept whole until it is past it (so a series keeps at most
+    /// one block span more than its retention, and no block is rewritten
+    /// for retention). Returns the points dropped.
+    fn expire(&self, id: &str, bucket_ms: u64, cutoff_ms: u64) -> Result<u64, StoreError> {
         let mut removed = 0;
         let mut batch = sled::Batch::default();
         for kv in self
@@ -638,27 +772,11 @@ impl Series {
         let mut batch = sled::Batch::default();
         for kv in self
             .blocks
-            .range(point_key(id, bucket_ms, 0)..=point_key(id, bucket_ms, u64::MAX))
+            .range(point_key(id, bucket_ms, 0)..point_key(id, bucket_ms, cutoff_ms))
         {
             let (k, v) = kv?;
-            if key_time(&k) < cutoff_ms {
-                removed += frames(self.what, &v)?.len() as u64;
-                batch.remove(k);
-                continue;
-            }
-            // The one block that may straddle the cutoff keeps its newer
-            // points (its key, the last point, stays).
-            let pts = decode_block::<M>(self.what, &v)?;
-            let keep: Vec<M> = pts
-                .iter()
-                .filter(|p| p.timestamp_ms() >= cutoff_ms)
-                .cloned()
-                .collect();
-            if keep.len() < pts.len() {
-                removed += (pts.len() - keep.len()) as u64;
-                batch.insert(k, encode_block(&keep));
-            }
-            break;
+            removed += block_len(self.what, &v)? as u64;
+            batch.remove(k);
         }
         self.blocks.apply_batch(batch)?;
         Ok(removed)
@@ -709,6 +827,25 @@ mod tests {
         p
     }
 
+    /// Open the store again after its last handle was dropped. sled's
+    /// background threads may hold the directory's lock a moment longer,
+    /// so an IO error is retried for a few seconds; anything else fails.
+    fn reopen(dir: &Path, levels: Vec<Level>) -> Store {
+        let t0 = std::time::Instant::now();
+        loop {
+            match Store::open(dir, levels.clone(), 8 << 20) {
+                Ok(s) => return s,
+                Err(StoreError::Sled(sled::Error::Io(e)))
+                    if t0.elapsed() < std::time::Duration::from_secs(5) =>
+                {
+                    eprintln!("reopening {}: {e}; retrying", dir.display());
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("reopening {}: {e}", dir.display()),
+            }
+        }
+    }
+
     /// Real sled on disk: ranges by VM and time stay within one VM (a VM
     /// whose id is a prefix of another's included), rollups and retention
     /// run, and everything survives a reopen after a flush.
@@ -753,7 +890,7 @@ mod tests {
             assert_eq!((m2.rollup_points, m2.expired_points), (0, 0));
             s.flush().unwrap();
         }
-        let s = Store::open(&dir, levels(), 8 << 20).unwrap();
+        let s = reopen(&dir, levels());
         assert_eq!(
             s.vm_points("vm-1", 0, 0, u64::MAX, usize::MAX)
                 .unwrap()
@@ -774,8 +911,8 @@ mod tests {
     /// single points are the same as before packing (limits included), a
     /// late point is packed on the next pass, a crash between writing a
     /// block and removing its single keys reads no duplicate and is
-    /// finished by the next pass, retention cuts a block that straddles
-    /// it, and it all survives a reopen.
+    /// finished by the next pass, retention keeps a block that straddles
+    /// it until all of it is past, and it all survives a reopen.
     #[test]
     fn packing_blocks() {
         let dir = tmp("pack");
@@ -860,29 +997,140 @@ mod tests {
             assert_eq!(s.last_vm_point("vm").unwrap().unwrap().timestamp_ms, 34_000);
 
             // Retention at 95 s cuts at 15 s: the first block goes, the
-            // second keeps 15-19 s.
+            // second straddles the cut and stays whole until 100 s.
             let (m, _) = s.maintain(&vms, &[], 95_000, 0).unwrap();
-            assert_eq!(m.expired_points, 11 + 5);
-            assert_eq!(all(&s).first(), Some(&15_000));
+            assert_eq!(m.expired_points, 11);
+            assert_eq!(all(&s).first(), Some(&10_000));
+            let (m, _) = s.maintain(&vms, &[], 100_001, 0).unwrap();
+            assert_eq!(m.expired_points, 10);
+            assert_eq!(all(&s).first(), Some(&20_000));
             s.flush().unwrap();
         }
-        let s = Store::open(&dir, levels, 8 << 20).unwrap();
-        assert_eq!(all(&s), (15_000..35_000).step_by(1000).collect::<Vec<_>>());
+        let s = reopen(&dir, levels);
+        assert_eq!(all(&s), (20_000..35_000).step_by(1000).collect::<Vec<_>>());
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A damaged block is an error that names it, never a panic.
+    /// Raw samples kept 8 hours or more: minute blocks are merged into
+    /// one block per hour once the hour is past; reads are unchanged, a
+    /// point left behind as a single key (a crash) goes into its hour's
+    /// block, and retention drops whole hours.
     #[test]
-    fn damaged_block_is_an_error() {
+    fn long_blocks() {
+        let dir = tmp("long");
+        const H: u64 = 3_600_000;
+        let levels = vec![Level {
+            bucket_ms: 0,
+            retention_ms: 24 * H,
+        }];
+        assert_eq!(
+            (levels[0].block_ms(), levels[0].long_block_ms()),
+            (60_000, H)
+        );
+        let ts = |s: &Store, a: u64, b: u64, n: usize| -> Vec<u64> {
+            s.vm_points("vm", 0, a, b, n)
+                .unwrap()
+                .iter()
+                .map(|p| p.timestamp_ms)
+                .collect()
+        };
+        let write = |s: &Store, from: u64, to: u64| {
+            let mut w = Write::default();
+            for t in (from..to).step_by(10_000) {
+                w.vm_points.push(("vm".into(), point(t, t)));
+            }
+            s.apply(&w).unwrap();
+        };
+        let vms = [("vm".to_owned(), 0)];
+        {
+            let s = Store::open(&dir, levels.clone(), 8 << 20).unwrap();
+            write(&s, 0, 5 * H / 2);
+            let (m, _) = s.maintain(&vms, &[], 5 * H / 2, 0).unwrap();
+            // 150 minute blocks, the first 120 merged into two hours.
+            assert_eq!((m.packed_points, m.merged_blocks), (900, 118));
+            assert_eq!(s.vm.blocks.len(), 32);
+            assert_eq!(
+                ts(&s, 0, u64::MAX, usize::MAX),
+                (0..5 * H / 2).step_by(10_000).collect::<Vec<_>>()
+            );
+            assert_eq!(
+                ts(&s, H - 20_000, H + 20_000, 100),
+                vec![H - 20_000, H - 10_000, H, H + 10_000]
+            );
+            assert_eq!(
+                ts(&s, H - 20_000, H + 20_000, 3),
+                vec![H - 20_000, H - 10_000, H]
+            );
+            assert_eq!(s.count_vm_points("vm", 0, 0, 2 * H).unwrap(), 720);
+
+            // A point left behind as a single key in a merged hour: read at
+            // once, then packed into that hour's block.
+            let mut w = Write::default();
+            w.vm_points.push(("vm".into(), point(H / 2, 7)));
+            w.vm_points.push(("vm".into(), point(H / 2 + 1, 8)));
+            s.apply(&w).unwrap();
+            let (m, _) = s.maintain(&vms, &[], 5 * H / 2, 0).unwrap();
+            assert_eq!((m.packed_points, m.merged_blocks), (2, 0));
+            assert_eq!(s.vm.blocks.len(), 32);
+            let got = s.vm_points("vm", 0, H / 2, H / 2 + 10, 10).unwrap();
+            assert_eq!(
+                got.iter()
+                    .map(|p| (p.timestamp_ms, p.windows[0].wss_bytes))
+                    .collect::<Vec<_>>(),
+                vec![(H / 2, 7), (H / 2 + 1, 8)]
+            );
+
+            // The next hour is merged once it is past.
+            write(&s, 5 * H / 2, 3 * H + 60_000);
+            let (m, _) = s.maintain(&vms, &[], 3 * H + 60_000, 0).unwrap();
+            assert_eq!((m.packed_points, m.merged_blocks), (186, 59));
+            assert_eq!(s.vm.blocks.len(), 4);
+            assert_eq!(
+                s.last_vm_point("vm").unwrap().unwrap().timestamp_ms,
+                3 * H + 50_000
+            );
+            s.flush().unwrap();
+        }
+        let s = reopen(&dir, levels);
+        assert_eq!(ts(&s, 0, u64::MAX, usize::MAX).len(), 1 + 3 * 360 + 6);
+        // A day and a half hour later: the first hour is past retention,
+        // the second straddles it and stays.
+        let (m, _) = s.maintain(&vms, &[], 24 * H + 3 * H / 2, 0).unwrap();
+        assert_eq!(m.expired_points, 361);
+        assert_eq!(ts(&s, 0, u64::MAX, 1), vec![H]);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A damaged block is an error that names it, never a panic; a block
+    /// of bare frames (written before blocks were compressed) still reads.
+    #[test]
+    fn damaged_and_older_blocks() {
         let dir = tmp("dmg");
         let s = Store::open(&dir, levels(), 8 << 20).unwrap();
-        let mut v = encode_block(&[point(1, 1), point(2, 2)]);
+        let mut v = encode_block("VM point", &[point(1, 1), point(2, 2)]).unwrap();
+        assert!(v.starts_with(&ZSTD_MAGIC));
         v.truncate(v.len() - 3);
         s.vm.blocks.insert(point_key("vm", 0, 2), v).unwrap();
         let e = s.vm_points("vm", 0, 0, 10, 10).unwrap_err();
         assert!(e.to_string().contains("VM point"), "{e}");
         assert!(s.count_vm_points("vm", 0, 0, 10).is_err());
+
+        let mut bare = Vec::new();
+        for p in [point(3, 3), point(4, 4)] {
+            p.encode_length_delimited(&mut bare).unwrap();
+        }
+        s.vm.blocks
+            .insert(point_key("old", 0, 4), bare.clone())
+            .unwrap();
+        let got = s.vm_points("old", 0, 0, 10, 10).unwrap();
+        assert_eq!(got, vec![point(3, 3), point(4, 4)]);
+        assert_eq!(s.count_vm_points("old", 0, 0, 10).unwrap(), 2);
+        bare.truncate(bare.len() - 1);
+        s.vm.blocks.insert(point_key("old", 0, 4), bare).unwrap();
+        let e = s.vm_points("old", 0, 0, 10, 10).unwrap_err();
+        assert!(e.to_string().contains("cut short"), "{e}");
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -917,10 +1165,19 @@ mod tests {
         let vms = s.load_vms().unwrap();
         assert_eq!(vms.len(), 1);
         assert!(vms[0].latest.is_none());
-        // A VM unseen for longer than every retention is forgotten.
+        // A VM unseen for longer than every retention is forgotten, and
+        // its watermarks with it.
+        let mut w = Write::default();
+        w.vm_points.push(("a".into(), point(1, 1)));
+        s.apply(&w).unwrap();
+        s.maintain(&[("a".into(), 0)], &[], 100_000, 0).unwrap();
+        let marks =
+            |s: &Store| s.meta.scan_prefix(b"wmv").count() + s.meta.scan_prefix(b"lbv").count();
+        assert!(marks(&s) > 0);
         let (_, gone) = s.maintain(&[("a".into(), 0)], &[], 2_000_000, 0).unwrap();
         assert_eq!(gone, vec!["a".to_owned()]);
         assert!(s.load_vms().unwrap().is_empty());
+        assert_eq!(marks(&s), 0);
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }
