@@ -38,6 +38,7 @@
 //! past.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -476,15 +477,35 @@ const BLOCK_LEVEL: i32 = 3;
 /// of one series, kilobytes to a few megabytes).
 const MAX_BLOCK_BYTES: usize = 256 << 20;
 
+thread_local! {
+    /// zstd contexts, kept per thread that packs or reads blocks. Making
+    /// one allocates about 100 KiB and runs CPUID (a VM exit on a virtual
+    /// machine), more than decompressing a minute block takes, and the
+    /// planner reads an hour of blocks of every VM for each plan: with a
+    /// context per call, that made most of the controller's CPU under the
+    /// load test.
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
 /// A stored block's frames, decompressed if need be.
 fn block_bytes<'a>(what: &'static str, v: &'a [u8]) -> Result<Cow<'a, [u8]>, StoreError> {
-    if v.starts_with(&ZSTD_MAGIC) {
-        zstd::bulk::decompress(v, MAX_BLOCK_BYTES)
-            .map(Cow::Owned)
-            .map_err(|source| StoreError::Unpack { what, source })
-    } else {
-        Ok(Cow::Borrowed(v))
+    if !v.starts_with(&ZSTD_MAGIC) {
+        return Ok(Cow::Borrowed(v));
     }
+    DECOMPRESSOR
+        .with(|d| {
+            let mut d = d.borrow_mut();
+            let d = match d.as_mut() {
+                Some(d) => d,
+                None => d.insert(zstd::bulk::Decompressor::new()?),
+            };
+            d.decompress(v, MAX_BLOCK_BYTES)
+        })
+        .map(Cow::Owned)
+        .map_err(|source| StoreError::Unpack { what, source })
 }
 
 /// The framed points of a block's frames, undecoded.
@@ -523,7 +544,16 @@ fn encode_block<M: Message>(what: &'static str, points: &[M]) -> Result<Vec<u8>,
         p.encode_length_delimited(&mut v)
             .expect("a Vec grows as needed");
     }
-    zstd::bulk::compress(&v, BLOCK_LEVEL).map_err(|source| StoreError::Pack { what, source })
+    COMPRESSOR
+        .with(|c| {
+            let mut c = c.borrow_mut();
+            let c = match c.as_mut() {
+                Some(c) => c,
+                None => c.insert(zstd::bulk::Compressor::new(BLOCK_LEVEL)?),
+            };
+            c.compress(&v)
+        })
+        .map_err(|source| StoreError::Pack { what, source })
 }
 
 /// Two runs sorted by time merged into one, a single point winning over a
