@@ -133,6 +133,14 @@ fn point_key(id: &str, bucket_ms: u64, t_ms: u64) -> Vec<u8> {
     k
 }
 
+/// A watermark's key in `meta`: `kind` (`wm` rollup, `lb` long blocks),
+/// the tree's tag (`v` or `h`), then the series.
+fn meta_key(kind: &[u8; 2], tag: u8, id: &str, bucket_ms: u64) -> Vec<u8> {
+    let mut k = vec![kind[0], kind[1], tag];
+    k.extend_from_slice(&series(id, bucket_ms));
+    k
+}
+
 fn event_key(host: &str, t_ms: u64, seq: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(host.len() + 13);
     k.extend_from_slice(host.as_bytes());
@@ -334,8 +342,7 @@ impl Store {
         for pair in self.levels.windows(2) {
             let (src, dst) = (pair[0], pair[1]);
             let b = dst.bucket_ms;
-            let mut wm_key = vec![b'w', b'm', tag];
-            wm_key.extend_from_slice(&series(id, b));
+            let wm_key = meta_key(b"wm", tag, id, b);
             let wm = match self.meta.get(&wm_key)? {
                 Some(v) => key_time(&v),
                 None => match s.first::<M>(id, src.bucket_ms)? {
@@ -377,8 +384,7 @@ impl Store {
         let horizon = now_ms.saturating_sub(lateness_ms);
         for l in &self.levels {
             let long = l.long_block_ms();
-            let mut wm_key = vec![b'l', b'b', tag];
-            wm_key.extend_from_slice(&series(id, l.bucket_ms));
+            let wm_key = meta_key(b"lb", tag, id, l.bucket_ms);
             let merged_to = match self.meta.get(&wm_key)? {
                 Some(v) if long > l.block_ms() => key_time(&v),
                 _ => 0,
@@ -450,9 +456,7 @@ impl Store {
                 let mut batch = sled::Batch::default();
                 for l in &self.levels {
                     for kind in [b"wm", b"lb"] {
-                        let mut k = vec![kind[0], kind[1], b'v'];
-                        k.extend_from_slice(&series(vm, l.bucket_ms));
-                        batch.remove(k);
+                        batch.remove(meta_key(kind, b'v', vm, l.bucket_ms));
                     }
                 }
                 self.meta.apply_batch(batch)?;
@@ -677,8 +681,7 @@ impl Series {
         merged_to_ms: u64,
     ) -> Result<u64, StoreError> {
         let (b, short, long) = (level.bucket_ms, level.block_ms(), level.long_block_ms());
-        let span = short;
-        let cutoff = horizon_ms - horizon_ms % span;
+        let cutoff = horizon_ms - horizon_ms % short;
         let (mut keys, mut single) = (Vec::new(), Vec::<M>::new());
         for kv in self
             .points
