@@ -178,7 +178,10 @@ fn query() -> ((f64, f64), (f64, f64), usize) {
         .iter()
         .map(|v| (v.to_string(), now))
         .collect();
-    store.maintain(&vms, &[], now, 0).expect("pack");
+    store
+        .maintain(&vms, &[], now, 0)
+        .into_result()
+        .expect("pack");
     store.flush().expect("flush");
     let q = Query {
         start_ms: now - day,

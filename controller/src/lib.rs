@@ -90,10 +90,12 @@ pub async fn run(
         tx,
         stop_rx.clone(),
     ));
+    let maintained = Arc::new(std::sync::Mutex::new(MaintenanceTotals::default()));
     let maintenance = tokio::spawn(maintain(
         store.clone(),
         shared.clone(),
         cfg.clone(),
+        maintained.clone(),
         stop_rx.clone(),
     ));
 
@@ -109,6 +111,8 @@ pub async fn run(
         shared: shared.clone(),
         plans: plans.clone(),
         queue,
+        store: store.clone(),
+        maintained,
     };
     let sched = scheduler::SchedulerService {
         store: store.clone(),
@@ -174,11 +178,24 @@ pub async fn run(
     Ok(())
 }
 
+/// What history maintenance has done since the controller started (for
+/// the metrics endpoint).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MaintenanceTotals {
+    pub passes: u64,
+    /// Wall time of the latest pass, seconds.
+    pub last_seconds: f64,
+    /// Controller time the latest pass ended.
+    pub last_end_ms: u64,
+    pub done: store::Maintenance,
+}
+
 /// Rollups and retention every `maintain_interval`.
 async fn maintain(
     store: store::Store,
     shared: Arc<ingest::Shared>,
     cfg: Arc<Config>,
+    totals: Arc<std::sync::Mutex<MaintenanceTotals>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(cfg.maintain_interval);
@@ -206,20 +223,38 @@ async fn maintain(
             .collect();
         let s = store.clone();
         let started = std::time::Instant::now();
-        match tokio::task::spawn_blocking(move || s.maintain(&vms, &hosts, now_ms(), lateness_ms))
-            .await
+        let pass = match tokio::task::spawn_blocking(move || {
+            s.maintain(&vms, &hosts, now_ms(), lateness_ms)
+        })
+        .await
         {
-            Ok(Ok((m, forgotten))) => {
-                if !forgotten.is_empty() {
-                    let mut v = shared.vms.write().unwrap_or_else(|p| p.into_inner());
-                    for id in &forgotten {
-                        v.remove(id);
-                    }
-                }
-                tracing::debug!(?m, took = ?started.elapsed(), "history maintenance");
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "history maintenance task failed; will retry");
+                continue;
             }
-            Ok(Err(e)) => warn!(error = %e, "history maintenance failed; will retry"),
-            Err(e) => warn!(error = %e, "history maintenance task failed"),
+        };
+        let took = started.elapsed();
+        if !pass.forgotten.is_empty() {
+            let mut v = shared.vms.write().unwrap_or_else(|p| p.into_inner());
+            for id in &pass.forgotten {
+                v.remove(id);
+            }
         }
+        if let Some((what, e)) = &pass.first_failure {
+            warn!(
+                failed = pass.done.failed_series,
+                first = %what,
+                error = %e,
+                "history maintenance failed for some series (the others were maintained); \
+                 the next pass tries again"
+            );
+        }
+        tracing::debug!(m = ?pass.done, ?took, "history maintenance");
+        let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+        t.passes += 1;
+        t.last_seconds = took.as_secs_f64();
+        t.last_end_ms = now_ms();
+        t.done += pass.done;
     }
 }

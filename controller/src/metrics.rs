@@ -16,6 +16,8 @@ pub struct Sources {
     pub plans: Arc<Plans>,
     /// The writer's queue (weak: the writer still ends when ingest does).
     pub queue: tokio::sync::mpsc::WeakSender<Msg>,
+    pub store: crate::store::Store,
+    pub maintained: Arc<std::sync::Mutex<crate::MaintenanceTotals>>,
 }
 
 pub fn render(s: &Sources) -> String {
@@ -147,6 +149,8 @@ pub fn render(s: &Sources) -> String {
         );
     }
 
+    history(&mut e, s, secs);
+
     let plan = s.plans.borrow().clone();
     if let Some(p) = plan {
         e.family(
@@ -218,4 +222,90 @@ pub fn render(s: &Sources) -> String {
     }
     e.process();
     e.finish()
+}
+
+/// The history store: its size and what maintenance has done.
+fn history(e: &mut Exposition, s: &Sources, secs: impl Fn(u64) -> f64) {
+    match s.store.size_on_disk() {
+        Ok(b) => {
+            e.family(
+                "wset_controller_store_bytes",
+                Kind::Gauge,
+                "Bytes the history store takes on disk (sled's log and blobs).",
+            )
+            .sample("wset_controller_store_bytes", &[], b as f64);
+        }
+        Err(err) => tracing::debug!(error = %err, "store size for metrics"),
+    }
+    let t = *s.maintained.lock().unwrap_or_else(|p| p.into_inner());
+    e.family(
+        "wset_controller_maintenance_passes_total",
+        Kind::Counter,
+        "History maintenance passes (rollups, packing, retention) done.",
+    )
+    .sample(
+        "wset_controller_maintenance_passes_total",
+        &[],
+        t.passes as f64,
+    );
+    if t.passes > 0 {
+        e.family(
+            "wset_controller_maintenance_duration_seconds",
+            Kind::Gauge,
+            "Time the latest history maintenance pass took.",
+        )
+        .sample(
+            "wset_controller_maintenance_duration_seconds",
+            &[],
+            t.last_seconds,
+        );
+        e.family(
+            "wset_controller_maintenance_age_seconds",
+            Kind::Gauge,
+            "Seconds since the latest history maintenance pass ended.",
+        )
+        .sample(
+            "wset_controller_maintenance_age_seconds",
+            &[],
+            secs(t.last_end_ms),
+        );
+    }
+    let m = t.done;
+    e.family(
+        "wset_controller_history_points_total",
+        Kind::Counter,
+        "History points handled by maintenance: rolled up (written into a coarser level), \
+         packed (moved into a block), expired (dropped by retention).",
+    );
+    for (op, n) in [
+        ("rolled_up", m.rollup_points),
+        ("packed", m.packed_points),
+        ("expired", m.expired_points),
+    ] {
+        e.sample(
+            "wset_controller_history_points_total",
+            &[("op", op)],
+            n as f64,
+        );
+    }
+    for (name, help, n) in [
+        (
+            "wset_controller_history_blocks_merged_total",
+            "History blocks merged away into longer ones (minute blocks of raw samples into hours).",
+            m.merged_blocks,
+        ),
+        (
+            "wset_controller_maintenance_failed_series_total",
+            "Series (a VM's or a host's) whose maintenance failed in a pass; the others went on.",
+            m.failed_series,
+        ),
+        (
+            "wset_controller_vms_forgotten_total",
+            "VMs forgotten, unseen for longer than the longest retention.",
+            m.forgotten_vms,
+        ),
+    ] {
+        e.family(name, Kind::Counter, help)
+            .sample(name, &[], n as f64);
+    }
 }

@@ -93,6 +93,49 @@ pub struct Maintenance {
     pub merged_blocks: u64,
     pub expired_points: u64,
     pub forgotten_vms: u64,
+    /// Series (a VM's or a host's) whose maintenance failed; the pass went
+    /// on with the others.
+    pub failed_series: u64,
+}
+
+impl std::ops::AddAssign for Maintenance {
+    fn add_assign(&mut self, o: Self) {
+        self.rollup_points += o.rollup_points;
+        self.packed_points += o.packed_points;
+        self.merged_blocks += o.merged_blocks;
+        self.expired_points += o.expired_points;
+        self.forgotten_vms += o.forgotten_vms;
+        self.failed_series += o.failed_series;
+    }
+}
+
+/// One maintenance pass: what it did, the VMs it forgot (the caller drops
+/// them from memory) and the first series it could not maintain.
+#[derive(Debug, Default)]
+pub struct Pass {
+    pub done: Maintenance,
+    pub forgotten: Vec<String>,
+    /// Which series (`VM <id>`, `host <id>`) and why; the others that
+    /// failed are only counted in `done.failed_series`.
+    pub first_failure: Option<(String, StoreError)>,
+}
+
+impl Pass {
+    /// The work done and the VMs forgotten, or the first failure (which
+    /// series, and why).
+    pub fn into_result(self) -> Result<(Maintenance, Vec<String>), String> {
+        match self.first_failure {
+            Some((what, e)) => Err(format!("{what}: {e}")),
+            None => Ok((self.done, self.forgotten)),
+        }
+    }
+
+    fn failed(&mut self, what: impl FnOnce() -> String, e: StoreError) {
+        self.done.failed_series += 1;
+        if self.first_failure.is_none() {
+            self.first_failure = Some((what(), e));
+        }
+    }
 }
 
 /// One kind of series: single points, and the closed blocks they are
@@ -234,6 +277,11 @@ impl Store {
     /// Make everything applied so far durable. Returns the bytes flushed.
     pub fn flush(&self) -> Result<usize, StoreError> {
         Ok(self.db.flush()?)
+    }
+
+    /// Bytes the store's files take (sled's log and blobs).
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
     }
 
     /// A VM's points of one series in `[start_ms, end_ms)`, at most `limit`.
@@ -402,25 +450,29 @@ impl Store {
 
     /// One maintenance pass over the given VMs and hosts: rollups, packing
     /// of closed blocks, then retention; VMs last seen before the longest
-    /// retention are forgotten (returned in the report's count; the caller
-    /// drops them from memory).
+    /// retention are forgotten. A series that fails (a damaged point, an I/O
+    /// error) is counted and skipped: one bad series never stops the
+    /// maintenance of the others, and the next pass tries it again.
     pub fn maintain(
         &self,
         vms: &[(String, u64)],
         hosts: &[String],
         now_ms: u64,
         lateness_ms: u64,
-    ) -> Result<(Maintenance, Vec<String>), StoreError> {
-        let mut m = Maintenance::default();
+    ) -> Pass {
+        let mut pass = Pass::default();
         for (vm, _) in vms {
-            self.maintain_series::<pb::VmHistoryPoint>(
+            let r = self.maintain_series::<pb::VmHistoryPoint>(
                 &self.vm,
                 b'v',
                 vm,
                 now_ms,
                 lateness_ms,
-                &mut m,
-            )?;
+                &mut pass.done,
+            );
+            if let Err(e) = r {
+                pass.failed(|| format!("VM {vm}"), e);
+            }
         }
         let keep = self
             .levels
@@ -429,42 +481,56 @@ impl Store {
             .max()
             .unwrap_or(0);
         for host in hosts {
-            self.maintain_series::<pb::HostHistoryPoint>(
-                &self.host,
-                b'h',
-                host,
-                now_ms,
-                lateness_ms,
-                &mut m,
-            )?;
-            let cutoff = now_ms.saturating_sub(keep);
-            let mut batch = sled::Batch::default();
-            for kv in self
-                .host_events
-                .range(event_key(host, 0, 0)..event_key(host, cutoff, 0))
-            {
-                batch.remove(kv?.0);
+            let r = self
+                .maintain_series::<pb::HostHistoryPoint>(
+                    &self.host,
+                    b'h',
+                    host,
+                    now_ms,
+                    lateness_ms,
+                    &mut pass.done,
+                )
+                .and_then(|()| self.expire_events(host, now_ms.saturating_sub(keep)));
+            if let Err(e) = r {
+                pass.failed(|| format!("host {host}"), e);
             }
-            self.host_events.apply_batch(batch)?;
         }
-        let mut forgotten = Vec::new();
         for (vm, last_seen) in vms {
-            if last_seen.saturating_add(keep) < now_ms {
-                self.vms.remove(vm.as_bytes())?;
-                // Its history is gone with the longest retention; so go
-                // its watermarks.
-                let mut batch = sled::Batch::default();
-                for l in &self.levels {
-                    for kind in [b"wm", b"lb"] {
-                        batch.remove(meta_key(kind, b'v', vm, l.bucket_ms));
-                    }
-                }
-                self.meta.apply_batch(batch)?;
-                forgotten.push(vm.clone());
+            if last_seen.saturating_add(keep) >= now_ms {
+                continue;
+            }
+            match self.forget_vm(vm) {
+                Ok(()) => pass.forgotten.push(vm.clone()),
+                Err(e) => pass.failed(|| format!("VM {vm}"), e),
             }
         }
-        m.forgotten_vms = forgotten.len() as u64;
-        Ok((m, forgotten))
+        pass.done.forgotten_vms = pass.forgotten.len() as u64;
+        pass
+    }
+
+    /// Drop a host's events from before `cutoff_ms`.
+    fn expire_events(&self, host: &str, cutoff_ms: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for kv in self
+            .host_events
+            .range(event_key(host, 0, 0)..event_key(host, cutoff_ms, 0))
+        {
+            batch.remove(kv?.0);
+        }
+        Ok(self.host_events.apply_batch(batch)?)
+    }
+
+    /// Forget a VM whose history is gone with the longest retention: its
+    /// record and its watermarks.
+    fn forget_vm(&self, vm: &str) -> Result<(), StoreError> {
+        self.vms.remove(vm.as_bytes())?;
+        let mut batch = sled::Batch::default();
+        for l in &self.levels {
+            for kind in [b"wm", b"lb"] {
+                batch.remove(meta_key(kind, b'v', vm, l.bucket_ms));
+            }
+        }
+        Ok(self.meta.apply_batch(batch)?)
     }
 }
 
@@ -903,7 +969,7 @@ mod tests {
             );
 
             let vms = [("vm-1".to_owned(), 30_000), ("vm-10".to_owned(), 30_000)];
-            let (m, forgotten) = s.maintain(&vms, &[], 30_000, 0).unwrap();
+            let (m, forgotten) = s.maintain(&vms, &[], 30_000, 0).into_result().unwrap();
             assert!(forgotten.is_empty());
             // 30 one-second and 3 ten-second buckets per VM.
             assert_eq!(m.rollup_points, 2 * (30 + 3));
@@ -919,7 +985,7 @@ mod tests {
                 .unwrap();
             assert_eq!(tens.iter().map(|p| p.samples).sum::<u32>(), 300);
             // A second pass adds nothing new.
-            let (m2, _) = s.maintain(&vms, &[], 30_000, 0).unwrap();
+            let (m2, _) = s.maintain(&vms, &[], 30_000, 0).into_result().unwrap();
             assert_eq!((m2.rollup_points, m2.expired_points), (0, 0));
             s.flush().unwrap();
         }
@@ -973,7 +1039,7 @@ mod tests {
             assert_eq!(all(&s), before);
             let vms = [("vm".to_owned(), 35_000)];
             // Blocks [0, 10 s), [10, 20 s), [20, 30 s) are closed at 35 s.
-            let (m, _) = s.maintain(&vms, &[], 35_000, 0).unwrap();
+            let (m, _) = s.maintain(&vms, &[], 35_000, 0).into_result().unwrap();
             assert_eq!((m.packed_points, m.expired_points), (30, 0));
             assert_eq!(s.vm.blocks.len(), 3);
             assert_eq!(s.vm.points.len(), 5);
@@ -1005,7 +1071,7 @@ mod tests {
                     .collect::<Vec<_>>(),
                 vec![(5_000, 777), (5_500, 1)]
             );
-            let (m, _) = s.maintain(&vms, &[], 35_000, 0).unwrap();
+            let (m, _) = s.maintain(&vms, &[], 35_000, 0).into_result().unwrap();
             assert_eq!(m.packed_points, 2);
             assert_eq!(s.vm.blocks.len(), 3);
             assert_eq!(s.vm_points("vm", 0, 5_000, 6_000, 10).unwrap(), got);
@@ -1018,23 +1084,23 @@ mod tests {
             }
             s.apply(&w).unwrap();
             assert_eq!(all(&s).len(), 36);
-            let (m, _) = s.maintain(&vms, &[], 35_000, 0).unwrap();
+            let (m, _) = s.maintain(&vms, &[], 35_000, 0).into_result().unwrap();
             assert_eq!(m.packed_points, 10);
             assert_eq!(s.vm.points.len(), 5);
             assert_eq!(all(&s).len(), 36);
 
             // Everything packed: the last point comes from a block.
-            let (m, _) = s.maintain(&vms, &[], 45_000, 0).unwrap();
+            let (m, _) = s.maintain(&vms, &[], 45_000, 0).into_result().unwrap();
             assert_eq!(m.packed_points, 5);
             assert_eq!(s.vm.points.len(), 0);
             assert_eq!(s.last_vm_point("vm").unwrap().unwrap().timestamp_ms, 34_000);
 
             // Retention at 95 s cuts at 15 s: the first block goes, the
             // second straddles the cut and stays whole until 100 s.
-            let (m, _) = s.maintain(&vms, &[], 95_000, 0).unwrap();
+            let (m, _) = s.maintain(&vms, &[], 95_000, 0).into_result().unwrap();
             assert_eq!(m.expired_points, 11);
             assert_eq!(all(&s).first(), Some(&10_000));
-            let (m, _) = s.maintain(&vms, &[], 100_001, 0).unwrap();
+            let (m, _) = s.maintain(&vms, &[], 100_001, 0).into_result().unwrap();
             assert_eq!(m.expired_points, 10);
             assert_eq!(all(&s).first(), Some(&20_000));
             s.flush().unwrap();
@@ -1079,7 +1145,7 @@ mod tests {
         {
             let s = Store::open(&dir, levels.clone(), 8 << 20).unwrap();
             write(&s, 0, 5 * H / 2);
-            let (m, _) = s.maintain(&vms, &[], 5 * H / 2, 0).unwrap();
+            let (m, _) = s.maintain(&vms, &[], 5 * H / 2, 0).into_result().unwrap();
             // 150 minute blocks, the first 120 merged into two hours.
             assert_eq!((m.packed_points, m.merged_blocks), (900, 118));
             assert_eq!(s.vm.blocks.len(), 32);
@@ -1103,7 +1169,7 @@ mod tests {
             w.vm_points.push(("vm".into(), point(H / 2, 7)));
             w.vm_points.push(("vm".into(), point(H / 2 + 1, 8)));
             s.apply(&w).unwrap();
-            let (m, _) = s.maintain(&vms, &[], 5 * H / 2, 0).unwrap();
+            let (m, _) = s.maintain(&vms, &[], 5 * H / 2, 0).into_result().unwrap();
             assert_eq!((m.packed_points, m.merged_blocks), (2, 0));
             assert_eq!(s.vm.blocks.len(), 32);
             let got = s.vm_points("vm", 0, H / 2, H / 2 + 10, 10).unwrap();
@@ -1116,7 +1182,10 @@ mod tests {
 
             // The next hour is merged once it is past.
             write(&s, 5 * H / 2, 3 * H + 60_000);
-            let (m, _) = s.maintain(&vms, &[], 3 * H + 60_000, 0).unwrap();
+            let (m, _) = s
+                .maintain(&vms, &[], 3 * H + 60_000, 0)
+                .into_result()
+                .unwrap();
             assert_eq!((m.packed_points, m.merged_blocks), (186, 59));
             assert_eq!(s.vm.blocks.len(), 4);
             assert_eq!(
@@ -1129,7 +1198,10 @@ mod tests {
         assert_eq!(ts(&s, 0, u64::MAX, usize::MAX).len(), 1 + 3 * 360 + 6);
         // A day and a half hour later: the first hour is past retention,
         // the second straddles it and stays.
-        let (m, _) = s.maintain(&vms, &[], 24 * H + 3 * H / 2, 0).unwrap();
+        let (m, _) = s
+            .maintain(&vms, &[], 24 * H + 3 * H / 2, 0)
+            .into_result()
+            .unwrap();
         assert_eq!(m.expired_points, 361);
         assert_eq!(ts(&s, 0, u64::MAX, 1), vec![H]);
         drop(s);
@@ -1169,6 +1241,50 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_series_does_not_stop_maintenance() {
+        let dir = tmp("iso");
+        let levels = vec![Level {
+            bucket_ms: 0,
+            retention_ms: 80_000,
+        }];
+        let s = Store::open(&dir, levels, 8 << 20).unwrap();
+        let mut w = Write::default();
+        for vm in ["a", "b", "c"] {
+            for t in (0..25_000).step_by(1000) {
+                w.vm_points.push((vm.into(), point(t, t)));
+            }
+        }
+        s.apply(&w).unwrap();
+        // VM b's point at 3 s is garbage: b cannot be packed, a and c can.
+        s.vm.points
+            .insert(point_key("b", 0, 3_000), &[0xff, 0xff, 0xff][..])
+            .unwrap();
+        let vms: Vec<(String, u64)> = ["a", "b", "c"]
+            .iter()
+            .map(|v| (v.to_string(), 25_000))
+            .collect();
+        // The next pass tries b again, and fails again.
+        for packed in [2 * 20, 0] {
+            let pass = s.maintain(&vms, &[], 25_000, 0);
+            assert_eq!(pass.done.failed_series, 1);
+            assert_eq!(pass.done.packed_points, packed);
+            let (what, e) = pass.first_failure.as_ref().unwrap();
+            assert_eq!(what, "VM b");
+            assert!(e.to_string().contains("VM point"), "{e}");
+            let e = pass.into_result().unwrap_err();
+            assert!(e.starts_with("VM b: "), "{e}");
+        }
+        for vm in ["a", "c"] {
+            assert_eq!(s.count_vm_points(vm, 0, 0, 30_000).unwrap(), 25);
+        }
+        // Nothing of b was lost or packed: its other 24 points stay single.
+        assert_eq!(s.vm.points.scan_prefix(series("b", 0)).count(), 25);
+        assert_eq!(s.vm.blocks.scan_prefix(series("b", 0)).count(), 0);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn events_and_records() {
         let dir = tmp("ev");
         let s = Store::open(&dir, levels(), 8 << 20).unwrap();
@@ -1203,11 +1319,16 @@ mod tests {
         let mut w = Write::default();
         w.vm_points.push(("a".into(), point(1, 1)));
         s.apply(&w).unwrap();
-        s.maintain(&[("a".into(), 0)], &[], 100_000, 0).unwrap();
+        s.maintain(&[("a".into(), 0)], &[], 100_000, 0)
+            .into_result()
+            .unwrap();
         let marks =
             |s: &Store| s.meta.scan_prefix(b"wmv").count() + s.meta.scan_prefix(b"lbv").count();
         assert!(marks(&s) > 0);
-        let (_, gone) = s.maintain(&[("a".into(), 0)], &[], 2_000_000, 0).unwrap();
+        let (_, gone) = s
+            .maintain(&[("a".into(), 0)], &[], 2_000_000, 0)
+            .into_result()
+            .unwrap();
         assert_eq!(gone, vec!["a".to_owned()]);
         assert!(s.load_vms().unwrap().is_empty());
         assert_eq!(marks(&s), 0);

@@ -768,6 +768,32 @@ impl Drop for Controller {
     }
 }
 
+/// `GET path` over HTTP/1.0: the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    use std::io::{Read, Write};
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)
+        .unwrap_or_else(|e| panic!("read {addr}{path}: {e}"));
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status from {addr}{path}: {head:?}"));
+    (status, body.to_owned())
+}
+
+/// The value of a sample without labels (`name value`) in a Prometheus
+/// exposition.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// Poll `f` until it returns `Some`, or fail saying what was awaited.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + timeout;

@@ -5,7 +5,10 @@
 //! are sampled every 10 s and printed; both processes' memory must level
 //! off (the last third's mean within 15% + 48 MiB of the middle third's)
 //! while the controller's store keeps growing, every agent must stay
-//! connected and every VM tracked. WSET_LOAD_RETENTION passes a
+//! connected and every VM tracked, and the controller's history maintenance
+//! must run every minute without a failed series (the time of its latest
+//! pass, from the metrics endpoint, is printed with each sample; the store
+//! size it reports must match its directory). WSET_LOAD_RETENTION passes a
 //! `--retention` to the controller, for runs long enough to reach a store
 //! that retention caps.
 
@@ -14,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use wset_proto::v1 as pb;
 use wset_serve::metrics::ProcessStats;
-use wset_tests::harness::{Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, wait_for};
+use wset_tests::harness::{
+    Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, http_get, metric, wait_for,
+};
 use wset_tests::script::{Script, Touch};
 use wset_tests::simagent::{SimHost, serve};
 
@@ -36,6 +41,9 @@ struct Point {
     controller: ProcessStats,
     /// The controller's store on disk, bytes.
     store: u64,
+    /// The time its latest history maintenance pass took (NaN before the
+    /// first), from its metrics.
+    maintenance_s: f64,
 }
 
 fn dir_bytes(p: &std::path::Path) -> u64 {
@@ -149,6 +157,12 @@ fn one_agent_with_100_guests_and_a_controller_with_1000_agents() {
     );
 
     let (apid, cpid) = (agent.pid().to_string(), ctl.pid().to_string());
+    let cm = ctl.metrics_addr();
+    let scrape = || {
+        let (status, text) = http_get(&cm, "/metrics");
+        assert_eq!(status, 200, "the controller's /metrics: {text}");
+        text
+    };
     let stats = |pid: &str, what: &str| {
         ProcessStats::of(pid).unwrap_or_else(|| panic!("the {what} (pid {pid}) is gone"))
     };
@@ -160,6 +174,8 @@ fn one_agent_with_100_guests_and_a_controller_with_1000_agents() {
             agent: stats(&apid, "agent"),
             controller: stats(&cpid, "controller"),
             store: dir_bytes(&data.0),
+            maintenance_s: metric(&scrape(), "wset_controller_maintenance_duration_seconds")
+                .unwrap_or(f64::NAN),
         });
         if start.elapsed() >= run {
             break;
@@ -168,19 +184,21 @@ fn one_agent_with_100_guests_and_a_controller_with_1000_agents() {
     }
 
     eprintln!(
-        "   t s | agent CPU % | agent RSS MiB | controller CPU % | controller RSS MiB | store MiB"
+        "   t s | agent CPU % | agent RSS MiB | controller CPU % | controller RSS MiB | store MiB \
+         | maintenance s"
     );
     for w in points.windows(2) {
         let (a, b) = (&w[0], &w[1]);
         let dt = b.t - a.t;
         eprintln!(
-            "{:>6.0} | {:>11.1} | {:>13.1} | {:>16.1} | {:>18.1} | {:>9.1}",
+            "{:>6.0} | {:>11.1} | {:>13.1} | {:>16.1} | {:>18.1} | {:>9.1} | {:>13.2}",
             b.t,
             (b.agent.cpu_seconds - a.agent.cpu_seconds) / dt * 100.0,
             mib(b.agent.resident_bytes),
             (b.controller.cpu_seconds - a.controller.cpu_seconds) / dt * 100.0,
             mib(b.controller.resident_bytes),
             mib(b.store),
+            b.maintenance_s,
         );
     }
     let (first, last) = (points[0], points[points.len() - 1]);
@@ -206,6 +224,35 @@ fn one_agent_with_100_guests_and_a_controller_with_1000_agents() {
     assert_eq!(tracking, GUESTS, "VMs tracked at the end");
     let rejected: u64 = agents.iter().map(|a| a.summaries_rejected).sum();
     assert_eq!(rejected, 0);
+
+    // History maintenance kept up, failed on nothing, and the store's size
+    // the controller reports is the one on disk.
+    let text = scrape();
+    let value = |name: &str| {
+        metric(&text, name).unwrap_or_else(|| panic!("the controller's metrics lack {name}"))
+    };
+    let passes = value("wset_controller_maintenance_passes_total");
+    let slowest = points
+        .iter()
+        .map(|p| p.maintenance_s)
+        .filter(|s| s.is_finite())
+        .fold(0.0, f64::max);
+    eprintln!(
+        "history maintenance: {passes} passes (one a minute), the slowest seen took {slowest:.2} s"
+    );
+    assert!(
+        passes >= (span / 60.0).floor() - 1.0,
+        "{passes} maintenance passes in {span:.0} s"
+    );
+    assert_eq!(
+        value("wset_controller_maintenance_failed_series_total"),
+        0.0
+    );
+    let (reported, on_disk) = (value("wset_controller_store_bytes"), dir_bytes(&data.0));
+    assert!(
+        (reported - on_disk as f64).abs() <= 0.1 * on_disk as f64,
+        "the controller reports a store of {reported} bytes; its directory holds {on_disk}"
+    );
 
     // Both processes' memory levels off; the controller's store grows
     // all along (its memory must not follow it).

@@ -5,32 +5,15 @@
 //! both expositions; the metrics port answers gRPC health checks in
 //! plaintext, as the kubelet's probes make them.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use wset_tests::harness::{
-    Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, free_loopback_addr, wait_for,
+    Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, free_loopback_addr, http_get, wait_for,
 };
 use wset_tests::script::{Script, Touch};
-
-/// `GET path` over HTTP/1.0: the status code and the body.
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)
-        .unwrap_or_else(|e| panic!("read {addr}{path}: {e}"));
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status from {addr}{path}: {head:?}"));
-    (status, body.to_owned())
-}
 
 fn tool(name: &str) -> String {
     let path = format!("/usr/bin/{name}");
@@ -160,7 +143,11 @@ fn prometheus_scrapes_agent_and_controller() {
     o.kind = "process";
     let _g = Guest::start(&agent, o);
     let data = TempDir::new("metrics-ctl");
-    let ctl = Controller::start(&data.0, &[&agent.grpc_addr], &["--plan-interval", "1s"]);
+    let ctl = Controller::start(
+        &data.0,
+        &[&agent.grpc_addr],
+        &["--plan-interval", "1s", "--maintain-interval", "1s"],
+    );
     let (am, cm) = (agent.metrics_addr(), ctl.metrics_addr());
 
     // The endpoints themselves, linted by promtool.
@@ -234,6 +221,9 @@ fn prometheus_scrapes_agent_and_controller() {
         r#"wset_controller_agent_batches_total{host_id="node-m"}"#,
         r#"wset_controller_agents{state="connected"}"#,
         r#"wset_controller_plan_age_seconds"#,
+        r#"wset_controller_store_bytes"#,
+        r#"wset_controller_maintenance_passes_total"#,
+        r#"wset_controller_maintenance_duration_seconds"#,
         r#"process_resident_memory_bytes{job="wset-agent"}"#,
         r#"process_resident_memory_bytes{job="wset-controller"}"#,
     ] {
