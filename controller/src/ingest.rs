@@ -11,11 +11,12 @@
 //! which everything received is on disk.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use wset_proto::v1 as pb;
 use wset_proto::v1::agent_service_client::AgentServiceClient;
 
@@ -41,6 +42,84 @@ pub struct Shared {
     /// The VMs of each stored batch, for `WatchVms` (sent only while
     /// someone watches).
     pub updates: tokio::sync::broadcast::Sender<Arc<Vec<pb::ClusterVm>>>,
+    /// Whether history writes and flushes work.
+    pub store_health: StoreHealth,
+}
+
+/// Whether the history store takes writes and flushes, and what was lost
+/// while it did not (for the metrics and the health service).
+#[derive(Debug)]
+pub struct StoreHealth {
+    /// Batches (or events) whose write failed: lost.
+    pub lost_writes: AtomicU64,
+    pub failed_flushes: AtomicU64,
+    write_failing: AtomicBool,
+    flush_failing: AtomicBool,
+    /// `true` while the latest write and the latest flush both worked.
+    pub ok: watch::Sender<bool>,
+}
+
+impl Default for StoreHealth {
+    fn default() -> Self {
+        Self {
+            lost_writes: AtomicU64::new(0),
+            failed_flushes: AtomicU64::new(0),
+            write_failing: AtomicBool::new(false),
+            flush_failing: AtomicBool::new(false),
+            ok: watch::Sender::new(true),
+        }
+    }
+}
+
+impl StoreHealth {
+    fn set(&self, which: &AtomicBool, failing: bool) {
+        which.store(failing, Ordering::Release);
+        // Read under the channel's lock: the writer and the flusher never
+        // leave a stale answer.
+        self.ok.send_if_modified(|v| {
+            let ok = !self.write_failing.load(Ordering::Acquire)
+                && !self.flush_failing.load(Ordering::Acquire);
+            std::mem::replace(v, ok) != ok
+        });
+    }
+}
+
+/// A failure that repeats (every batch on a full disk) is logged when it
+/// starts, then at most every `COMPLAIN_EVERY` with how many failed since,
+/// and once when it ends.
+const COMPLAIN_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct Complaint {
+    /// When the failure was last logged; `None` while all is well.
+    logged: Option<std::time::Instant>,
+    /// Failures since then.
+    since: u64,
+    /// Failures since the failure started.
+    total: u64,
+}
+
+impl Complaint {
+    /// One more failure; `Some(n)` when it should be logged now (`n`
+    /// failures since the last time it was).
+    fn failed(&mut self) -> Option<u64> {
+        self.since += 1;
+        self.total += 1;
+        match self.logged {
+            Some(t) if t.elapsed() < COMPLAIN_EVERY => None,
+            _ => {
+                self.logged = Some(std::time::Instant::now());
+                Some(std::mem::take(&mut self.since))
+            }
+        }
+    }
+
+    /// A success; `Some(n)` when it ends a failure of `n` attempts.
+    fn worked(&mut self) -> Option<u64> {
+        self.logged.take()?;
+        self.since = 0;
+        Some(std::mem::take(&mut self.total))
+    }
 }
 
 impl Default for Shared {
@@ -51,6 +130,7 @@ impl Default for Shared {
             vms: RwLock::default(),
             hosts: Mutex::default(),
             updates: tokio::sync::broadcast::channel(UPDATES_KEPT).0,
+            store_health: StoreHealth::default(),
         }
     }
 }
@@ -126,6 +206,7 @@ const RECORD_REFRESH_MS: u64 = 60_000;
 /// The writer: applies every message in order until the channel closes.
 pub fn writer(store: Store, shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>) {
     let mut persisted: HashMap<String, u64> = HashMap::new();
+    let mut complaint = Complaint::default();
     while let Some(msg) = rx.blocking_recv() {
         let (w, endpoint, received_ms, updated) = match msg {
             Msg::Event { host_id, event } => (
@@ -164,11 +245,27 @@ pub fn writer(store: Store, shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>) {
                 (w, Some(endpoint), received_ms, updated)
             }
         };
+        let health = &shared.store_health;
         if let Err(e) = store.apply(&w) {
-            // Nothing sensible can continue on a failing store: say so
-            // loudly; every agent's durable mark stops advancing.
-            warn!(error = %e, "history write failed; the batch is lost");
+            // The batch is lost; every agent's durable mark stops
+            // advancing, and the health service says NOT_SERVING.
+            health.lost_writes.fetch_add(1, Ordering::Relaxed);
+            health.set(&health.write_failing, true);
+            if let Some(n) = complaint.failed() {
+                error!(
+                    error = %e,
+                    dir = %store.dir().display(),
+                    lost = n,
+                    "history writes fail: batches are lost. Check the store's disk (space, \
+                     permissions, errors); after an I/O error the store (sled) refuses every \
+                     write until the controller restarts"
+                );
+            }
             continue;
+        }
+        if let Some(n) = complaint.worked() {
+            info!(lost = n, "history writes work again");
+            health.set(&health.write_failing, false);
         }
         if let Some(ep) = endpoint {
             shared
@@ -275,7 +372,8 @@ pub fn flusher(
     period: Duration,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    use std::sync::atomic::Ordering;
+    let mut complaint = Complaint::default();
+    let health = &shared.store_health;
     loop {
         let last = stop.load(Ordering::Acquire);
         if !last {
@@ -294,8 +392,24 @@ pub fn flusher(
                         a.durable_through_ms = a.durable_through_ms.max(t);
                     }
                 }
+                drop(agents);
+                if let Some(n) = complaint.worked() {
+                    info!(failed = n, "history flushes work again");
+                    health.set(&health.flush_failing, false);
+                }
             }
-            Err(e) => warn!(error = %e, "history flush failed; will retry"),
+            Err(e) => {
+                health.failed_flushes.fetch_add(1, Ordering::Relaxed);
+                health.set(&health.flush_failing, true);
+                if let Some(n) = complaint.failed() {
+                    error!(
+                        error = %e,
+                        dir = %store.dir().display(),
+                        failed = n,
+                        "history flushes fail: nothing new becomes durable. Check the store's disk"
+                    );
+                }
+            }
         }
         if last {
             return;

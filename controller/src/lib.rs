@@ -136,8 +136,23 @@ pub async fn run(
         ControllerServiceServer::new(svc).max_decoding_message_size(limit),
     )
     .add_service(SchedulerServiceServer::new(sched).max_decoding_message_size(limit));
-    let (routes, _health, probe) =
+    let (routes, health, probe) =
         wset_serve::with_standard_services(routes, &[ctl::SERVICE_NAME, sch::SERVICE_NAME]).await?;
+    // A store that takes no writes makes the whole server NOT_SERVING: the
+    // kubelet's liveness probe then restarts it, which is what recovers
+    // sled after an I/O error once the disk is fixed.
+    let mut store_ok = shared.store_health.ok.subscribe();
+    tokio::spawn(async move {
+        while store_ok.changed().await.is_ok() {
+            let ok = *store_ok.borrow_and_update();
+            let status = if ok {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+        }
+    });
     let metrics = wset_serve::metrics::spawn_if(
         "controller",
         cfg.metrics_addr,

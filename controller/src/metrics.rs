@@ -237,6 +237,35 @@ fn history(e: &mut Exposition, s: &Sources, secs: impl Fn(u64) -> f64) {
         }
         Err(err) => tracing::debug!(error = %err, "store size for metrics"),
     }
+    let h = &s.shared.store_health;
+    e.family(
+        "wset_controller_store_ok",
+        Kind::Gauge,
+        "1 while the latest history write and flush worked, 0 while they fail.",
+    )
+    .sample(
+        "wset_controller_store_ok",
+        &[],
+        if *h.ok.borrow() { 1.0 } else { 0.0 },
+    );
+    for (name, help, n) in [
+        (
+            "wset_controller_history_lost_writes_total",
+            "Batches (or events) whose history write failed: lost.",
+            &h.lost_writes,
+        ),
+        (
+            "wset_controller_history_failed_flushes_total",
+            "History flushes that failed.",
+            &h.failed_flushes,
+        ),
+    ] {
+        e.family(name, Kind::Counter, help).sample(
+            name,
+            &[],
+            n.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        );
+    }
     let t = *s.maintained.lock().unwrap_or_else(|p| p.into_inner());
     e.family(
         "wset_controller_maintenance_passes_total",

@@ -158,6 +158,7 @@ pub struct Store {
     hosts: sled::Tree,
     meta: sled::Tree,
     levels: Vec<Level>,
+    dir: std::path::PathBuf,
 }
 
 static EVENT_SEQ: AtomicU32 = AtomicU32::new(0);
@@ -233,6 +234,7 @@ impl Store {
             meta: db.open_tree("meta")?,
             db,
             levels,
+            dir: dir.to_owned(),
         })
     }
 
@@ -277,6 +279,11 @@ impl Store {
     /// Make everything applied so far durable. Returns the bytes flushed.
     pub fn flush(&self) -> Result<usize, StoreError> {
         Ok(self.db.flush()?)
+    }
+
+    /// The directory the store lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Bytes the store's files take (sled's log and blobs).

@@ -787,6 +787,27 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
+/// The overall status (`grpc.health.v1`, service `""`) a server's metrics
+/// port answers, in plaintext as the kubelet's probes ask.
+pub fn grpc_health(addr: &str) -> Result<i32, tonic::Status> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+        Ok(h.check(tonic_health::pb::HealthCheckRequest::default())
+            .await?
+            .into_inner()
+            .status)
+    })
+}
+
 /// The value of a sample without labels (`name value`) in a Prometheus
 /// exposition.
 pub fn metric(text: &str, name: &str) -> Option<f64> {

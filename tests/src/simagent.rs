@@ -198,3 +198,30 @@ pub async fn serve(host: Arc<SimHost>, addr: &str) -> std::io::Result<String> {
     );
     Ok(bound)
 }
+
+/// `hosts` simulated agents of `vms` VMs each (16 GiB VMs following the
+/// fleet mix on 256 GiB hosts, named `{prefix}-{i:04}`), each served on
+/// its own loopback port on `rt`; returns their addresses.
+pub fn serve_fleet(
+    rt: &tokio::runtime::Runtime,
+    prefix: &str,
+    hosts: usize,
+    vms: usize,
+) -> Vec<String> {
+    const GIB: u64 = 1 << 30;
+    (0..hosts)
+        .map(|h| {
+            let host = Arc::new(SimHost::new(
+                h as u64 + 1,
+                &format!("{prefix}-{h:04}"),
+                256 * GIB,
+                vms,
+                16 * GIB,
+                false,
+                600,
+            ));
+            rt.block_on(serve(host, "127.0.0.1:0"))
+                .expect("serve a simulated agent")
+        })
+        .collect()
+}

@@ -12,7 +12,6 @@
 //! `--retention` to the controller, for runs long enough to reach a store
 //! that retention caps.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wset_proto::v1 as pb;
@@ -21,9 +20,8 @@ use wset_tests::harness::{
     Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, http_get, metric, wait_for,
 };
 use wset_tests::script::{Script, Touch};
-use wset_tests::simagent::{SimHost, serve};
+use wset_tests::simagent::serve_fleet;
 
-const GIB: u64 = 1 << 30;
 const GUESTS: usize = 100;
 const SIM_AGENTS: usize = 1000;
 
@@ -101,21 +99,7 @@ fn one_agent_with_100_guests_and_a_controller_with_1000_agents() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let t1 = Instant::now();
-    let addrs: Vec<String> = (0..SIM_AGENTS)
-        .map(|h| {
-            let host = Arc::new(SimHost::new(
-                h as u64 + 1,
-                &format!("sim-{h:04}"),
-                256 * GIB,
-                10,
-                16 * GIB,
-                false,
-                600,
-            ));
-            rt.block_on(serve(host, "127.0.0.1:0"))
-                .expect("serve a simulated agent")
-        })
-        .collect();
+    let addrs = serve_fleet(&rt, "sim", SIM_AGENTS, 10);
     let data = TempDir::new("load");
     let mut all: Vec<&str> = addrs.iter().map(String::as_str).collect();
     all.push(&agent.grpc_addr);

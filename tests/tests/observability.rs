@@ -11,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use wset_tests::harness::{
-    Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, free_loopback_addr, http_get, wait_for,
+    Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, free_loopback_addr, grpc_health,
+    http_get, wait_for,
 };
 use wset_tests::script::{Script, Touch};
 
@@ -172,25 +173,11 @@ fn prometheus_scrapes_agent_and_controller() {
 
     // The kubelet's gRPC probe: plaintext grpc.health.v1 on the metrics
     // port (the gRPC port may demand client certificates).
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     for (what, addr) in [("agent", &am), ("controller", &cm)] {
-        let status = rt
-            .block_on(async {
-                let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                    .expect("endpoint")
-                    .connect()
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
-                h.check(tonic_health::pb::HealthCheckRequest::default())
-                    .await
-            })
+        let status = grpc_health(addr)
             .unwrap_or_else(|e| panic!("{what}: gRPC health on the metrics port: {e}"));
         assert_eq!(
-            status.into_inner().status,
+            status,
             tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
             "{what}"
         );
