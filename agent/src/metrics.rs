@@ -189,12 +189,18 @@ pub fn render(s: &Sources) -> String {
         &'a wset_tracker::VmShared,
     );
     type Family = (&'static str, Kind, &'static str, fn(PerVm<'_>) -> f64);
-    let scalars: [Family; 9] = [
+    let scalars: [Family; 10] = [
         (
             "wset_vm_pages_in_custody",
             Kind::Gauge,
             "Guest pages held in the agent's custody file (their hole punched in guest memory) now.",
             |(c, ..)| c.pages_in_custody as f64,
+        ),
+        (
+            "wset_vm_custody_full_total",
+            Kind::Counter,
+            "Pages not taken into custody because it was full (every slot in use, or its filesystem out of space).",
+            |(c, ..)| c.custody_full as f64,
         ),
         (
             "wset_vm_evicted_pages_total",

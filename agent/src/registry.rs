@@ -212,6 +212,7 @@ impl Registry {
             evicted_pages: c.evicted_pages.load(Relaxed),
             refaulted_pages: c.refaulted_pages.load(Relaxed),
             unpunchable_pages: c.unpunchable_pages.load(Relaxed),
+            custody_full: c.custody_full.load(Relaxed),
             fault_service_latency: shared
                 .latency_histogram()
                 .into_iter()

@@ -422,7 +422,8 @@ impl Guest {
 
     /// Start a test VMM against the agent socket `socket` (unused with the
     /// `none` handshake).
-    pub fn start_at(socket: &Path, o: GuestOpts) -> Self {
+    /// Run the guest's VMM against `socket`, without waiting for anything.
+    fn spawn_at(socket: &Path, o: GuestOpts) -> Self {
         if o.kind == "kvm" {
             require("/dev/kvm", "KVM guests need /dev/kvm");
         }
@@ -483,15 +484,40 @@ impl Guest {
                 }
             }
         });
-        let mut g = Self {
+        Self {
             child,
             stdin,
             events: rx,
             vm_id: o.vm_id.clone(),
             registered: serde_json::Value::Null,
-        };
+        }
+    }
+
+    /// Start a guest that `agent` must refuse; returns the refusal.
+    pub fn refused(agent: &Agent, o: GuestOpts) -> String {
+        let vm_id = o.vm_id.clone();
+        let g = Self::spawn_at(&agent.socket, o);
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match g.events.recv_timeout(left) {
+                Ok(v) if v["event"] == "error" => {
+                    return v["message"].as_str().unwrap_or_default().to_owned();
+                }
+                Ok(v) if v["event"] == "registered" => {
+                    panic!("guest {vm_id} was registered, not refused: {v}")
+                }
+                Ok(_) => continue,
+                Err(e) => panic!("guest {vm_id}: no refusal within 30 s ({e})"),
+            }
+        }
+    }
+
+    pub fn start_at(socket: &Path, o: GuestOpts) -> Self {
+        let handshake = o.handshake;
+        let mut g = Self::spawn_at(socket, o);
         let reg = g.wait_event("registered", Duration::from_secs(30));
-        if o.handshake == "firecracker" {
+        if handshake == "firecracker" {
             g.vm_id = format!("fc-{}", reg["pid"]);
         }
         g.registered = reg;
@@ -765,6 +791,54 @@ impl Drop for Controller {
         if self.child.try_wait().ok().flatten().is_none() {
             self.kill9();
         }
+    }
+}
+
+/// A tmpfs of `mib` MiB mounted on `dir` in a mount namespace that only a
+/// helper process (and what reaches through its `/proc/<pid>/root`) sees.
+/// Gone with the helper.
+#[derive(Debug)]
+pub struct SmallDisk {
+    helper: Child,
+}
+
+impl SmallDisk {
+    pub fn mount(dir: &std::path::Path, mib: u64) -> Self {
+        let mut helper = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(r#"mount -t tmpfs -o size="$1"m wset-small "$0" && echo mounted && exec sleep 100000"#)
+            .arg(dir)
+            .arg(mib.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("unshare (util-linux) is needed to give the store a small disk of its own");
+        let mut line = String::new();
+        BufReader::new(helper.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        if line.trim() != "mounted" {
+            let _ = helper.kill();
+            let out = helper.wait_with_output().unwrap();
+            panic!(
+                "could not mount a {mib} MiB tmpfs in a mount namespace of its own (root is \
+                 needed): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Self { helper }
+    }
+
+    /// `path` (absolute) as seen inside the namespace.
+    pub fn path(&self, path: &std::path::Path) -> std::path::PathBuf {
+        std::path::PathBuf::from(format!("/proc/{}/root{}", self.helper.id(), path.display()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = self.helper.kill();
+        let _ = self.helper.wait();
     }
 }
 

@@ -1,71 +1,33 @@
-//! The controller on a full disk. Its history store lives on a small tmpfs
-//! (mounted in a mount namespace of its own, held by a helper process and
-//! reached through `/proc/<pid>/root`), which a ballast file fills while
-//! ten simulated agents stream. The controller must keep serving (agents
+//! Full disks, each on a small tmpfs mounted in a mount namespace of its
+//! own (held by a helper process, reached through `/proc/<pid>/root`).
+//!
+//! The controller's history store, filled by a ballast file while ten
+//! simulated agents stream: the controller must keep serving (agents
 //! connected, the VM index answering), say what failed without logging
 //! every lost batch, count the lost batches on its metrics and answer
 //! NOT_SERVING to health checks (so the kubelet restarts it). Restarted
 //! once the ballast is gone, it must hold every point it had called
 //! durable before the disk filled, store again, and be SERVING.
+//!
+//! The agent's state directory, too small for the custody a guest needs:
+//! custody stops growing (counted, logged once), the agent and the guest
+//! carry on, every word of guest memory intact; a guest whose custody
+//! cannot even start is refused with the reason.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use tonic_health::pb::health_check_response::ServingStatus;
 use wset_proto::v1 as pb;
-use wset_tests::harness::{Controller, TempDir, grpc_health, http_get, metric, wait_for};
+use wset_tests::harness::{
+    Agent, AgentOpts, Controller, Guest, GuestOpts, SmallDisk, TempDir, grpc_health, http_get,
+    metric, wait_for,
+};
+use wset_tests::script::{Script, Touch};
 use wset_tests::simagent::serve_fleet;
 
 const HOSTS: usize = 10;
 const VMS_PER_HOST: usize = 10;
-
-/// A tmpfs of `mib` MiB mounted on `dir` in a mount namespace that only a
-/// helper process (and what reaches through its `/proc/<pid>/root`) sees.
-/// Gone with the helper.
-struct SmallDisk {
-    helper: Child,
-}
-
-impl SmallDisk {
-    fn mount(dir: &std::path::Path, mib: u64) -> Self {
-        let mut helper = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(r#"mount -t tmpfs -o size="$1"m wset-small "$0" && echo mounted && exec sleep 100000"#)
-            .arg(dir)
-            .arg(mib.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("unshare (util-linux) is needed to give the store a small disk of its own");
-        let mut line = String::new();
-        BufReader::new(helper.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        if line.trim() != "mounted" {
-            let _ = helper.kill();
-            let out = helper.wait_with_output().unwrap();
-            panic!(
-                "could not mount a {mib} MiB tmpfs in a mount namespace of its own (root is \
-                 needed): {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Self { helper }
-    }
-
-    /// `path` (absolute) as seen inside the namespace.
-    fn path(&self, path: &std::path::Path) -> std::path::PathBuf {
-        std::path::PathBuf::from(format!("/proc/{}/root{}", self.helper.id(), path.display()))
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = self.helper.kill();
-        let _ = self.helper.wait();
-    }
-}
 
 fn scrape(ctl: &Controller) -> String {
     let (status, text) = http_get(&ctl.metrics_addr(), "/metrics");
@@ -213,4 +175,73 @@ fn a_full_disk_loses_only_new_history_and_a_restart_recovers() {
         before.len()
     );
     drop(rt);
+}
+
+#[test]
+fn custody_on_a_full_state_dir_costs_neither_the_agent_nor_a_guest() {
+    let dir = TempDir::new("custody-full");
+    let disk = SmallDisk::mount(&dir.0, 4);
+    let agent = Agent::start(AgentOpts {
+        access: "exhaustive".into(),
+        state_dir: Some(disk.path(&dir.0.join("state"))),
+        ..Default::default()
+    });
+    // 16 MiB of memfd memory and a small hot set: exhaustive tracking
+    // would hold about 3,900 pages (15 MiB) in custody; the disk has 4 MiB.
+    let script = Script::steady(vec![Touch::read(16, 100), Touch::write(200, 50)], 8_000);
+    let mut o = GuestOpts::new("squeezed", script);
+    o.kind = "process";
+    o.mem_mib = 16;
+    o.fill_seed = Some(91);
+    let mut g = Guest::start(&agent, o);
+    let s = agent.wait_summary("squeezed", Duration::from_secs(20), "custody full", |s| {
+        s.counters.as_ref().is_some_and(|c| c.custody_full > 0)
+    });
+    let c = s.counters.unwrap();
+    eprintln!(
+        "custody full after {} pages held ({} times)",
+        c.pages_in_custody, c.custody_full
+    );
+    assert!(c.pages_in_custody < 1024, "{c:?}");
+    // Nothing of the guest was lost; the agent and the VM carry on.
+    let v = g.verify_now();
+    assert_eq!(
+        v["ok"], true,
+        "guest memory damaged on a full state dir: {v}"
+    );
+    let vms = agent.list();
+    assert!(
+        vms.iter()
+            .any(|v| v.vm_id == "squeezed" && v.state == pb::VmState::Tracking as i32),
+        "{vms:#?}"
+    );
+    let line = agent.wait_log("custody file cannot grow", Duration::from_secs(5));
+    assert!(
+        line.contains("No space left on device") && line.contains("squeezed.custody"),
+        "{line}"
+    );
+    let complaints = agent
+        .log()
+        .iter()
+        .filter(|l| l.contains("custody file cannot grow"))
+        .count();
+    assert_eq!(complaints, 1, "logged once while it lasts");
+
+    // A second guest needing custody: refused, with the reason; the first
+    // is still tracked.
+    let mut o = GuestOpts::new("no-room", Script::steady(vec![Touch::read(0, 8)], 2_000));
+    o.kind = "process";
+    o.mem_mib = 16;
+    let why = Guest::refused(&agent, o);
+    assert!(
+        why.contains("reserve space for custody file") && why.contains("No space left on device"),
+        "{why}"
+    );
+    assert!(
+        agent
+            .list()
+            .iter()
+            .any(|v| v.vm_id == "squeezed" && v.state == pb::VmState::Tracking as i32)
+    );
+    eprintln!("a second guest needing custody was refused: {why}");
 }

@@ -8,6 +8,12 @@
 //! agent loses nothing, and a restarted one (or an operator, with
 //! `wset-agent restore-custody`) can write every held page back into the
 //! memfd.
+//!
+//! The file is sparse; its blocks are reserved (`fallocate`) a chunk of
+//! slots at a time, before a slot of the chunk is handed out. A store into
+//! a hole of a shared mapping on a full filesystem raises SIGBUS (or, from
+//! the kernel, fails with EFAULT); a slot that cannot be reserved is never
+//! handed out instead, and custody is full until space comes back.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -19,19 +25,29 @@ use std::ptr::NonNull;
 /// `b"WSETCST1"` as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"WSETCST1");
 const HEADER_BYTES: u64 = 4096;
+/// Data reserved at a time (rounded to whole slots, at least one): one
+/// `fallocate` per 256 pages of 4 KiB taken into custody, each of which
+/// costs three system calls of its own.
+const RESERVE_BYTES: u64 = 1 << 20;
 
 /// A custody file mapped into the agent.
 #[derive(Debug)]
 pub struct Custody {
     path: PathBuf,
-    _file: File,
+    file: File,
     map: NonNull<u8>,
     map_len: usize,
     granule: u64,
     slots: u32,
     data_off: u64,
-    /// Free slots, a stack: take and release never allocate.
+    /// Free slots, a stack: take and release never allocate. Slots come
+    /// off it in ascending order the first time, so every slot below
+    /// `reserved` has been handed out before one at or above it.
     free: Vec<u32>,
+    /// Slots whose data and table entry have their blocks reserved.
+    reserved: u32,
+    /// Why the latest reservation failed, until someone takes it.
+    reserve_error: Option<io::Error>,
 }
 
 // SAFETY: the mapping is owned by this value alone and only touched through
@@ -70,7 +86,14 @@ impl Custody {
                     format!("create custody file {}: {e}", path.display()),
                 )
             })?;
-        file.set_len(len)?;
+        let fail = |e: io::Error, what: &str| {
+            let _ = std::fs::remove_file(path);
+            io::Error::new(
+                e.kind(),
+                format!("{what} custody file {}: {e}", path.display()),
+            )
+        };
+        file.set_len(len).map_err(|e| fail(e, "size"))?;
         // SAFETY: a fresh shared mapping of a file we own, `len` bytes long.
         let p = unsafe {
             libc::mmap(
@@ -83,19 +106,30 @@ impl Custody {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+            return Err(fail(io::Error::last_os_error(), "map"));
         }
         let map = NonNull::new(p.cast::<u8>()).expect("mmap returned null");
-        let c = Self {
+        let mut c = Self {
             path: path.to_owned(),
-            _file: file,
+            file,
             map,
             map_len: len as usize,
             granule,
             slots,
             data_off,
             free: (0..slots).rev().collect(),
+            reserved: 0,
+            reserve_error: None,
         };
+        // The header and the first chunk now: a custody that cannot hold a
+        // single page is refused here, with the reason.
+        let first = c
+            .allocate(0, HEADER_BYTES)
+            .and_then(|()| c.reserve_through(0));
+        if let Err(e) = first {
+            drop(c);
+            return Err(fail(e, "reserve space for"));
+        }
         let words = [
             MAGIC,
             1, // version
@@ -131,10 +165,67 @@ impl Custody {
         self.slots - self.free.len() as u32
     }
 
-    /// Take a free slot, if any.
+    /// Take a free slot, if any (and if its blocks can be reserved; if
+    /// not, [`Custody::take_reserve_error`] says why).
     #[inline]
     pub fn take(&mut self) -> Option<u32> {
+        let slot = *self.free.last()?;
+        if slot >= self.reserved
+            && let Err(e) = self.reserve_through(slot)
+        {
+            self.reserve_error = Some(e);
+            return None;
+        }
         self.free.pop()
+    }
+
+    /// Why custody could not grow the last time it tried (once).
+    pub fn take_reserve_error(&mut self) -> Option<io::Error> {
+        self.reserve_error.take()
+    }
+
+    /// Slots whose blocks are reserved.
+    pub fn reserved(&self) -> u32 {
+        self.reserved
+    }
+
+    /// Reserve whole chunks of slots until `slot` is covered.
+    fn reserve_through(&mut self, slot: u32) -> io::Result<()> {
+        let chunk = (RESERVE_BYTES / self.granule).clamp(1, u32::MAX as u64) as u32;
+        while self.reserved <= slot && self.reserved < self.slots {
+            let (from, n) = (self.reserved, chunk.min(self.slots - self.reserved));
+            self.allocate(HEADER_BYTES + from as u64 * 8, n as u64 * 8)?;
+            self.allocate(
+                self.data_off + from as u64 * self.granule,
+                n as u64 * self.granule,
+            )?;
+            // (A filesystem without fallocate set it to every slot.)
+            self.reserved = self.reserved.max(from + n);
+        }
+        Ok(())
+    }
+
+    /// Give `[off, off + len)` of the file its blocks. A filesystem that
+    /// cannot (EOPNOTSUPP) leaves the file sparse, as before reservation.
+    fn allocate(&mut self, off: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate on the file we own; mode 0 only allocates.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                0,
+                off as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            self.reserved = self.slots;
+            return Ok(());
+        }
+        Err(e)
     }
 
     /// The slot's data, `granule` bytes.
@@ -260,6 +351,44 @@ mod tests {
         assert_eq!(pages[0].0, 0x10000);
         assert!(pages[0].1.iter().all(|&x| x == 0xAB));
         assert!(!c.remove_if_empty().unwrap());
+        drop(c);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn blocks_are_reserved_a_chunk_ahead_of_use() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("wset-custody-r-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.custody");
+        let _ = std::fs::remove_file(&path);
+        let header = CustodyHeader {
+            granule: 4096,
+            slots: 1000,
+            vmm_pid: 1,
+            memory_dev: 0,
+            memory_ino: 0,
+        };
+        let mut c = Custody::create(&path, header).unwrap();
+        let chunk = (RESERVE_BYTES / 4096) as u32;
+        assert_eq!(c.reserved(), chunk);
+        let allocated = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+        let at_start = allocated(&path);
+        assert!(
+            at_start >= HEADER_BYTES + chunk as u64 * (4096 + 8),
+            "{at_start}"
+        );
+        let slots: Vec<u32> = (0..=chunk).map(|_| c.take().unwrap()).collect();
+        assert_eq!(slots, (0..=chunk).collect::<Vec<_>>());
+        assert_eq!(c.reserved(), 2 * chunk);
+        assert!(allocated(&path) >= at_start + chunk as u64 * 4096);
+        // A released slot is reused before a fresh one; the last chunk is
+        // cut at the slot count.
+        c.release(3);
+        assert_eq!(c.take(), Some(3));
+        while c.take().is_some() {}
+        assert_eq!((c.reserved(), c.in_use()), (1000, 1000));
+        assert!(c.take_reserve_error().is_none());
         drop(c);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -487,6 +487,10 @@ struct Tracker {
     spin_ns: u64,
     shared: Arc<VmShared>,
     custody: Option<Custody>,
+    /// The custody file could not grow past this many slots the last time
+    /// it was asked to (its filesystem is full): logged when it starts and
+    /// when it ends.
+    custody_stuck: Option<u32>,
     /// Per granule: custody slot, [`ARMED_HOLE`] or [`UNARMED`] (access
     /// methods and eviction only).
     slot_of: Box<[u32]>,
@@ -679,6 +683,7 @@ impl Tracker {
             spin_ns: spec.spin.as_nanos() as u64,
             shared,
             custody,
+            custody_stuck: None,
             slot_of: vec![UNARMED; if access || evicting { granules } else { 0 }]
                 .into_boxed_slice(),
             sample: sample.into_boxed_slice(),
@@ -1386,8 +1391,26 @@ impl Tracker {
         let rwp = matches!(self.plan.access, Access::Rwp { .. });
         let custody = self.custody.as_mut().expect("eviction without custody");
         let Some(slot) = custody.take() else {
+            if let Some(e) = custody.take_reserve_error()
+                && self.custody_stuck.is_none()
+            {
+                self.custody_stuck = Some(custody.reserved());
+                tracing::warn!(
+                    vm = %self.name,
+                    file = %custody.path().display(),
+                    held = custody.in_use(),
+                    error = %e,
+                    "custody file cannot grow: custody is full until its filesystem has room \
+                     (pages stay in guest memory; tracking is coarser). Free space in the \
+                     state directory or lower --custody-max-bytes"
+                );
+            }
             return Ok(Evict::Full);
         };
+        if self.custody_stuck.is_some_and(|r| custody.reserved() > r) {
+            self.custody_stuck = None;
+            tracing::info!(vm = %self.name, "custody file grows again");
+        }
         // 1. Freeze: from here a guest write waits on a WP fault we serve
         // later. Under RWP the page is frozen already: it is protected (not
         // accessed since the last harvest) and the harvest runs in sync mode.
