@@ -27,6 +27,8 @@ pub struct PlanRecord {
     pub hosts: u32,
     pub vms: u32,
     pub samples: u64,
+    /// VMs whose history could not be read, planned at their full memory.
+    pub unreadable_vms: u32,
     pub seconds: f64,
     pub settings: planner::Config,
     pub plan: planner::Plan,
@@ -35,16 +37,31 @@ pub struct PlanRecord {
 /// Host label that puts a host in maintenance.
 pub const MAINTENANCE_LABEL: &str = "wset.io/maintenance";
 
+/// The planner's input, and what went into it.
+#[derive(Debug)]
+pub struct Built {
+    pub input: Input,
+    /// Raw samples read.
+    pub samples: u64,
+    /// VMs whose history could not be read (a damaged block, an I/O
+    /// error): each is planned as one sample of its full memory, the
+    /// demand that overcommits nothing on its account.
+    pub unreadable: u32,
+    /// The first of them, and why.
+    pub first_unreadable: Option<(String, StoreError)>,
+}
+
 /// The planner's input now: connected hosts, their tracking VMs reported
 /// within the last three sample intervals (and 5 s), and each VM's samples
-/// (its shortest window's working set) over the lookback.
+/// (its shortest window's working set) over the lookback. One VM's
+/// unreadable history never keeps the others from a plan.
 pub fn build_input(
     store: &Store,
     shared: &Shared,
     settings: &planner::Config,
     sample_interval_ms: u64,
     now_ms: u64,
-) -> Result<(Input, u64), StoreError> {
+) -> Built {
     let connected: HashSet<String> = shared
         .agents
         .lock()
@@ -87,29 +104,42 @@ pub fn build_input(
         .cloned()
         .collect();
     let from = now_ms.saturating_sub(settings.lookback_ms);
-    let mut samples = 0u64;
+    let (mut samples, mut unreadable, mut first_unreadable) = (0u64, 0u32, None);
     let mut inputs = Vec::with_capacity(vms.len());
     for v in vms {
-        let points = store.vm_points(&v.vm_id, 0, from, now_ms + 1, usize::MAX)?;
-        samples += points.len() as u64;
         let latest = v.latest.clone().unwrap_or_default();
+        let history = match store.vm_points(&v.vm_id, 0, from, now_ms + 1, usize::MAX) {
+            Ok(points) => {
+                samples += points.len() as u64;
+                points
+                    .iter()
+                    .map(|p| Sample {
+                        t_ms: p.timestamp_ms,
+                        wss_bytes: p
+                            .windows
+                            .iter()
+                            .min_by_key(|w| w.window_ms)
+                            .map_or(0, |w| w.wss_bytes),
+                        dirty_bytes_per_s: p.dirty_rate_bytes_per_s,
+                    })
+                    .collect()
+            }
+            Err(e) => {
+                unreadable += 1;
+                first_unreadable.get_or_insert((v.vm_id.clone(), e));
+                vec![Sample {
+                    t_ms: v.last_seen_ms,
+                    wss_bytes: v.memory_bytes,
+                    dirty_bytes_per_s: latest.dirty_rate_bytes_per_s,
+                }]
+            }
+        };
         inputs.push(VmInput {
             vm_id: v.vm_id.clone(),
             host_id: v.host_id.clone(),
             memory_bytes: v.memory_bytes,
             labels: v.labels.clone().into_iter().collect(),
-            samples: points
-                .iter()
-                .map(|p| Sample {
-                    t_ms: p.timestamp_ms,
-                    wss_bytes: p
-                        .windows
-                        .iter()
-                        .min_by_key(|w| w.window_ms)
-                        .map_or(0, |w| w.wss_bytes),
-                    dirty_bytes_per_s: p.dirty_rate_bytes_per_s,
-                })
-                .collect(),
+            samples: history,
             idle_ages: latest
                 .idle_ages
                 .iter()
@@ -120,20 +150,22 @@ pub fn build_input(
             last_moved_ms: (v.moved_at_ms > 0).then_some(v.moved_at_ms),
         });
     }
-    Ok((
-        Input {
+    Built {
+        input: Input {
             now_ms,
             hosts,
             vms: inputs,
         },
         samples,
-    ))
+        unreadable,
+        first_unreadable,
+    }
 }
 
 static PLAN_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// Plan now (call off the async workers).
-pub fn plan_now(store: &Store, shared: &Shared, cfg: &Config) -> Result<PlanRecord, StoreError> {
+pub fn plan_now(store: &Store, shared: &Shared, cfg: &Config) -> PlanRecord {
     let span = tracing::info_span!(
         "plan",
         hosts = tracing::field::Empty,
@@ -143,28 +175,42 @@ pub fn plan_now(store: &Store, shared: &Shared, cfg: &Config) -> Result<PlanReco
     let _e = span.enter();
     let started = Instant::now();
     let now = crate::now_ms();
-    let (input, samples) = build_input(
+    let Built {
+        input,
+        samples,
+        unreadable,
+        first_unreadable,
+    } = build_input(
         store,
         shared,
         &cfg.planner,
         cfg.sample_interval.as_millis() as u64,
         now,
-    )?;
+    );
+    if let Some((vm, e)) = first_unreadable {
+        warn!(
+            vms = unreadable,
+            first = %vm,
+            error = %e,
+            "history unreadable: those VMs are planned at their full memory"
+        );
+    }
     let plan = planner::plan(&input, &cfg.planner);
     span.record("hosts", input.hosts.len());
     span.record("vms", input.vms.len());
     span.record("moves", plan.moves.len());
-    Ok(PlanRecord {
+    PlanRecord {
         id: format!("plan-{now}-{}", PLAN_SEQ.fetch_add(1, Ordering::Relaxed)),
         created_ms: now,
         history_from_ms: now.saturating_sub(cfg.planner.lookback_ms),
         hosts: input.hosts.len() as u32,
         vms: input.vms.len() as u32,
         samples,
+        unreadable_vms: unreadable,
         seconds: started.elapsed().as_secs_f64(),
         settings: cfg.planner.clone(),
         plan,
-    })
+    }
 }
 
 /// The latest plan; `None` before the first.
@@ -187,12 +233,11 @@ pub async fn run(
         }
         let (s, sh, c) = (store.clone(), shared.clone(), cfg.clone());
         match tokio::task::spawn_blocking(move || plan_now(&s, &sh, &c)).await {
-            Ok(Ok(p)) => {
+            Ok(p) => {
                 debug!(plan = %p.id, hosts = p.hosts, vms = p.vms, moves = p.plan.moves.len(), seconds = p.seconds, "planned");
                 plans.send_replace(Some(Arc::new(p)));
             }
-            Ok(Err(e)) => warn!(error = %e, "planning failed; the previous plan stands"),
-            Err(e) => warn!(error = %e, "planning task failed"),
+            Err(e) => warn!(error = %e, "planning task failed; the previous plan stands"),
         }
     }
 }
@@ -200,6 +245,19 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A raw point at `t` with a 5 MiB working set in a 10 s window.
+    fn point(t: u64) -> pb::VmHistoryPoint {
+        pb::VmHistoryPoint {
+            timestamp_ms: t,
+            windows: vec![pb::WindowStat {
+                window_ms: 10_000,
+                wss_bytes: 5 << 20,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
 
     /// Only hosts whose agents are connected, and only their VMs reported
     /// lately, go into a plan; each VM with its stored samples.
@@ -248,15 +306,6 @@ mod tests {
         ] {
             shared.vms.write().unwrap().insert(v.vm_id.clone(), v);
         }
-        let point = |t| pb::VmHistoryPoint {
-            timestamp_ms: t,
-            windows: vec![pb::WindowStat {
-                window_ms: 10_000,
-                wss_bytes: 5 << 20,
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
         store
             .apply(&crate::store::Write {
                 vm_points: vec![
@@ -267,8 +316,13 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-        let (input, samples) =
-            build_input(&store, &shared, &planner::Config::default(), 10_000, now).unwrap();
+        let Built {
+            input,
+            samples,
+            unreadable,
+            ..
+        } = build_input(&store, &shared, &planner::Config::default(), 10_000, now);
+        assert_eq!(unreadable, 0);
         assert_eq!(input.hosts.len(), 1);
         assert_eq!(input.hosts[0].host_id, "up");
         assert!(input.hosts[0].maintenance);
@@ -278,6 +332,70 @@ mod tests {
         // The sample older than the lookback (an hour) is not read.
         assert_eq!(samples, 2);
         assert_eq!(input.vms[0].samples[0].wss_bytes, 5 << 20);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A VM whose history cannot be read is planned at its full memory;
+    /// the others are planned as usual.
+    #[test]
+    fn unreadable_history_is_planned_at_full_memory() {
+        let dir = std::env::temp_dir().join(format!("wset-decide-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir, crate::config::default_levels(), 8 << 20).unwrap();
+        let shared = Shared::default();
+        let now = 1_000_000_000;
+        shared.agents.lock().unwrap().insert(
+            "a:1".into(),
+            pb::AgentStatus {
+                endpoint: "a:1".into(),
+                host_id: "h".into(),
+                state: pb::AgentConnectionState::Connected as i32,
+                ..Default::default()
+            },
+        );
+        shared.hosts.lock().unwrap().insert(
+            "h".into(),
+            pb::HostFacts {
+                host_id: "h".into(),
+                vm_capacity_bytes: 1 << 32,
+                ..Default::default()
+            },
+        );
+        for id in ["good", "bad"] {
+            shared.vms.write().unwrap().insert(
+                id.into(),
+                pb::ClusterVm {
+                    vm_id: id.into(),
+                    host_id: "h".into(),
+                    memory_bytes: 1 << 30,
+                    state: pb::VmState::Tracking as i32,
+                    last_seen_ms: now - 1000,
+                    ..Default::default()
+                },
+            );
+        }
+        store
+            .apply(&crate::store::Write {
+                vm_points: vec![
+                    ("good".into(), point(now - 1000)),
+                    ("bad".into(), point(now - 1000)),
+                ],
+                ..Default::default()
+            })
+            .unwrap();
+        store.put_raw_point_bytes("bad", now - 2000, &[0xff; 3]);
+        let b = build_input(&store, &shared, &planner::Config::default(), 10_000, now);
+        assert_eq!((b.unreadable, b.samples), (1, 1));
+        let (vm, e) = b.first_unreadable.as_ref().unwrap();
+        assert_eq!(vm, "bad");
+        assert!(e.to_string().contains("VM point"), "{e}");
+        let samples = |id: &str| {
+            let v = b.input.vms.iter().find(|v| v.vm_id == id).unwrap();
+            v.samples.iter().map(|s| s.wss_bytes).collect::<Vec<_>>()
+        };
+        assert_eq!(samples("good"), [5 << 20]);
+        assert_eq!(samples("bad"), [1 << 30]);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }

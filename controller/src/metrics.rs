@@ -166,6 +166,16 @@ pub fn render(s: &Sources) -> String {
         )
         .sample("wset_controller_plan_duration_seconds", &[], p.seconds);
         e.family(
+            "wset_controller_plan_vms_without_history",
+            Kind::Gauge,
+            "VMs the latest plan could not read the history of (planned at their full memory).",
+        )
+        .sample(
+            "wset_controller_plan_vms_without_history",
+            &[],
+            p.unreadable_vms as f64,
+        );
+        e.family(
             "wset_controller_plan_migrations",
             Kind::Gauge,
             "Migrations in the latest plan.",

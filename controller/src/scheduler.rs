@@ -50,6 +50,7 @@ fn info(r: &PlanRecord) -> pb::PlanInfo {
         hosts: r.hosts,
         vms: r.vms,
         samples: r.samples,
+        vms_without_history: r.unreadable_vms,
         settings: Some(settings(&r.settings)),
         planning_seconds: r.seconds,
     }
@@ -138,8 +139,7 @@ impl SchedulerService {
         let (s, sh, c) = (self.store.clone(), self.shared.clone(), self.cfg.clone());
         let p = tokio::task::spawn_blocking(move || plan_now(&s, &sh, &c))
             .await
-            .map_err(|e| Status::internal(format!("planning task failed: {e}")))?
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| Status::internal(format!("planning task failed: {e}")))?;
         let p = Arc::new(p);
         self.plans.send_replace(Some(p.clone()));
         Ok(p)

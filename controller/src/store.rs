@@ -890,6 +890,18 @@ impl Series {
 }
 
 #[cfg(test)]
+impl Store {
+    /// Store `bytes` as `vm`'s raw point at `t_ms`: tests damage history
+    /// with it.
+    pub(crate) fn put_raw_point_bytes(&self, vm: &str, t_ms: u64, bytes: &[u8]) {
+        self.vm
+            .points
+            .insert(point_key(vm, 0, t_ms), bytes)
+            .expect("write a raw point");
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
