@@ -153,18 +153,39 @@ impl Shared {
         }
     }
 
-    /// Load the VM index and host facts from the store.
+    /// Load the VM index and host facts from the store. A damaged record
+    /// or latest point is skipped with a warning (the VM's next report
+    /// brings it back): it never keeps the controller from starting.
     pub fn load(store: &Store) -> Result<Self, crate::store::StoreError> {
+        let (records, bad_records) = store.load_vms()?;
         let mut vms = HashMap::new();
-        for mut v in store.load_vms()? {
-            v.latest = store.last_vm_point(&v.vm_id)?;
+        let mut bad_latest = Vec::new();
+        for mut v in records {
+            match store.last_vm_point(&v.vm_id) {
+                Ok(p) => v.latest = p,
+                Err(e) => bad_latest.push((v.vm_id.clone(), e)),
+            }
             vms.insert(v.vm_id.clone(), v);
         }
-        let hosts = store
-            .load_hosts()?
-            .into_iter()
-            .map(|h| (h.host_id.clone(), h))
-            .collect();
+        let (hosts, bad_hosts) = store.load_hosts()?;
+        for (what, bad) in [("VM records", &bad_records), ("host records", &bad_hosts)] {
+            if let Some(e) = bad.first() {
+                warn!(
+                    skipped = bad.len(),
+                    first = %e,
+                    "damaged {what} skipped; each comes back with its next report"
+                );
+            }
+        }
+        if let Some((vm, e)) = bad_latest.first() {
+            warn!(
+                vms = bad_latest.len(),
+                first = %vm,
+                error = %e,
+                "latest points unreadable; each comes back with its VM's next report"
+            );
+        }
+        let hosts = hosts.into_iter().map(|h| (h.host_id.clone(), h)).collect();
         Ok(Self {
             vms: RwLock::new(vms),
             hosts: Mutex::new(hosts),
@@ -752,5 +773,47 @@ pub async fn discover(
     for (c, h) in running.into_values() {
         let _ = c.send(true);
         let _ = h.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A damaged VM record or latest point is skipped at start-up; the
+    /// rest of the index loads.
+    #[test]
+    fn load_skips_what_is_damaged() {
+        let dir = std::env::temp_dir().join(format!("wset-ingest-load-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir, crate::config::default_levels(), 8 << 20).unwrap();
+        let record = |id: &str| pb::ClusterVm {
+            vm_id: id.into(),
+            host_id: "h".into(),
+            ..Default::default()
+        };
+        let point = |t| pb::VmHistoryPoint {
+            timestamp_ms: t,
+            ..Default::default()
+        };
+        store
+            .apply(&Write {
+                vm_points: vec![("a".into(), point(10)), ("b".into(), point(10))],
+                vm_records: vec![record("a"), record("b")],
+                ..Default::default()
+            })
+            .unwrap();
+        store.put_raw_point_bytes("b", 20, &[0xff; 3]);
+        store.put_vm_record_bytes("c", &[0xff; 3]);
+        let shared = Shared::load(&store).unwrap();
+        let vms = shared.vms.read().unwrap();
+        let mut ids: Vec<&str> = vms.keys().map(String::as_str).collect();
+        ids.sort();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(vms["a"].latest, Some(point(10)));
+        assert_eq!(vms["b"].latest, None);
+        drop(vms);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

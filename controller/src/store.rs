@@ -138,6 +138,25 @@ impl Pass {
     }
 }
 
+/// Records read back, and the errors of those that did not decode.
+pub type Loaded<M> = (Vec<M>, Vec<StoreError>);
+
+/// Every record of a tree; one that does not decode is skipped and its
+/// error returned beside the others.
+fn load<M: Message + Default>(
+    tree: &sled::Tree,
+    what: &'static str,
+) -> Result<Loaded<M>, StoreError> {
+    let (mut ok, mut bad) = (Vec::new(), Vec::new());
+    for kv in tree.iter() {
+        match decode(what, &kv?.1) {
+            Ok(m) => ok.push(m),
+            Err(e) => bad.push(e),
+        }
+    }
+    Ok((ok, bad))
+}
+
 /// One kind of series: single points, and the closed blocks they are
 /// packed into.
 #[derive(Clone, Debug)]
@@ -367,20 +386,15 @@ impl Store {
             .collect()
     }
 
-    /// Every VM record (without `latest`).
-    pub fn load_vms(&self) -> Result<Vec<pb::ClusterVm>, StoreError> {
-        self.vms
-            .iter()
-            .map(|kv| decode("VM record", &kv?.1))
-            .collect()
+    /// Every VM record (without `latest`), and the errors of those that
+    /// do not decode (skipped). Fails only when the tree cannot be read.
+    pub fn load_vms(&self) -> Result<Loaded<pb::ClusterVm>, StoreError> {
+        load(&self.vms, "VM record")
     }
 
-    /// Every host's last facts.
-    pub fn load_hosts(&self) -> Result<Vec<pb::HostFacts>, StoreError> {
-        self.hosts
-            .iter()
-            .map(|kv| decode("host record", &kv?.1))
-            .collect()
+    /// Every host's last facts, as [`Store::load_vms`].
+    pub fn load_hosts(&self) -> Result<Loaded<pb::HostFacts>, StoreError> {
+        load(&self.hosts, "host record")
     }
 
     /// Roll the raw samples of one series up into every coarser level, for
@@ -899,6 +913,13 @@ impl Store {
             .insert(point_key(vm, 0, t_ms), bytes)
             .expect("write a raw point");
     }
+
+    /// Store `bytes` as `vm`'s record: tests damage the index with it.
+    pub(crate) fn put_vm_record_bytes(&self, vm: &str, bytes: &[u8]) {
+        self.vms
+            .insert(vm.as_bytes(), bytes)
+            .expect("write a VM record");
+    }
 }
 
 #[cfg(test)]
@@ -1330,7 +1351,7 @@ mod tests {
         // Two events at the same millisecond are both kept.
         assert_eq!(s.host_events("h1", 0, 100).unwrap().len(), 2);
         assert_eq!(s.host_events("h1", 6, 100).unwrap().len(), 0);
-        let vms = s.load_vms().unwrap();
+        let vms = s.load_vms().unwrap().0;
         assert_eq!(vms.len(), 1);
         assert!(vms[0].latest.is_none());
         // A VM unseen for longer than every retention is forgotten, and
@@ -1349,7 +1370,7 @@ mod tests {
             .into_result()
             .unwrap();
         assert_eq!(gone, vec!["a".to_owned()]);
-        assert!(s.load_vms().unwrap().is_empty());
+        assert!(s.load_vms().unwrap().0.is_empty());
         assert_eq!(marks(&s), 0);
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
