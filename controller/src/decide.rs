@@ -103,14 +103,13 @@ pub fn build_input(
         })
         .cloned()
         .collect();
+    // Each VM's samples are read, reduced to its demand and dropped, on
+    // all CPUs: an hour of every VM's samples is never in memory at once.
     let from = now_ms.saturating_sub(settings.lookback_ms);
-    let (mut samples, mut unreadable, mut first_unreadable) = (0u64, 0u32, None);
-    let mut inputs = Vec::with_capacity(vms.len());
-    for v in vms {
+    let read = planner::map_parallel(&vms, |v| {
         let latest = v.latest.clone().unwrap_or_default();
-        let history = match store.vm_points(&v.vm_id, 0, from, now_ms + 1, usize::MAX) {
-            Ok(points) => {
-                samples += points.len() as u64;
+        let (history, read) = match store.vm_points(&v.vm_id, 0, from, now_ms + 1, usize::MAX) {
+            Ok(points) => (
                 points
                     .iter()
                     .map(|p| Sample {
@@ -122,24 +121,25 @@ pub fn build_input(
                             .map_or(0, |w| w.wss_bytes),
                         dirty_bytes_per_s: p.dirty_rate_bytes_per_s,
                     })
-                    .collect()
-            }
-            Err(e) => {
-                unreadable += 1;
-                first_unreadable.get_or_insert((v.vm_id.clone(), e));
+                    .collect(),
+                Ok(points.len() as u64),
+            ),
+            Err(e) => (
                 vec![Sample {
                     t_ms: v.last_seen_ms,
                     wss_bytes: v.memory_bytes,
                     dirty_bytes_per_s: latest.dirty_rate_bytes_per_s,
-                }]
-            }
+                }],
+                Err(e),
+            ),
         };
-        inputs.push(VmInput {
+        let mut input = VmInput {
             vm_id: v.vm_id.clone(),
             host_id: v.host_id.clone(),
             memory_bytes: v.memory_bytes,
             labels: v.labels.clone().into_iter().collect(),
             samples: history,
+            demand: None,
             idle_ages: latest
                 .idle_ages
                 .iter()
@@ -148,7 +148,22 @@ pub fn build_input(
             relative_error: latest.relative_error,
             lower_bound: latest.wss_is_lower_bound,
             last_moved_ms: (v.moved_at_ms > 0).then_some(v.moved_at_ms),
-        });
+        };
+        input.demand = Some(planner::demand(&input, settings, now_ms));
+        input.samples = Vec::new();
+        (input, read)
+    });
+    let (mut samples, mut unreadable, mut first_unreadable) = (0u64, 0u32, None);
+    let mut inputs = Vec::with_capacity(read.len());
+    for (input, r) in read {
+        match r {
+            Ok(n) => samples += n,
+            Err(e) => {
+                unreadable += 1;
+                first_unreadable.get_or_insert((input.vm_id.clone(), e));
+            }
+        }
+        inputs.push(input);
     }
     Built {
         input: Input {
@@ -331,7 +346,10 @@ mod tests {
         assert_eq!(ids, ["fresh"]);
         // The sample older than the lookback (an hour) is not read.
         assert_eq!(samples, 2);
-        assert_eq!(input.vms[0].samples[0].wss_bytes, 5 << 20);
+        // Reduced to its demand; the samples are not kept.
+        let d = input.vms[0].demand.as_ref().unwrap();
+        assert_eq!((d.samples_used, d.max_bytes), (2, 5 << 20));
+        assert!(input.vms[0].samples.is_empty());
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -390,12 +408,13 @@ mod tests {
         let (vm, e) = b.first_unreadable.as_ref().unwrap();
         assert_eq!(vm, "bad");
         assert!(e.to_string().contains("VM point"), "{e}");
-        let samples = |id: &str| {
+        let demand = |id: &str| {
             let v = b.input.vms.iter().find(|v| v.vm_id == id).unwrap();
-            v.samples.iter().map(|s| s.wss_bytes).collect::<Vec<_>>()
+            let d = v.demand.as_ref().unwrap();
+            (d.samples_used, d.max_bytes, d.mean_bytes)
         };
-        assert_eq!(samples("good"), [5 << 20]);
-        assert_eq!(samples("bad"), [1 << 30]);
+        assert_eq!(demand("good"), (1, 5 << 20, (5 << 20) as f64));
+        assert_eq!(demand("bad"), (1, 1 << 30, (1 << 30) as f64));
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -87,6 +87,10 @@ pub struct VmInput {
     pub labels: BTreeMap<String, String>,
     /// Time-ordered.
     pub samples: Vec<Sample>,
+    /// The demand, when the caller computed it already ([`demand`] of this
+    /// VM, its samples then dropped, so that a cluster's samples are never
+    /// all in memory at once); otherwise it is computed from `samples`.
+    pub demand: Option<Demand>,
     /// The latest idle-age histogram: (min age ms, max age ms or 0, bytes).
     pub idle_ages: Vec<(u64, u64, u64)>,
     /// The tracking method's stated error, a fraction of memory.
@@ -476,23 +480,31 @@ fn group(labels: &BTreeMap<String, String>) -> Option<&String> {
     labels.get(labels::ANTI_AFFINITY).filter(|g| !g.is_empty())
 }
 
-/// Every VM's demand, computed on all CPUs (each VM's alone, so the
-/// result does not depend on how the work is split).
-fn demands_of(vms: &[VmInput], cfg: &Config, now_ms: u64) -> Vec<Demand> {
+/// `f` of every item, on all CPUs when there are many (each item's alone,
+/// so the result does not depend on how the work is split), in order.
+pub fn map_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if threads == 1 || vms.len() < 4096 {
-        return vms.iter().map(|v| demand(v, cfg, now_ms)).collect();
+    if threads == 1 || items.len() < 4096 {
+        return items.iter().map(f).collect();
     }
-    let chunk = vms.len().div_ceil(threads);
+    let chunk = items.len().div_ceil(threads);
+    let f = &f;
     std::thread::scope(|s| {
-        let parts: Vec<_> = vms
+        let parts: Vec<_> = items
             .chunks(chunk)
-            .map(|c| s.spawn(move || c.iter().map(|v| demand(v, cfg, now_ms)).collect::<Vec<_>>()))
+            .map(|c| s.spawn(move || c.iter().map(f).collect::<Vec<_>>()))
             .collect();
         parts
             .into_iter()
-            .flat_map(|p| p.join().expect("demand computation panicked"))
+            .flat_map(|p| p.join().expect("a planning thread panicked"))
             .collect()
+    })
+}
+
+/// Every VM's demand: the one its input carries, or computed.
+fn demands_of(vms: &[VmInput], cfg: &Config, now_ms: u64) -> Vec<Demand> {
+    map_parallel(vms, |v| {
+        v.demand.clone().unwrap_or_else(|| demand(v, cfg, now_ms))
     })
 }
 

@@ -307,6 +307,32 @@ fn demand_follows_growth_and_history_gaps() {
     assert!(d.explain(cfg.horizon_ms).contains("no working-set history"));
 }
 
+/// A demand the caller computed (and whose samples it dropped) is the
+/// plan's demand for that VM: the same plan as from the samples.
+#[test]
+fn a_precomputed_demand_stands_for_the_samples() {
+    let cfg = Config::default();
+    let input = Input {
+        now_ms: NOW,
+        hosts: vec![host("a", 32)],
+        vms: vec![vm("x", "a", 16, 3000), vm("y", "a", 16, 9000)],
+    };
+    let mut reduced = input.clone();
+    for v in &mut reduced.vms {
+        v.demand = Some(demand(v, &cfg, NOW));
+        v.samples.clear();
+    }
+    let (full, thin) = (plan(&input, &cfg), plan(&reduced, &cfg));
+    assert_eq!(full, thin);
+    let y = host_plan(&thin, "a")
+        .vms
+        .iter()
+        .find(|v| v.vm_id == "y")
+        .unwrap();
+    assert_eq!(y.demand, demand(&input.vms[1], &cfg, NOW));
+    assert!(y.demand.samples_used > 0);
+}
+
 #[test]
 fn placement_ranks_by_headroom() {
     let input = Input {
