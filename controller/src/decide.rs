@@ -108,7 +108,7 @@ pub fn build_input(
     let from = now_ms.saturating_sub(settings.lookback_ms);
     let read = planner::map_parallel(&vms, |v| {
         let latest = v.latest.clone().unwrap_or_default();
-        let (history, read) = match store.vm_points(&v.vm_id, 0, from, now_ms + 1, usize::MAX) {
+        let (history, read) = match store.vm_plan_points(&v.vm_id, from, now_ms + 1) {
             Ok(points) => (
                 points
                     .iter()

@@ -173,9 +173,44 @@ fn fmean(a: f64, na: u32, b: f64, nb: u32) -> f64 {
     }
 }
 
-/// A point that can be merged with a later one into one bucket.
-pub trait Mergeable: Clone {
+/// A point in time.
+pub trait Timed {
     fn timestamp_ms(&self) -> u64;
+}
+
+/// The part of a raw VM point the planner reads. Decoding a stored
+/// `VmHistoryPoint` as this skips its other fields (ids, idle ages,
+/// methods) without allocating for them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PlanPoint {
+    #[prost(uint64, tag = "1")]
+    pub timestamp_ms: u64,
+    #[prost(message, repeated, tag = "6")]
+    pub windows: Vec<pb::WindowStat>,
+    #[prost(double, tag = "8")]
+    pub dirty_rate_bytes_per_s: f64,
+}
+
+impl Timed for PlanPoint {
+    fn timestamp_ms(&self) -> u64 {
+        self.timestamp_ms
+    }
+}
+
+impl Timed for pb::VmHistoryPoint {
+    fn timestamp_ms(&self) -> u64 {
+        self.timestamp_ms
+    }
+}
+
+impl Timed for pb::HostHistoryPoint {
+    fn timestamp_ms(&self) -> u64 {
+        self.timestamp_ms
+    }
+}
+
+/// A point that can be merged with a later one into one bucket.
+pub trait Mergeable: Timed + Clone {
     fn resolution_ms(&self) -> u64;
     /// Fold `later` (the next point in time) into `self`.
     fn absorb(&mut self, later: &Self);
@@ -184,9 +219,6 @@ pub trait Mergeable: Clone {
 }
 
 impl Mergeable for pb::VmHistoryPoint {
-    fn timestamp_ms(&self) -> u64 {
-        self.timestamp_ms
-    }
     fn resolution_ms(&self) -> u64 {
         self.resolution_ms
     }
@@ -245,9 +277,6 @@ impl Mergeable for pb::VmHistoryPoint {
 }
 
 impl Mergeable for pb::HostHistoryPoint {
-    fn timestamp_ms(&self) -> u64 {
-        self.timestamp_ms
-    }
     fn resolution_ms(&self) -> u64 {
         self.resolution_ms
     }
@@ -480,7 +509,7 @@ pub fn page<P: Mergeable, E>(
         if pts.len() == MAX_SCAN_POINTS {
             // Too dense to merge a whole page at once: stop before the last
             // (maybe partial) bucket and start the next page there.
-            let last = pts.last().map_or(from, Mergeable::timestamp_ms);
+            let last = pts.last().map_or(from, Timed::timestamp_ms);
             let b = last - last % merge_to;
             if b > from {
                 pts.retain(|p| p.timestamp_ms() < b);

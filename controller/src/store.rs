@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use prost::Message;
 use wset_proto::v1 as pb;
 
-use crate::history::{Level, Mergeable, merge};
+use crate::history::{Level, Mergeable, PlanPoint, Timed, merge};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -320,6 +320,17 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<pb::VmHistoryPoint>, StoreError> {
         self.vm.range(vm, bucket_ms, start_ms, end_ms, limit)
+    }
+
+    /// A VM's raw points in `[start_ms, end_ms)`, only the fields the
+    /// planner reads.
+    pub fn vm_plan_points(
+        &self,
+        vm: &str,
+        start_ms: u64,
+        end_ms: u64,
+    ) -> Result<Vec<PlanPoint>, StoreError> {
+        self.vm.range(vm, 0, start_ms, end_ms, usize::MAX)
     }
 
     /// A host's points of one series in `[start_ms, end_ms)`, at most `limit`.
@@ -649,7 +660,7 @@ fn encode_block<M: Message>(what: &'static str, points: &[M]) -> Result<Vec<u8>,
 
 /// Two runs sorted by time merged into one, a single point winning over a
 /// packed one of the same time (it is the later write).
-fn merge_sorted<M: Mergeable>(packed: Vec<M>, single: Vec<M>) -> Vec<M> {
+fn merge_sorted<M: Timed>(packed: Vec<M>, single: Vec<M>) -> Vec<M> {
     let mut out = Vec::with_capacity(packed.len() + single.len());
     let mut s = single.into_iter().peekable();
     for p in packed {
@@ -660,7 +671,7 @@ fn merge_sorted<M: Mergeable>(packed: Vec<M>, single: Vec<M>) -> Vec<M> {
                 break;
             }
         }
-        if out.last().map(Mergeable::timestamp_ms) != Some(p.timestamp_ms()) {
+        if out.last().map(Timed::timestamp_ms) != Some(p.timestamp_ms()) {
             out.push(p);
         }
     }
@@ -671,7 +682,7 @@ fn merge_sorted<M: Mergeable>(packed: Vec<M>, single: Vec<M>) -> Vec<M> {
 impl Series {
     /// Points of one series in `[start_ms, end_ms)`, at most `limit`, from
     /// blocks and single keys.
-    fn range<M: Message + Default + Mergeable>(
+    fn range<M: Message + Default + Timed>(
         &self,
         id: &str,
         bucket_ms: u64,
@@ -804,7 +815,7 @@ impl Series {
                 blocks.remove(k);
             }
             let merged = merge_sorted(old, group);
-            let last = merged.last().map_or(start, Mergeable::timestamp_ms);
+            let last = merged.last().map_or(start, Timed::timestamp_ms);
             // Inserted after the removes in the same batch: the insert wins
             // when the last point (hence the key) is unchanged.
             blocks.insert(point_key(id, b, last), encode_block(self.what, &merged)?);
@@ -1095,6 +1106,19 @@ mod tests {
             assert_eq!(s.vm_points("vm", 0, 25_000, 32_000, 100).unwrap().len(), 7);
             assert!(s.vm_points("vm", 0, 9_500, 9_900, 100).unwrap().is_empty());
             assert_eq!(s.count_vm_points("vm", 0, 0, 40_000).unwrap(), 35);
+            // The planner's reading: the same points, its fields only.
+            let full = s.vm_points("vm", 0, 0, 40_000, usize::MAX).unwrap();
+            let thin = s.vm_plan_points("vm", 0, 40_000).unwrap();
+            let fields = |t, w: &[pb::WindowStat], d| (t, w.to_vec(), d);
+            assert_eq!(
+                thin.iter()
+                    .map(|p| fields(p.timestamp_ms, &p.windows, p.dirty_rate_bytes_per_s))
+                    .collect::<Vec<_>>(),
+                full.iter()
+                    .map(|p| fields(p.timestamp_ms, &p.windows, p.dirty_rate_bytes_per_s))
+                    .collect::<Vec<_>>()
+            );
+
             assert_eq!(s.last_vm_point("vm").unwrap().unwrap().timestamp_ms, 34_000);
 
             // A late point (a rewrite of 5 s, and a new 5.5 s) in a
@@ -1276,6 +1300,29 @@ mod tests {
         s.vm.blocks.insert(point_key("old", 0, 4), bare).unwrap();
         let e = s.vm_points("old", 0, 0, 10, 10).unwrap_err();
         assert!(e.to_string().contains("cut short"), "{e}");
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn plan_points_carry_the_planners_fields() {
+        let dir = tmp("plan");
+        let s = Store::open(&dir, levels(), 8 << 20).unwrap();
+        let mut p = point(1_000, 5);
+        p.dirty_rate_bytes_per_s = 1234.5;
+        let mut w = Write::default();
+        w.vm_points.push(("d".into(), p.clone()));
+        s.apply(&w).unwrap();
+        let d = s.vm_plan_points("d", 0, 2_000).unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            (
+                d[0].timestamp_ms,
+                &d[0].windows,
+                d[0].dirty_rate_bytes_per_s
+            ),
+            (1_000, &p.windows, 1234.5)
+        );
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }
