@@ -106,8 +106,9 @@ pub fn build_input(
     // Each VM's samples are read, reduced to its demand and dropped, on
     // all CPUs: an hour of every VM's samples is never in memory at once.
     let from = now_ms.saturating_sub(settings.lookback_ms);
+    let none = pb::VmHistoryPoint::default();
     let read = planner::map_parallel(&vms, |v| {
-        let latest = v.latest.clone().unwrap_or_default();
+        let latest = v.latest.as_ref().unwrap_or(&none);
         let (history, read) = match store.vm_plan_points(&v.vm_id, from, now_ms + 1) {
             Ok(points) => (
                 points
