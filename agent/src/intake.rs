@@ -459,6 +459,7 @@ async fn register(
                 source,
                 snapshot: sock.snapshot.clone(),
                 handshake: "firecracker",
+                adopted: false,
             };
             start(req, cfg, registry, offered).await
         }
@@ -505,6 +506,7 @@ async fn register(
                 source: None,
                 snapshot: None,
                 handshake: "wset.v1",
+                adopted: false,
             };
             start(req, cfg, registry, offered).await
         }
@@ -558,6 +560,7 @@ pub async fn adopt(
             },
             snapshot: rec.snapshot.clone(),
             handshake,
+            adopted: true,
         };
         match start(req, cfg, registry, offered).await {
             Err(e @ IntakeError::Tracker(wset_tracker::TrackerError::Register { .. })) => {
@@ -636,6 +639,9 @@ struct Request {
     /// Where `source` was opened from (kept so a restarted agent reopens it).
     snapshot: Option<std::path::PathBuf>,
     handshake: &'static str,
+    /// Taken over from an earlier agent run: threads may wait on faults its
+    /// tracker read and never answered.
+    adopted: bool,
 }
 
 /// Choose methods, start the tracker, and add the VM to the registry.
@@ -737,6 +743,7 @@ async fn start(
         started_ms: now_ms(),
         fault_budget: cfg.sample_fault_budget,
         max_stride: cfg.max_rearm_stride(),
+        wake_waiters: req.adopted,
     };
     let handle = tokio::task::spawn_blocking(move || TrackerHandle::spawn(spec))
         .await

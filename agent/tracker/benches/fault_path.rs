@@ -69,8 +69,7 @@ fn minimal_round() -> (Duration, Vec<u32>) {
             let n = u.read_msgs(&mut msgs).unwrap();
             for m in &msgs[..n] {
                 if let wset_tracker::uffd::Event::PageFault { address, .. } = m.decode() {
-                    // SAFETY: `zero` is one readable page.
-                    let r = unsafe { u.copy(address & !4095, zero.as_ptr(), 4096, true) }.unwrap();
+                    let r = u.copy(address & !4095, &zero, true).unwrap();
                     if r == Resolve::Exists {
                         u.wake(address & !4095, 4096).unwrap();
                     }
@@ -118,6 +117,7 @@ fn tracker_round_with(spin: Duration) -> (Duration, Vec<u32>) {
         started_ms: 0,
         fault_budget: 0,
         max_stride: 1,
+        wake_waiters: false,
     })
     .unwrap();
     let out = touch_all(mem.ptr as usize);

@@ -230,7 +230,21 @@ impl Custody {
 
     /// The slot's data, `granule` bytes.
     #[inline]
-    pub fn slot_ptr(&self, slot: u32) -> *mut u8 {
+    pub fn slot(&self, slot: u32) -> &[u8] {
+        // SAFETY: `slot_ptr` points at `granule` bytes inside the mapping,
+        // which lives as long as `self`; writes need `&mut self`.
+        unsafe { std::slice::from_raw_parts(self.slot_ptr(slot), self.granule as usize) }
+    }
+
+    /// The slot's data, to fill.
+    #[inline]
+    pub fn slot_mut(&mut self, slot: u32) -> &mut [u8] {
+        // SAFETY: as in `slot`, borrowed mutably through `&mut self`.
+        unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(slot), self.granule as usize) }
+    }
+
+    #[inline]
+    fn slot_ptr(&self, slot: u32) -> *mut u8 {
         assert!(slot < self.slots);
         // SAFETY: slot < slots, so the granule lies inside the mapping.
         unsafe {
@@ -334,11 +348,8 @@ mod tests {
         let mut c = Custody::create(&path, header).unwrap();
         let a = c.take().unwrap();
         let b = c.take().unwrap();
-        // SAFETY: slot pointers are valid for one granule.
-        unsafe {
-            std::ptr::write_bytes(c.slot_ptr(a), 0xAB, 4096);
-            std::ptr::write_bytes(c.slot_ptr(b), 0xCD, 4096);
-        }
+        c.slot_mut(a).fill(0xAB);
+        c.slot_mut(b).fill(0xCD);
         c.commit(a, 0x10000);
         c.commit(b, 0x20000);
         c.release(b);

@@ -3,7 +3,8 @@
 //! that state.
 //!
 //! This crate has no async runtime (a test checks that no tokio is reachable
-//! from it) and is the only place in wset with `unsafe` code.
+//! from it). Its `unsafe` code lives in the kernel bindings (`uffd`,
+//! `fdpass`, `custody`'s mapping) and `sys`; every other module forbids it.
 
 pub mod custody;
 pub mod fdpass;
@@ -11,6 +12,7 @@ pub mod plan;
 pub mod recover;
 pub mod shared;
 pub mod summary;
+pub mod sys;
 pub mod tracker;
 pub mod uffd;
 

@@ -2,6 +2,8 @@
 //! Pure: no IO. Every choice and every refusal carries a reason a VMM author
 //! can act on; they end up in the handshake reply and the summaries.
 
+#![forbid(unsafe_code)]
+
 use crate::uffd::{feature, mode};
 
 /// How the guest memory is backed.

@@ -8,9 +8,11 @@
 //! left waiting for a handler that is gone. The guest then runs on,
 //! untracked, with every byte in place, until its VMM registers again.
 
+#![forbid(unsafe_code)]
+
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
@@ -60,29 +62,7 @@ pub enum RecoverError {
     },
 }
 
-/// A pidfd for `pid` (`pidfd_open(2)`).
-pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd from the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Duplicate fd `target` of the process behind `pidfd` into our fd table
-/// (`pidfd_getfd(2)`; needs ptrace access to it).
-pub fn pidfd_getfd(pidfd: &OwnedFd, target: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_getfd(2) takes a pidfd, a target fd and flags, and
-    // returns a new fd in our table or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) } as RawFd;
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd from the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
+pub use crate::sys::{pidfd_getfd, pidfd_open};
 
 /// A shared mapping of the memfd in the VMM: `[start, end)` maps file
 /// offset `offset`.
@@ -191,10 +171,7 @@ pub fn recover_custody_file(path: &Path) -> Result<Recovered, RecoverError> {
                 })?;
             continue;
         };
-        let try_copy = |u: &Uffd| {
-            // SAFETY: `data` is one granule of readable memory.
-            unsafe { u.copy(addr, data.as_ptr(), data.len() as u64, false) }
-        };
+        let try_copy = |u: &Uffd| u.copy(addr, data, false);
         if let Some(u) = &uffd {
             match try_copy(u) {
                 Ok(Resolve::Done | Resolve::Exists) => continue,

@@ -3,6 +3,8 @@
 //! counters and the fault-latency histogram. Only the tracker writes; readers
 //! load with `Relaxed` and order on `epoch` (`Release`/`Acquire`). No locks.
 
+#![forbid(unsafe_code)]
+
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::*};
 
@@ -64,7 +66,13 @@ pub struct Counters {
     /// Pages the kernel zeroed in place instead of punching (part of a
     /// large folio it could not split), put back at once and not evicted.
     pub unpunchable_pages: AtomicU64,
+    /// Resolving ioctls that returned EAGAIN (the VMM's memory map was
+    /// changing), each retried later.
     pub retries: AtomicU64,
+    /// Faults left waiting because the deferred-fault queue was full: their
+    /// threads were woken once faults could be resolved again, and faulted
+    /// again.
+    pub faults_rewoken: AtomicU64,
     /// Bytes reported written inside transparent huge pages, where the
     /// kernel tracks writes per 2 MiB.
     pub huge_written_bytes: AtomicU64,

@@ -1,6 +1,8 @@
 //! Working-set summaries computed from a tracker's [`VmShared`], off the
 //! fault path (the control plane calls this; the tracker never waits for it).
 
+#![forbid(unsafe_code)]
+
 use crate::plan::{Access, Dirty, Plan};
 use crate::shared::{NEVER, VmShared};
 

@@ -425,39 +425,30 @@ impl Uffd {
         check(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE as _, &mut range) })
     }
 
-    /// `UFFDIO_COPY` `len` bytes from `src` (our memory) to `dst` (the VMM's),
-    /// write-protected when `wp`. Wakes the faulting threads.
-    ///
-    /// # Safety
-    /// `src` must be readable for `len` bytes.
-    pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64, wp: bool) -> io::Result<Resolve> {
+    /// `UFFDIO_COPY` `src` (our memory) to `dst` (the VMM's), write-protected
+    /// when `wp`. Wakes the faulting threads. The kernel only fills pages
+    /// absent from a registered range (`EEXIST` otherwise), so nothing the
+    /// VMM holds is overwritten.
+    pub fn copy(&self, dst: u64, src: &[u8], wp: bool) -> io::Result<Resolve> {
         let mode = if wp { UFFDIO_COPY_MODE_WP } else { 0 };
-        let mut c = UffdioCopy {
-            dst,
-            src: src as u64,
-            len,
-            mode,
-            copy: 0,
-        };
-        // SAFETY: UFFDIO_COPY reads `len` bytes at `src` (the caller's promise)
-        // and reads/writes one `uffdio_copy`.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut c) };
-        resolve(ret)
+        self.copy_mode(dst, src, mode)
     }
 
     /// `UFFDIO_COPY` without waking (for batches woken with one `wake`).
-    ///
-    /// # Safety
-    /// `src` must be readable for `len` bytes.
-    pub unsafe fn copy_dontwake(&self, dst: u64, src: *const u8, len: u64) -> io::Result<Resolve> {
+    pub fn copy_dontwake(&self, dst: u64, src: &[u8]) -> io::Result<Resolve> {
+        self.copy_mode(dst, src, UFFDIO_COPY_MODE_DONTWAKE)
+    }
+
+    fn copy_mode(&self, dst: u64, src: &[u8], mode: u64) -> io::Result<Resolve> {
         let mut c = UffdioCopy {
             dst,
-            src: src as u64,
-            len,
-            mode: UFFDIO_COPY_MODE_DONTWAKE,
+            src: src.as_ptr() as u64,
+            len: src.len() as u64,
+            mode,
             copy: 0,
         };
-        // SAFETY: as in `copy`.
+        // SAFETY: UFFDIO_COPY reads `len` bytes at `src`, which the slice
+        // holds, and reads/writes one `uffdio_copy`.
         let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut c) };
         resolve(ret)
     }

@@ -306,6 +306,7 @@ fn sampled_hot_guest(
     let h = TrackerHandle::spawn(wset_tracker::TrackerSpec {
         fault_budget: budget,
         max_stride,
+        wake_waiters: false,
         ..spec
     })
     .unwrap();

@@ -116,6 +116,7 @@ pub fn spec(
         started_ms: 0,
         fault_budget: 0,
         max_stride: 1,
+        wake_waiters: false,
     }
 }
 
