@@ -3,12 +3,12 @@
 //! serves its faults. Needs /dev/userfaultfd (or the syscall) as root.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use wset_tracker::plan::{self, AccessMode, BackingKind, PlanInput};
 use wset_tracker::summary::{SummaryConfig, summarize};
-use wset_tracker::uffd::feature;
+use wset_tracker::uffd::{feature, mode};
 use wset_tracker::{TrackerHandle, TrackerState, Uffd};
 
 const INTERVAL: Duration = Duration::from_millis(100);
@@ -400,4 +400,141 @@ fn shmem_sampled_under_a_fault_budget_keeps_its_estimates() {
             sum.dirty_rate_bytes_per_s
         );
     }
+}
+
+/// What `/proc/self/task/<tid>/wchan` says the thread sleeps in.
+fn wchan(tid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan")).unwrap_or_default()
+}
+
+/// Wait until every thread in `tids` sleeps in a function whose name holds
+/// `what`, or fail saying how many do not.
+fn wait_blocked(tids: &[AtomicI32], what: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let not = tids
+            .iter()
+            .filter(|t| {
+                let tid = t.load(Ordering::Acquire);
+                tid == 0 || !wchan(tid).contains(what)
+            })
+            .count();
+        if not == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{not} of {} threads are not blocked in {what} after {timeout:?}",
+            tids.len()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// More faulting threads than the deferred queue holds, all blocked while
+/// a REMOVE event is pending: until the tracker reads that event, the
+/// kernel refuses every resolution (EAGAIN). The faults past the queue's
+/// capacity are left waiting and woken once resolutions succeed again;
+/// each message is counted once, and every thread gets its page.
+#[test]
+fn more_refused_faults_than_the_deferred_queue_holds() {
+    const THREADS: usize = wset_tracker::tracker::DEFERRED_CAP + 300;
+    const REMOVED: usize = 16;
+    let mem = Arc::new(Mem::anon(THREADS + REMOVED));
+    // SAFETY: advice on our own test mapping.
+    unsafe { libc::madvise(mem.ptr.cast(), mem.len, libc::MADV_NOHUGEPAGE) };
+    let uffd = Uffd::create().unwrap();
+    uffd.api(feature::EVENT_REMOVE).unwrap();
+    // Registered before the tracker exists, so the faults queue up unread.
+    uffd.register(mem.addr(), mem.len as u64, mode::MISSING)
+        .unwrap();
+    let tids: Arc<Vec<AtomicI32>> = Arc::new((0..THREADS).map(|_| AtomicI32::new(0)).collect());
+    let done = Arc::new(AtomicUsize::new(0));
+    let faulting: Vec<_> = (0..THREADS)
+        .map(|i| {
+            let (mem, tids, done) = (mem.clone(), tids.clone(), done.clone());
+            std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    tids[i].store(unsafe { libc::gettid() }, Ordering::Release);
+                    let v = mem.read(i);
+                    done.fetch_add(1, Ordering::Release);
+                    v
+                })
+                .unwrap()
+        })
+        .collect();
+    wait_blocked(&tids, "handle_userfault", Duration::from_secs(60));
+    // The REMOVE: the dropping thread waits until the event is read.
+    let remover_tid = Arc::new([AtomicI32::new(0)]);
+    let remover = {
+        let (mem, tid) = (mem.clone(), remover_tid.clone());
+        std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid[0].store(unsafe { libc::gettid() }, Ordering::Release);
+            // SAFETY: dropping pages of our own test mapping.
+            unsafe {
+                libc::madvise(
+                    mem.ptr.add(THREADS * PAGE as usize).cast(),
+                    REMOVED * PAGE as usize,
+                    libc::MADV_DONTNEED,
+                )
+            }
+        })
+    };
+    wait_blocked(&remover_tid[..], "userfaultfd", Duration::from_secs(60));
+    let plan = wset_tracker::Plan {
+        register_mode: mode::MISSING,
+        first_touch: true,
+        dirty: wset_tracker::Dirty::None,
+        access: wset_tracker::Access::None,
+        evict_after: 0,
+        notes: vec![],
+    };
+    let h = TrackerHandle::spawn(common::spec(uffd, &mem, plan, INTERVAL, None, None)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while done.load(Ordering::Acquire) < THREADS {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {THREADS} faulting threads still wait; tracker {:?}, counters {:?}",
+            THREADS - done.load(Ordering::Acquire),
+            h.shared().state(),
+            h.shared().counters
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for t in faulting {
+        assert_eq!(
+            t.join().unwrap(),
+            0,
+            "a fresh anonymous page reads as zeros"
+        );
+    }
+    assert_eq!(remover.join().unwrap(), 0, "madvise(MADV_DONTNEED)");
+    assert_eq!(h.shared().state(), TrackerState::Tracking);
+    let c = &h.shared().counters;
+    let missing = c.missing_faults.load(Ordering::Relaxed);
+    let rewoken = c.faults_rewoken.load(Ordering::Relaxed);
+    let handled = c.faults_handled.load(Ordering::Relaxed);
+    eprintln!(
+        "{THREADS} threads: {missing} fault messages, {rewoken} left waiting and woken, \
+         {handled} handled, {} refused resolutions",
+        c.retries.load(Ordering::Relaxed)
+    );
+    // Every fault is read before the REMOVE (the kernel delivers faults
+    // first) and refused: the queue takes its capacity, the rest wait. Only
+    // faults read by the same read(2) as the REMOVE may be resolved at once:
+    // reading the event lets the remover go on, and the kernel may allow
+    // resolutions again before the tracker handles them (one batch, 64).
+    let over = THREADS - wset_tracker::tracker::DEFERRED_CAP;
+    assert!(
+        (over.saturating_sub(64)..=over).contains(&(rewoken as usize)),
+        "{rewoken} faults left waiting, expected {over} less at most one batch"
+    );
+    // One message per fault: the woken threads faulted once more.
+    assert_eq!(missing, THREADS as u64 + rewoken);
+    assert_eq!(handled, THREADS as u64);
+    assert_eq!(c.remove_events.load(Ordering::Relaxed), 1);
+    assert_eq!(h.stop().state, TrackerState::Stopped);
 }

@@ -16,7 +16,7 @@ use crate::sys::{self, FileMap};
 use crate::uffd::{Resolve, fault_flag};
 
 /// Faults the deferred queue holds; allocated once, never grown.
-const DEFERRED_CAP: usize = 1024;
+pub const DEFERRED_CAP: usize = 1024;
 
 /// What a fault message asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

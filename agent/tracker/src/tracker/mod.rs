@@ -29,6 +29,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
+pub use fault::DEFERRED_CAP;
 pub use handle::{StopReport, TrackerError, TrackerHandle, TrackerSpec};
 pub use region::{Region, RegionMap};
 pub use sampler::{draw_sample, rearm_stride};
