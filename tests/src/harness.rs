@@ -415,9 +415,29 @@ pub struct Guest {
 }
 
 impl Guest {
-    /// Start a test VMM and wait until it has registered.
+    /// Start a test VMM and wait until it has registered. Firecracker's
+    /// handshake has no reply, so for it the wait is for the agent to list
+    /// the VM.
     pub fn start(agent: &Agent, o: GuestOpts) -> Self {
-        Self::start_at(&agent.socket, o)
+        let no_reply = o.handshake == "firecracker";
+        let g = Self::start_at(&agent.socket, o);
+        if no_reply {
+            wait_for(
+                Duration::from_secs(30),
+                &format!(
+                    "the agent to list {} after its Firecracker handshake",
+                    g.vm_id
+                ),
+                || {
+                    agent
+                        .list()
+                        .iter()
+                        .any(|v| v.vm_id == g.vm_id)
+                        .then_some(())
+                },
+            );
+        }
+        g
     }
 
     /// Start a test VMM against the agent socket `socket` (unused with the
