@@ -37,7 +37,18 @@ fn stream_limit_and_oversized_requests() {
             .expect("a batch within 5 s")
             .expect("stream ok")
             .expect("a batch");
-        assert!(b.sequence >= 1 && b.host.is_some());
+        // And go on delivering: a later batch, newer than the first.
+        let later = tokio::time::timeout(Duration::from_secs(5), s1.message())
+            .await
+            .expect("a second batch within 5 s")
+            .expect("stream ok")
+            .expect("a batch");
+        assert!(
+            later.sequence > b.sequence,
+            "batch {} after batch {}",
+            later.sequence,
+            b.sequence
+        );
         // A reader hangs up: its slot frees.
         drop(s2);
         let mut again = None;
