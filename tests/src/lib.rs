@@ -11,6 +11,7 @@ pub mod kvm;
 pub mod memory;
 pub mod script;
 pub mod simagent;
+mod tidy;
 pub mod vmm;
 
 /// Wall-clock milliseconds since the Unix epoch (the clock the controller
