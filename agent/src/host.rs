@@ -1,11 +1,49 @@
 //! Facts about this host for `GetHostFacts` and every summary batch: memory
 //! (`/proc/meminfo`), memory pressure (`/proc/pressure/memory`), the kernel,
 //! and what the agent tracks. Parsing is pure and unit-tested; reading
-//! `/proc` is a thin shell around it.
+//! `/proc` is a thin shell around it. `wire.rs` puts them on the wire.
 
-use wset_proto::v1 as pb;
+use std::collections::BTreeMap;
 
 use crate::registry::Registry;
+
+/// Memory pressure (PSI): the share of time some or all tasks stalled on
+/// memory, over 10 s, 60 s and 300 s, and the total stall.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MemoryPressure {
+    pub some_avg10_pct: f64,
+    pub some_avg60_pct: f64,
+    pub some_avg300_pct: f64,
+    pub some_total_us: u64,
+    pub full_avg10_pct: f64,
+    pub full_avg60_pct: f64,
+    pub full_avg300_pct: f64,
+    pub full_total_us: u64,
+}
+
+/// The host at one instant, as the agent reports it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HostFacts {
+    pub host_id: String,
+    pub agent_instance_id: String,
+    pub agent_started_ms: u64,
+    pub agent_version: &'static str,
+    pub kernel_release: String,
+    pub timestamp_ms: u64,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    /// Guest memory of the VMs being tracked.
+    pub vm_memory_committed_bytes: u64,
+    pub vms_tracking: u32,
+    /// `None` where the kernel has no PSI.
+    pub memory_pressure: Option<MemoryPressure>,
+    pub tracking_interval_ms: u64,
+    pub uffd_features: String,
+    pub rwp_available: bool,
+    pub cpus: u32,
+    pub vm_capacity_bytes: u64,
+    pub labels: BTreeMap<String, String>,
+}
 
 /// Who this agent process is; fixed at start-up.
 #[derive(Clone, Debug)]
@@ -21,7 +59,7 @@ pub struct Identity {
     /// Memory the host gives VMs; `None`: the total less `default_reserve`.
     pub vm_capacity_bytes: Option<u64>,
     /// Operator labels (`--host-label`).
-    pub labels: std::collections::BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Identity {
@@ -29,7 +67,7 @@ impl Identity {
         host_id: String,
         offered_features: u64,
         vm_capacity_bytes: Option<u64>,
-        labels: std::collections::BTreeMap<String, String>,
+        labels: BTreeMap<String, String>,
     ) -> Self {
         use wset_tracker::uffd::feature;
         Self {
@@ -68,7 +106,7 @@ pub fn parse_meminfo(text: &str) -> (u64, u64) {
 
 /// A `/proc/pressure/memory` text: `some ...` and `full ...` lines of
 /// `avg10=.. avg60=.. avg300=.. total=..`. `None` if it does not parse.
-pub fn parse_psi(text: &str) -> Option<pb::MemoryPressure> {
+pub fn parse_psi(text: &str) -> Option<MemoryPressure> {
     let line = |kind: &str| -> Option<(f64, f64, f64, u64)> {
         let l = text.lines().find(|l| l.starts_with(kind))?;
         let get = |k: &str| {
@@ -85,7 +123,7 @@ pub fn parse_psi(text: &str) -> Option<pb::MemoryPressure> {
     let some = line("some ")?;
     // Older kernels have no "full" line for memory; report zeros then.
     let full = line("full ").unwrap_or((0.0, 0.0, 0.0, 0));
-    Some(pb::MemoryPressure {
+    Some(MemoryPressure {
         some_avg10_pct: some.0,
         some_avg60_pct: some.1,
         some_avg300_pct: some.2,
@@ -104,7 +142,7 @@ pub fn default_reserve(total: u64) -> u64 {
 }
 
 /// The host's facts now.
-pub fn facts(id: &Identity, registry: &Registry, interval_ms: u64) -> pb::HostFacts {
+pub fn facts(id: &Identity, registry: &Registry, interval_ms: u64) -> HostFacts {
     let (total, available) =
         parse_meminfo(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default());
     let tracking: Vec<_> = registry
@@ -112,11 +150,11 @@ pub fn facts(id: &Identity, registry: &Registry, interval_ms: u64) -> pb::HostFa
         .into_iter()
         .filter(|v| v.state == wset_tracker::TrackerState::Tracking)
         .collect();
-    pb::HostFacts {
+    HostFacts {
         host_id: id.host_id.clone(),
         agent_instance_id: id.instance_id.clone(),
         agent_started_ms: id.started_ms,
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        agent_version: env!("CARGO_PKG_VERSION"),
         kernel_release: id.kernel_release.clone(),
         timestamp_ms: crate::now_ms(),
         memory_total_bytes: total,
@@ -133,7 +171,7 @@ pub fn facts(id: &Identity, registry: &Registry, interval_ms: u64) -> pb::HostFa
         vm_capacity_bytes: id
             .vm_capacity_bytes
             .unwrap_or_else(|| total - default_reserve(total)),
-        labels: id.labels.clone().into_iter().collect(),
+        labels: id.labels.clone(),
     }
 }
 

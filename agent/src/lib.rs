@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod registry;
 pub mod service;
 pub mod stream;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -96,12 +96,11 @@ pub fn render(s: &Sources) -> String {
     let now = wset_serve::process::now_ms();
     let mut per_vm = Vec::with_capacity(tracking.len());
     for v in &tracking {
-        if let (Ok(c), Ok((_, summary)), Some(shared)) = (
-            s.registry.counters(&v.info.vm_id),
+        if let (Ok((_, summary)), Some(shared)) = (
             s.registry.summary(&v.info.vm_id, &s.cfg.summary, now),
             s.registry.shared(&v.info.vm_id),
         ) {
-            per_vm.push((v, c, summary, shared));
+            per_vm.push((v, crate::wire::counters(&shared), summary, shared));
         }
     }
     e.family(

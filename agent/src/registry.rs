@@ -187,40 +187,6 @@ impl Registry {
         joins.into_iter().filter_map(|j| j.join().ok()).collect()
     }
 
-    /// The tracker counters of one VM, on the wire.
-    pub fn counters(&self, vm_id: &str) -> Result<wset_proto::v1::TrackerCounters, RegistryError> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let shared = self
-            .lock()
-            .get(vm_id)
-            .map(|e| e.shared.clone())
-            .ok_or_else(|| RegistryError::NotFound(vm_id.to_owned()))?;
-        let c = &shared.counters;
-        Ok(wset_proto::v1::TrackerCounters {
-            faults_handled: c.faults_handled.load(Relaxed),
-            missing_faults: c.missing_faults.load(Relaxed),
-            wp_faults: c.wp_faults.load(Relaxed),
-            events_dropped: c.events_dropped.load(Relaxed),
-            pages_in_custody: c.pages_in_custody.load(Relaxed),
-            harvests: c.harvests.load(Relaxed),
-            sampled_pages: c.sampled_pages.load(Relaxed),
-            remove_events: c.remove_events.load(Relaxed),
-            huge_written_bytes: c.huge_written_bytes.load(Relaxed),
-            rwp_read_faults: c.rwp_read_faults.load(Relaxed),
-            rwp_write_faults: c.rwp_write_faults.load(Relaxed),
-            harvest_ns_total: c.harvest_ns.load(Relaxed),
-            evicted_pages: c.evicted_pages.load(Relaxed),
-            refaulted_pages: c.refaulted_pages.load(Relaxed),
-            unpunchable_pages: c.unpunchable_pages.load(Relaxed),
-            custody_full: c.custody_full.load(Relaxed),
-            fault_service_latency: shared
-                .latency_histogram()
-                .into_iter()
-                .map(|(le_ns, count)| wset_proto::v1::LatencyBucket { le_ns, count })
-                .collect(),
-        })
-    }
-
     /// The shared tracker state of one VM.
     pub fn shared(&self, vm_id: &str) -> Option<std::sync::Arc<VmShared>> {
         self.lock().get(vm_id).map(|e| e.shared.clone())

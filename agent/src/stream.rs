@@ -16,8 +16,10 @@ use wset_proto::v1 as pb;
 use crate::config::Config;
 use crate::host::{Identity, facts};
 use crate::registry::Registry;
+use crate::wire;
 
-/// Every VM's summary at one instant.
+/// Every VM's summary at one instant, on the wire already: computed once,
+/// filtered for each stream.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     /// 0 before the first batch.
@@ -34,12 +36,12 @@ pub fn snapshot(registry: &Registry, cfg: &Config, id: &Identity, sequence: u64)
         .list()
         .into_iter()
         // A VM forgotten between list and summary is simply left out.
-        .filter_map(|v| crate::service::vm_summary(registry, cfg, &id.host_id, &v.info.vm_id).ok())
+        .filter_map(|v| wire::vm_summary(registry, cfg, &id.host_id, &v.info.vm_id).ok())
         .collect();
     Snapshot {
         sequence,
         timestamp_ms: crate::now_ms(),
-        host: facts(id, registry, interval_ms),
+        host: wire::host_facts(facts(id, registry, interval_ms)),
         vms,
     }
 }
