@@ -28,7 +28,13 @@ use wset_tracker::recover::{pidfd_getfd, pidfd_open};
 
 use serde::{Deserialize, Serialize};
 
-use crate::handshake::{Layout, LayoutRegion};
+use tracing::{info, warn};
+use wset_tracker::BackingKind;
+
+use crate::config::Config;
+use crate::handshake::{HandshakeKind, Layout, Region, WsetReply};
+use crate::intake::{self, IntakeError};
+use crate::registry::Registry;
 
 /// What the agent must know to track a VM again without its VMM's help.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,7 +47,7 @@ pub struct Record {
     pub vmm_pid: i32,
     /// The VMM's start time (`/proc/<pid>/stat` field 22), against pid reuse.
     pub vmm_start_ticks: u64,
-    /// `anonymous`, `shmem` or `hugetlb`.
+    /// `anonymous`, `shmem` or `hugetlb` ([`backing_name`]).
     pub backing: String,
     pub page_size: u64,
     pub regions: Vec<RecordRegion>,
@@ -51,6 +57,8 @@ pub struct Record {
     pub snapshot: Option<PathBuf>,
 }
 
+/// A region as a record stores it on disk (the JSON names its length
+/// `size`); [`Region`] everywhere else.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordRegion {
     pub host_addr: u64,
@@ -58,19 +66,50 @@ pub struct RecordRegion {
     pub file_offset: u64,
 }
 
+impl From<Region> for RecordRegion {
+    fn from(r: Region) -> Self {
+        Self {
+            host_addr: r.host_addr,
+            size: r.len,
+            file_offset: r.file_offset,
+        }
+    }
+}
+
+impl From<RecordRegion> for Region {
+    fn from(r: RecordRegion) -> Self {
+        Self {
+            host_addr: r.host_addr,
+            len: r.size,
+            file_offset: r.file_offset,
+        }
+    }
+}
+
+/// How a record names a backing.
+pub fn backing_name(b: BackingKind) -> &'static str {
+    match b {
+        BackingKind::Anonymous => "anonymous",
+        BackingKind::Shmem => "shmem",
+        BackingKind::Hugetlb => "hugetlb",
+    }
+}
+
+/// A record's backing; an unknown name is anonymous memory (nothing to
+/// reclaim but the uffd).
+pub fn backing_from_name(name: &str) -> BackingKind {
+    match name {
+        "shmem" => BackingKind::Shmem,
+        "hugetlb" => BackingKind::Hugetlb,
+        _ => BackingKind::Anonymous,
+    }
+}
+
 impl Record {
     pub fn layout(&self) -> Layout {
         Layout {
             page_size: self.page_size,
-            regions: self
-                .regions
-                .iter()
-                .map(|r| LayoutRegion {
-                    host_addr: r.host_addr,
-                    size: r.size,
-                    file_offset: r.file_offset,
-                })
-                .collect(),
+            regions: self.regions.iter().copied().map(Region::from).collect(),
         }
     }
 }
@@ -218,6 +257,134 @@ pub fn reclaim(r: &Record) -> Result<Reclaimed, AdoptError> {
         memory_fd,
         source,
     })
+}
+
+/// Resume what a previous agent left: put back the pages of every custody
+/// file it left (it was killed), then track again every VM it recorded
+/// whose VMM still runs and holds its userfaultfd. The one path by which
+/// VMs come back after a restart.
+pub async fn resume(cfg: &Config, registry: &Registry, offered: u64) -> io::Result<()> {
+    let dir = cfg.state_dir.clone();
+    tokio::task::spawn_blocking(move || recover_custody(&dir))
+        .await
+        .map_err(|e| io::Error::other(format!("custody recovery task: {e}")))?;
+    readopt(cfg, registry, offered).await;
+    Ok(())
+}
+
+/// Put back the pages of every custody file in `state_dir` (left by an
+/// agent that was killed), logging each outcome.
+fn recover_custody(state_dir: &Path) {
+    use wset_tracker::recover::{Recovered, recover_custody_file};
+    let Ok(dir) = std::fs::read_dir(state_dir.join("custody")) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "custody") {
+            continue;
+        }
+        match recover_custody_file(&path) {
+            Ok(Recovered::Restored { pages, vmm_pid }) => {
+                info!(file = %path.display(), pages, vmm_pid, "pages left by a previous agent put back; the VM runs untracked until its VMM registers again")
+            }
+            Ok(Recovered::VmmGone { vmm_pid, pages }) => {
+                warn!(file = %path.display(), pages, vmm_pid, "custody file of a VMM that is gone removed")
+            }
+            Err(e) => warn!(error = %e, "custody recovery failed; the file is kept"),
+        }
+    }
+}
+
+/// Track again every VM a previous agent recorded whose VMM still runs
+/// and holds its userfaultfd (see `adopt`); forget the others.
+async fn readopt(cfg: &Config, registry: &Registry, offered: u64) {
+    let t0 = std::time::Instant::now();
+    let mut adopted = 0;
+    for r in load_all(&cfg.state_dir) {
+        let rec = match r {
+            Ok(rec) => rec,
+            Err(e) => {
+                warn!(error = %e, "unreadable VM record left as it is");
+                continue;
+            }
+        };
+        let t = std::time::Instant::now();
+        match adopt(&rec, cfg, registry, offered).await {
+            Ok(reply) => {
+                adopted += 1;
+                info!(
+                    vm_id = %rec.vm_id,
+                    vmm_pid = rec.vmm_pid,
+                    methods = ?reply.methods,
+                    ms = t.elapsed().as_millis() as u64,
+                    "VM re-adopted: tracking resumed after an agent restart"
+                );
+            }
+            Err(e) => {
+                remove(&cfg.state_dir, &rec.vm_id);
+                warn!(vm_id = %rec.vm_id, vmm_pid = rec.vmm_pid, error = %e, "VM not re-adopted; its record is removed");
+            }
+        }
+    }
+    if adopted > 0 {
+        info!(
+            vms = adopted,
+            ms = t0.elapsed().as_millis() as u64,
+            "re-adoption done"
+        );
+    }
+}
+
+/// Track a VM again from its record (after an agent restart): take the
+/// VMM's userfaultfd and memfd, and start as at registration. With several
+/// uffds in the VMM, the one the guest's ranges are registered with (or
+/// that may register them) is the one whose registration succeeds.
+async fn adopt(
+    rec: &Record,
+    cfg: &Config,
+    registry: &Registry,
+    offered: u64,
+) -> Result<WsetReply, IntakeError> {
+    let got = tokio::task::spawn_blocking({
+        let rec = rec.clone();
+        move || reclaim(&rec)
+    })
+    .await
+    .map_err(|e| io::Error::other(format!("re-adoption task: {e}")))?
+    .map_err(|e| IntakeError::Io(io::Error::other(e.to_string())))?;
+    let backing = backing_from_name(&rec.backing);
+    let handshake = HandshakeKind::from_name(&rec.handshake);
+    let mut last = None;
+    for uffd in got.uffds {
+        let req = intake::Request {
+            vm_id: rec.vm_id.clone(),
+            name: rec.name.clone(),
+            labels: rec.labels.clone(),
+            pid: rec.vmm_pid,
+            layout: rec.layout(),
+            backing,
+            uffd,
+            memory_fd: match &got.memory_fd {
+                Some(m) => Some(m.try_clone()?),
+                None => None,
+            },
+            source: match &got.source {
+                Some(f) => Some(f.try_clone()?),
+                None => None,
+            },
+            snapshot: rec.snapshot.clone(),
+            handshake,
+            adopted: true,
+        };
+        match intake::track(req, cfg, registry, offered).await {
+            Err(e @ IntakeError::Tracker(wset_tracker::TrackerError::Register { .. })) => {
+                last = Some(e);
+            }
+            other => return other,
+        }
+    }
+    Err(last.expect("reclaim returns at least one uffd"))
 }
 
 #[cfg(test)]

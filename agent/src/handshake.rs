@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+pub use wset_tracker::Region;
 
 /// The largest handshake message accepted.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -30,6 +31,34 @@ pub struct FirecrackerRegion {
     /// Deprecated; holds bytes despite its name.
     #[serde(default)]
     pub page_size_kib: Option<u64>,
+}
+
+/// Which handshake a VMM spoke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandshakeKind {
+    /// Firecracker's page-fault-handler handshake: no reply.
+    Firecracker,
+    /// wset's own, with a JSON reply.
+    WsetV1,
+}
+
+impl HandshakeKind {
+    /// The name the API, the metrics and the VM records use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Firecracker => "firecracker",
+            Self::WsetV1 => "wset.v1",
+        }
+    }
+
+    /// From a VM record: anything but `firecracker` spoke wset.v1.
+    pub fn from_name(name: &str) -> Self {
+        if name == "firecracker" {
+            Self::Firecracker
+        } else {
+            Self::WsetV1
+        }
+    }
 }
 
 /// How a wset.v1 VMM backs guest memory.
@@ -120,20 +149,14 @@ pub enum Hello {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
     pub page_size: u64,
-    /// Sorted by host address.
-    pub regions: Vec<LayoutRegion>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LayoutRegion {
-    pub host_addr: u64,
-    pub size: u64,
-    pub file_offset: u64,
+    /// Sorted by host address: the tracker's own region type, so a
+    /// validated layout is what the tracker is given.
+    pub regions: Vec<Region>,
 }
 
 impl Layout {
     pub fn total_bytes(&self) -> u64 {
-        self.regions.iter().map(|r| r.size).sum()
+        self.regions.iter().map(|r| r.len).sum()
     }
 }
 
@@ -289,9 +312,9 @@ pub fn firecracker_layout(
         .unwrap_or(4096);
     let rs = regions
         .iter()
-        .map(|r| LayoutRegion {
+        .map(|r| Region {
             host_addr: r.base_host_virt_addr,
-            size: r.size,
+            len: r.size,
             file_offset: r.offset,
         })
         .collect();
@@ -305,9 +328,9 @@ pub fn wset_layout(h: &WsetHello, max_bytes: u64) -> Result<Layout, HandshakeErr
     let rs = h
         .regions
         .iter()
-        .map(|r| LayoutRegion {
+        .map(|r| Region {
             host_addr: r.host_addr,
-            size: r.size,
+            len: r.size,
             file_offset: if file_backed { r.file_offset } else { 0 },
         })
         .collect();
@@ -316,7 +339,7 @@ pub fn wset_layout(h: &WsetHello, max_bytes: u64) -> Result<Layout, HandshakeErr
 
 fn validate(
     page_size: u64,
-    mut rs: Vec<LayoutRegion>,
+    mut rs: Vec<Region>,
     max_bytes: u64,
     check_file_overlap: bool,
 ) -> Result<Layout, HandshakeError> {
@@ -331,27 +354,26 @@ fn validate(
     }
     let mut total: u64 = 0;
     for (index, r) in rs.iter().enumerate() {
-        if r.size == 0 {
+        if r.len == 0 {
             return Err(HandshakeError::ZeroSize { index });
         }
-        if r.host_addr % page_size != 0 || r.size % page_size != 0 || r.file_offset % page_size != 0
+        if r.host_addr % page_size != 0 || r.len % page_size != 0 || r.file_offset % page_size != 0
         {
             return Err(HandshakeError::Unaligned {
                 index,
                 addr: r.host_addr,
-                size: r.size,
+                size: r.len,
                 page_size,
             });
         }
-        if r.host_addr.checked_add(r.size).is_none() || r.file_offset.checked_add(r.size).is_none()
-        {
+        if r.host_addr.checked_add(r.len).is_none() || r.file_offset.checked_add(r.len).is_none() {
             return Err(HandshakeError::Wraps {
                 index,
                 addr: r.host_addr,
-                size: r.size,
+                size: r.len,
             });
         }
-        total = total.saturating_add(r.size);
+        total = total.saturating_add(r.len);
     }
     if total > max_bytes {
         return Err(HandshakeError::TooBig {
@@ -363,16 +385,16 @@ fn validate(
     order.sort_by_key(|&i| rs[i].host_addr);
     for w in order.windows(2) {
         let (a, b) = (rs[w[0]], rs[w[1]]);
-        if a.host_addr + a.size > b.host_addr {
+        if a.host_addr + a.len > b.host_addr {
             let (ia, ib) = (w[0].min(w[1]), w[0].max(w[1]));
             let (ra, rb) = (rs[ia], rs[ib]);
             return Err(HandshakeError::Overlap {
                 a: ia,
                 b: ib,
                 a_addr: ra.host_addr,
-                a_size: ra.size,
+                a_size: ra.len,
                 b_addr: rb.host_addr,
-                b_size: rb.size,
+                b_size: rb.len,
             });
         }
     }
@@ -380,7 +402,7 @@ fn validate(
         let mut by_off: Vec<usize> = (0..rs.len()).collect();
         by_off.sort_by_key(|&i| rs[i].file_offset);
         for w in by_off.windows(2) {
-            if rs[w[0]].file_offset + rs[w[0]].size > rs[w[1]].file_offset {
+            if rs[w[0]].file_offset + rs[w[0]].len > rs[w[1]].file_offset {
                 return Err(HandshakeError::FileOverlap {
                     a: w[0].min(w[1]),
                     b: w[0].max(w[1]),
@@ -442,7 +464,7 @@ pub fn thp_bytes(smaps: &str, layout: &Layout) -> u64 {
             overlaps = layout
                 .regions
                 .iter()
-                .any(|r| s < r.host_addr + r.size && r.host_addr < e);
+                .any(|r| s < r.host_addr + r.len && r.host_addr < e);
         } else if overlaps && let Some(v) = line.strip_prefix("AnonHugePages:") {
             total = total.saturating_add(
                 v.trim()
@@ -466,25 +488,25 @@ pub fn check_mapped(
     memory_ino: Option<u64>,
 ) -> Result<(), String> {
     for (i, r) in layout.regions.iter().enumerate() {
-        let end = r.host_addr + r.size;
+        let end = r.host_addr + r.len;
         let mut at = r.host_addr;
         while at < end {
             let Some(m) = maps.iter().find(|m| m.start <= at && at < m.end) else {
                 return Err(format!(
                     "region {i} ({:#x}+{:#x}): {at:#x} is not mapped in the VMM process",
-                    r.host_addr, r.size
+                    r.host_addr, r.len
                 ));
             };
             if !m.perms.starts_with("rw") {
                 return Err(format!(
                     "region {i} ({:#x}+{:#x}): {at:#x} is mapped {} in the VMM process, not readable and writable",
-                    r.host_addr, r.size, m.perms
+                    r.host_addr, r.len, m.perms
                 ));
             }
             if memory_ino.is_none() && m.inode != 0 {
                 return Err(format!(
                     "region {i} ({:#x}+{:#x}): {at:#x} maps the file {:?}, not anonymous memory",
-                    r.host_addr, r.size, m.path
+                    r.host_addr, r.len, m.path
                 ));
             }
             if let Some(ino) = memory_ino {
@@ -497,7 +519,7 @@ pub fn check_mapped(
                         "region {i} ({:#x}+{:#x}): {at:#x} does not map the passed memfd shared at \
                          offset {want_off:#x} (maps: inode {} offset {} {} {:?})",
                         r.host_addr,
-                        r.size,
+                        r.len,
                         m.inode,
                         got_off.map_or_else(|| "beyond 2^64".to_owned(), |o| format!("{o:#x}")),
                         if m.shared { "shared" } else { "private" },
@@ -648,9 +670,9 @@ mod tests {
                      AnonHugePages:      4096 kB\n";
         let l = Layout {
             page_size: 4096,
-            regions: vec![LayoutRegion {
+            regions: vec![Region {
                 host_addr: 0x7f00_0010_0000,
-                size: 0x1000,
+                len: 0x1000,
                 file_offset: 0,
             }],
         };
@@ -668,9 +690,9 @@ mod tests {
         assert_eq!(maps.len(), 4);
         let l = |addr, size, off| Layout {
             page_size: 4096,
-            regions: vec![LayoutRegion {
+            regions: vec![Region {
                 host_addr: addr,
-                size,
+                len: size,
                 file_offset: off,
             }],
         };

@@ -29,70 +29,6 @@ use registry::Registry;
 /// Wall-clock milliseconds since the Unix epoch.
 pub use wset_serve::process::now_ms;
 
-/// Put back the pages of every custody file in `state_dir` (left by an
-/// agent that was killed), logging each outcome.
-pub fn recover_custody(state_dir: &std::path::Path) {
-    use wset_tracker::recover::{Recovered, recover_custody_file};
-    let Ok(dir) = std::fs::read_dir(state_dir.join("custody")) else {
-        return;
-    };
-    for e in dir.flatten() {
-        let path = e.path();
-        if path.extension().is_none_or(|x| x != "custody") {
-            continue;
-        }
-        match recover_custody_file(&path) {
-            Ok(Recovered::Restored { pages, vmm_pid }) => {
-                info!(file = %path.display(), pages, vmm_pid, "pages left by a previous agent put back; the VM runs untracked until its VMM registers again")
-            }
-            Ok(Recovered::VmmGone { vmm_pid, pages }) => {
-                warn!(file = %path.display(), pages, vmm_pid, "custody file of a VMM that is gone removed")
-            }
-            Err(e) => warn!(error = %e, "custody recovery failed; the file is kept"),
-        }
-    }
-}
-
-/// Track again every VM a previous agent recorded whose VMM still runs
-/// and holds its userfaultfd (see `adopt`); forget the others.
-async fn readopt(cfg: &Config, registry: &Registry, offered: u64) {
-    let t0 = std::time::Instant::now();
-    let mut adopted = 0;
-    for r in adopt::load_all(&cfg.state_dir) {
-        let rec = match r {
-            Ok(rec) => rec,
-            Err(e) => {
-                warn!(error = %e, "unreadable VM record left as it is");
-                continue;
-            }
-        };
-        let t = std::time::Instant::now();
-        match intake::adopt(&rec, cfg, registry, offered).await {
-            Ok(reply) => {
-                adopted += 1;
-                info!(
-                    vm_id = %rec.vm_id,
-                    vmm_pid = rec.vmm_pid,
-                    methods = ?reply.methods,
-                    ms = t.elapsed().as_millis() as u64,
-                    "VM re-adopted: tracking resumed after an agent restart"
-                );
-            }
-            Err(e) => {
-                adopt::remove(&cfg.state_dir, &rec.vm_id);
-                warn!(vm_id = %rec.vm_id, vmm_pid = rec.vmm_pid, error = %e, "VM not re-adopted; its record is removed");
-            }
-        }
-    }
-    if adopted > 0 {
-        info!(
-            vms = adopted,
-            ms = t0.elapsed().as_millis() as u64,
-            "re-adoption done"
-        );
-    }
-}
-
 /// Run the agent until `shutdown` resolves; then stop every tracker (each
 /// puts pages in custody back and unregisters) and return.
 pub async fn run(
@@ -110,14 +46,8 @@ pub async fn run(
     info!(features = %wset_tracker::uffd::feature::names(offered), "kernel userfaultfd features");
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("create state directory {}", cfg.state_dir.display()))?;
-    // Pages left in custody by an agent that died: put them back first.
-    let dir = cfg.state_dir.clone();
-    tokio::task::spawn_blocking(move || recover_custody(&dir))
-        .await
-        .context("custody recovery task")?;
-
-    // VMs a previous agent tracked: track them again.
-    readopt(&cfg, &registry, offered).await;
+    // What a previous agent left: pages in custody back, its VMs tracked again.
+    adopt::resume(&cfg, &registry, offered).await?;
 
     let mut tasks = Vec::new();
     let admission = Arc::new(intake::Admission::new(

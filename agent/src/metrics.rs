@@ -122,7 +122,7 @@ pub fn render(s: &Sources) -> String {
             &[
                 ("vm_id", &v.info.vm_id),
                 ("methods", &methods),
-                ("handshake", v.info.handshake),
+                ("handshake", v.info.handshake.as_str()),
             ],
             1.0,
         );

@@ -19,8 +19,7 @@ pub struct VmInfo {
     pub memory_bytes: u64,
     pub page_size: u64,
     pub granule_bytes: u64,
-    /// `firecracker` or `wset.v1`.
-    pub handshake: &'static str,
+    pub handshake: crate::handshake::HandshakeKind,
     pub plan: Plan,
 }
 

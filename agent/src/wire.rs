@@ -65,7 +65,7 @@ pub fn vm_info(v: &VmView) -> pb::VmInfo {
         vmm_pid: v.info.vmm_pid,
         page_size_bytes: v.info.page_size,
         granule_bytes: v.info.granule_bytes,
-        handshake: v.info.handshake.to_owned(),
+        handshake: v.info.handshake.as_str().to_owned(),
         notes: v.info.plan.notes.clone(),
     }
 }

@@ -19,12 +19,12 @@ fn check(l: &Layout) {
     assert!(!l.regions.is_empty(), "{l:?}");
     assert!(l.total_bytes() <= MAX, "{l:?}");
     for r in &l.regions {
-        assert!(r.size > 0 && r.size % l.page_size == 0, "{l:?}");
+        assert!(r.len > 0 && r.len % l.page_size == 0, "{l:?}");
         assert!(r.host_addr % l.page_size == 0, "{l:?}");
-        assert!(r.host_addr.checked_add(r.size).is_some(), "{l:?}");
+        assert!(r.host_addr.checked_add(r.len).is_some(), "{l:?}");
     }
     for w in l.regions.windows(2) {
-        assert!(w[0].host_addr + w[0].size <= w[1].host_addr, "{l:?}");
+        assert!(w[0].host_addr + w[0].len <= w[1].host_addr, "{l:?}");
     }
 }
 
@@ -53,9 +53,9 @@ fuzz_target!(|data: &[u8]| {
         let maps = handshake::parse_maps(text);
         let l = Layout {
             page_size: 4096,
-            regions: vec![handshake::LayoutRegion {
+            regions: vec![handshake::Region {
                 host_addr: 0x7f00_0000_0000,
-                size: 1 << 20,
+                len: 1 << 20,
                 file_offset: 0,
             }],
         };

@@ -1,0 +1,377 @@
+//! From a parsed handshake and its fds to a running tracker: the fds and
+//! the VMM's mappings checked, the tracking methods planned, the VM's
+//! record saved for re-adoption, the tracker started and the VM added to
+//! the registry. Re-adoption after a restart (`adopt.rs`) enters at
+//! [`track`] with the fds it reclaimed.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+
+use tracing::{info, warn};
+use wset_tracker::plan::{self, BackingKind, PlanInput};
+use wset_tracker::uffd::{self, feature};
+use wset_tracker::{TrackerHandle, TrackerSpec, Uffd};
+
+use super::IntakeError;
+use crate::adopt;
+use crate::config::{Config, SocketConfig};
+use crate::handshake::{self, Backing, HandshakeKind, Hello, Layout, WsetReply};
+use crate::now_ms;
+use crate::registry::{Registry, VmInfo};
+
+fn describe_fd(fd: &OwnedFd) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|e| format!("unreadable: {e}"))
+}
+
+fn read_maps(pid: i32) -> Result<Vec<handshake::MapsEntry>, IntakeError> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| IntakeError::NotMapped(format!("cannot read /proc/{pid}/maps: {e}")))?;
+    Ok(handshake::parse_maps(&text))
+}
+
+pub(super) async fn register(
+    hello: Hello,
+    fds: Vec<OwnedFd>,
+    pid: i32,
+    sock: &SocketConfig,
+    cfg: &Config,
+    registry: &Registry,
+    offered: u64,
+) -> Result<WsetReply, IntakeError> {
+    match hello {
+        Hello::WsetFeatures { backing } => {
+            let rec = plan::recommended_features(offered, kind_of(backing));
+            Ok(WsetReply {
+                ok: true,
+                offered_features: Some(offered),
+                recommended_features: Some(rec),
+                recommended_feature_names: Some(feature::names(rec)),
+                ..Default::default()
+            })
+        }
+        Hello::Firecracker(regions) => {
+            let layout = handshake::firecracker_layout(&regions, cfg.max_vm_bytes)?;
+            let [uffd_fd]: [OwnedFd; 1] =
+                fds.try_into()
+                    .map_err(|v: Vec<OwnedFd>| IntakeError::FdCount {
+                        want: 1,
+                        got: v.len(),
+                        what: "the uffd",
+                    })?;
+            check_uffd(&uffd_fd)?;
+            handshake::check_mapped(&layout, &read_maps(pid)?, None)
+                .map_err(IntakeError::NotMapped)?;
+            let source = match &sock.snapshot {
+                Some(path) => Some(open_snapshot(path, &layout)?),
+                None => None,
+            };
+            let n = registry
+                .list()
+                .iter()
+                .filter(|v| v.info.vmm_pid == pid as u32)
+                .count();
+            let vm_id = if n == 0 {
+                format!("fc-{pid}")
+            } else {
+                format!("fc-{pid}-{n}")
+            };
+            let name = sock
+                .path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let req = Request {
+                vm_id,
+                name,
+                labels: Default::default(),
+                pid,
+                layout,
+                backing: BackingKind::Anonymous,
+                uffd: uffd_fd,
+                memory_fd: None,
+                source,
+                snapshot: sock.snapshot.clone(),
+                handshake: HandshakeKind::Firecracker,
+                adopted: false,
+            };
+            track(req, cfg, registry, offered).await
+        }
+        Hello::WsetRegister(h) => {
+            let backing = h
+                .backing
+                .ok_or(handshake::HandshakeError::MissingField("backing"))?;
+            let vm_id = h.vm_id.clone().unwrap_or_else(|| format!("vm-{pid}"));
+            handshake::check_vm_id(&vm_id)?;
+            registry.check_free(&vm_id)?;
+            let layout = handshake::wset_layout(&h, cfg.max_vm_bytes)?;
+            let want = if backing == Backing::Anonymous { 1 } else { 2 };
+            let what = if want == 1 {
+                "the uffd"
+            } else {
+                "the uffd, then the memfd"
+            };
+            if fds.len() != want {
+                return Err(IntakeError::FdCount {
+                    want,
+                    got: fds.len(),
+                    what,
+                });
+            }
+            let mut fds = fds.into_iter();
+            let uffd_fd = fds.next().expect("counted");
+            check_uffd(&uffd_fd)?;
+            let memory_fd = fds.next();
+            let ino = match &memory_fd {
+                Some(m) => Some(check_memfd(m, &layout)?),
+                None => None,
+            };
+            handshake::check_mapped(&layout, &read_maps(pid)?, ino)
+                .map_err(IntakeError::NotMapped)?;
+            let req = Request {
+                vm_id,
+                name: h.name.clone().unwrap_or_default(),
+                labels: h.labels.clone(),
+                pid,
+                layout,
+                backing: kind_of(backing),
+                uffd: uffd_fd,
+                memory_fd,
+                source: None,
+                snapshot: None,
+                handshake: HandshakeKind::WsetV1,
+                adopted: false,
+            };
+            track(req, cfg, registry, offered).await
+        }
+    }
+}
+
+fn kind_of(b: Backing) -> BackingKind {
+    match b {
+        Backing::Anonymous => BackingKind::Anonymous,
+        Backing::Memfd => BackingKind::Shmem,
+        Backing::Hugetlbfs => BackingKind::Hugetlb,
+    }
+}
+
+fn check_uffd(fd: &OwnedFd) -> Result<(), IntakeError> {
+    if uffd::is_userfaultfd(fd.as_raw_fd()) {
+        Ok(())
+    } else {
+        Err(IntakeError::NotUffd(describe_fd(fd)))
+    }
+}
+
+/// Check the memory fd is a memfd covering every region; returns its inode.
+fn check_memfd(fd: &OwnedFd, layout: &Layout) -> Result<u64, IntakeError> {
+    let what = describe_fd(fd);
+    if !what.starts_with("/memfd:") {
+        return Err(IntakeError::NotMemfd(what));
+    }
+    let st = nix::sys::stat::fstat(fd).map_err(io::Error::from)?;
+    let size = st.st_size as u64;
+    for (index, r) in layout.regions.iter().enumerate() {
+        let end = r.file_offset + r.len;
+        if end > size {
+            return Err(IntakeError::MemfdTooSmall { size, index, end });
+        }
+    }
+    Ok(st.st_ino)
+}
+
+fn open_snapshot(path: &Path, layout: &Layout) -> Result<std::fs::File, IntakeError> {
+    let err = |reason: String| IntakeError::Snapshot {
+        path: path.display().to_string(),
+        reason,
+    };
+    let f = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let size = f.metadata().map_err(|e| err(e.to_string()))?.len();
+    let need = layout
+        .regions
+        .iter()
+        .map(|r| r.file_offset + r.len)
+        .max()
+        .unwrap_or(0);
+    if size < need {
+        return Err(err(format!(
+            "it is {size} bytes but the regions need {need}"
+        )));
+    }
+    Ok(f)
+}
+
+pub(crate) struct Request {
+    pub(crate) vm_id: String,
+    pub(crate) name: String,
+    pub(crate) labels: std::collections::BTreeMap<String, String>,
+    pub(crate) pid: i32,
+    pub(crate) layout: Layout,
+    pub(crate) backing: BackingKind,
+    pub(crate) uffd: OwnedFd,
+    pub(crate) memory_fd: Option<OwnedFd>,
+    pub(crate) source: Option<std::fs::File>,
+    /// Where `source` was opened from (kept so a restarted agent reopens it).
+    pub(crate) snapshot: Option<std::path::PathBuf>,
+    pub(crate) handshake: HandshakeKind,
+    /// Taken over from an earlier agent run: threads may wait on faults its
+    /// tracker read and never answered.
+    pub(crate) adopted: bool,
+}
+
+/// Choose methods, start the tracker, and add the VM to the registry.
+pub(crate) async fn track(
+    req: Request,
+    cfg: &Config,
+    registry: &Registry,
+    offered: u64,
+) -> Result<WsetReply, IntakeError> {
+    let uffd = Uffd::from_owned(req.uffd);
+    let features = uffd.features()?;
+    let granule = req.layout.page_size;
+    let granules = (req.layout.total_bytes() / granule) as u32;
+    let vmm_holds_uffd = uffd::process_holds(req.pid, uffd.as_raw_fd());
+    let p = plan::plan(PlanInput {
+        features,
+        offered,
+        rwp: cfg.rwp,
+        backing: req.backing,
+        access_mode: cfg.access_mode,
+        vmm_holds_uffd,
+        have_memory_fd: req.memory_fd.is_some(),
+        granules,
+        custody_granules: (cfg.custody_max_bytes / granule).min(u32::MAX as u64) as u32,
+        exact_dirty: cfg.exact_dirty,
+        evict_after: cfg.evict_cold_after,
+    });
+    let custody_dir = cfg.state_dir.join("custody");
+    std::fs::create_dir_all(&custody_dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", custody_dir.display())))?;
+    let custody_path = custody_dir.join(format!("{}.custody", req.vm_id));
+    if custody_path.exists() {
+        return Err(IntakeError::Io(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists from an earlier agent run and may hold guest pages; it is left untouched \
+                 (move it aside only once the VM it belongs to is gone)",
+                custody_path.display()
+            ),
+        )));
+    }
+    let record = adopt::Record {
+        vm_id: req.vm_id.clone(),
+        name: req.name.clone(),
+        labels: req.labels.clone(),
+        handshake: req.handshake.as_str().to_owned(),
+        vmm_pid: req.pid,
+        vmm_start_ticks: adopt::start_ticks(req.pid).unwrap_or(0),
+        backing: adopt::backing_name(req.backing).to_owned(),
+        page_size: req.layout.page_size,
+        regions: req
+            .layout
+            .regions
+            .iter()
+            .copied()
+            .map(adopt::RecordRegion::from)
+            .collect(),
+        memory: match &req.memory_fd {
+            Some(m) => {
+                let st = nix::sys::stat::fstat(m).map_err(io::Error::from)?;
+                Some((st.st_dev, st.st_ino))
+            }
+            None => None,
+        },
+        snapshot: req.snapshot.clone(),
+    };
+    let spec = TrackerSpec {
+        name: format!("wset-{}", req.vm_id),
+        uffd,
+        regions: req.layout.regions.clone(),
+        granule_bytes: granule,
+        plan: p.clone(),
+        memory_fd: req.memory_fd,
+        source: req.source,
+        pid: req.pid,
+        interval: cfg.interval,
+        cpu: registry.next_cpu(&cfg.cpus),
+        spin: cfg.spin,
+        custody_path: Some(custody_path),
+        custody_granules: (cfg.custody_max_bytes / granule).min(u32::MAX as u64) as u32,
+        seed: cfg.sample_seed.unwrap_or_else(|| now_ms() ^ req.pid as u64),
+        started_ms: now_ms(),
+        fault_budget: cfg.sample_fault_budget,
+        max_stride: cfg.max_rearm_stride(),
+        wake_waiters: req.adopted,
+    };
+    let handle = tokio::task::spawn_blocking(move || TrackerHandle::spawn(spec))
+        .await
+        .map_err(|e| io::Error::other(format!("tracker start panicked: {e}")))??;
+    if let Some(w) = handle.pin_warning() {
+        warn!(vm_id = %req.vm_id, "{w}");
+    }
+    let info = VmInfo {
+        vm_id: req.vm_id.clone(),
+        name: req.name,
+        labels: req.labels,
+        vmm_pid: req.pid as u32,
+        memory_bytes: req.layout.total_bytes(),
+        page_size: req.layout.page_size,
+        granule_bytes: granule,
+        handshake: req.handshake,
+        plan: p.clone(),
+    };
+    let methods: Vec<&str> = p
+        .methods()
+        .into_iter()
+        .map(wset_tracker::Method::name)
+        .collect();
+    let mut notes = p.notes.clone();
+    if req.backing == BackingKind::Anonymous {
+        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", req.pid)).unwrap_or_default();
+        let thp = handshake::thp_bytes(&smaps, &req.layout);
+        if thp > 0 && matches!(p.access, wset_tracker::Access::Rwp { .. }) {
+            notes.push(format!(
+                "{} MiB of guest memory is mapped with transparent huge pages; read/write-protect \
+                 mode protects and reports them per 2 MiB, so accesses and writes there count \
+                 whole huge pages",
+                thp >> 20
+            ));
+        } else if thp > 0 {
+            notes.push(format!(
+                "{} MiB of guest memory is mapped with transparent huge pages; the kernel splits \
+                 one when it is written, so writes are still tracked per 4 KiB",
+                thp >> 20
+            ));
+        }
+    }
+    if let Err((e, handle)) = registry.insert(info, handle) {
+        // Lost a race with a registration of the same id: undo ours.
+        tokio::task::spawn_blocking(move || handle.stop())
+            .await
+            .ok();
+        return Err(e.into());
+    }
+    // A restarted agent resumes from this (see `adopt`); without it the VM
+    // is still tracked now, so a failure is only logged.
+    if let Err(e) = adopt::save(&cfg.state_dir, &record) {
+        warn!(vm_id = %req.vm_id, error = %e, "could not record the VM for re-adoption after a restart");
+    }
+    info!(
+        vm_id = %req.vm_id,
+        memory_bytes = req.layout.total_bytes(),
+        methods = ?methods,
+        features = %feature::names(features),
+        notes = ?notes,
+        "VM registered"
+    );
+    Ok(WsetReply {
+        ok: true,
+        vm_id: Some(req.vm_id),
+        methods: methods.iter().map(|m| m.to_string()).collect(),
+        granule_bytes: Some(granule),
+        notes,
+        ..Default::default()
+    })
+}
