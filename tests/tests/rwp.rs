@@ -368,6 +368,12 @@ fn agent_sync_mode_classifies_every_read_and_write() {
         (100..=100 * (k + 1)).contains(&writes),
         "{writes} write faults in {k} intervals, expected 100 at most each"
     );
+    // Each pass reads 300 pages, then writes 100: three reads to a write,
+    // less at most the writes of a pass whose reads came before s1.
+    assert!(
+        3 * writes <= reads + 300,
+        "{reads} read faults for {writes} write faults: reads counted as writes?"
+    );
     let v = g.wait_event("verify", Duration::from_secs(120));
     assert_eq!(v["ok"], true, "memory damaged while tracked: {v}");
 }
