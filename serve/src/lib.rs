@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod cli;
 pub mod metrics;
 pub mod tls;
 
@@ -518,22 +519,23 @@ pub mod process {
 }
 
 /// The transport flags both servers take (flattened into each binary's
-/// arguments).
+/// arguments, which give each its environment variable: [`cli::parse`]).
 #[derive(Clone, Debug, clap::Args)]
 pub struct SecurityArgs {
     /// Serve gRPC over TLS with this PEM certificate (chain), reloaded when
     /// the file changes.
-    #[arg(long, env = "WSET_TLS_CERT", requires = "tls_key")]
+    #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
     /// The PEM private key of --tls-cert.
-    #[arg(long, env = "WSET_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
     /// Require client certificates signed by this PEM CA bundle (mutual TLS).
-    #[arg(long, env = "WSET_TLS_CLIENT_CA", requires = "tls_cert")]
+    #[arg(long, requires = "tls_cert")]
     pub tls_client_ca: Option<std::path::PathBuf>,
-    /// How often the certificate files are checked for changes, seconds.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
-    pub tls_reload_secs: u64,
+    /// How often the certificate files are checked for changes.
+    #[arg(long, value_name = "DURATION", default_value = "10s",
+          value_parser = cli::duration().at_least(Duration::from_secs(1)))]
+    pub tls_reload: Duration,
     /// Who may call what, IDENTITY=METHODS (repeatable): IDENTITY is a URI
     /// or DNS name in the client certificate's SANs or its common name (*
     /// for any client), METHODS is *, /package.Service/* or
@@ -543,7 +545,7 @@ pub struct SecurityArgs {
     #[arg(long = "authz", value_name = "IDENTITY=METHODS")]
     pub authz: Vec<authz::Rule>,
     /// Serve plaintext gRPC on a non-loopback address (a trusted network only).
-    #[arg(long, env = "WSET_INSECURE_PLAINTEXT")]
+    #[arg(long)]
     pub insecure_plaintext: bool,
 }
 
@@ -556,7 +558,7 @@ impl SecurityArgs {
                     .tls_key
                     .expect("clap requires --tls-key with --tls-cert"),
                 client_ca: self.tls_client_ca,
-                reload: Duration::from_secs(self.tls_reload_secs),
+                reload: self.tls_reload,
             }),
             authz: authz::Policy { rules: self.authz },
             insecure_plaintext: self.insecure_plaintext,
