@@ -1,11 +1,14 @@
-//! The agent's configuration, with embedded defaults that work on one machine
-//! with no flags at all.
+//! The agent's configuration: its flags (`Args`, each with an embedded
+//! default that works on one machine, and a `WSET_AGENT_*` environment
+//! variable) and the `Config` they make; `Config::default()` is what no
+//! flag at all gives.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use wset_serve::cli::{self, FlagError, Legacy};
 use wset_tracker::summary::SummaryConfig;
 use wset_tracker::{AccessMode, RwpMode};
 
@@ -34,6 +37,279 @@ impl std::str::FromStr for SocketConfig {
             snapshot,
         })
     }
+}
+
+/// The agent's flags. Every one has a default here and an environment
+/// variable `WSET_AGENT_<FLAG>` ([`wset_serve::cli::parse`]).
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "wset-agent",
+    version,
+    about = "Tracks VM guest memory working sets through userfaultfd"
+)]
+pub struct Args {
+    /// Socket VMMs connect to; PATH=SNAPSHOT_FILE serves Firecracker MISSING
+    /// faults on it from that memory file. Repeatable.
+    #[arg(
+        long = "socket",
+        value_delimiter = ',',
+        default_value = "/run/wset/agent.sock"
+    )]
+    sockets: Vec<SocketConfig>,
+    /// Socket mode, octal.
+    #[arg(long, default_value = "660", value_parser = parse_octal)]
+    socket_mode: u32,
+    /// gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    grpc_addr: SocketAddr,
+    /// Prometheus metrics address (GET /metrics), or "off".
+    #[arg(long, default_value = "127.0.0.1:7080", value_parser = wset_serve::metrics::parse_addr)]
+    metrics_addr: wset_serve::metrics::Addr,
+    /// State directory (custody files).
+    #[arg(long, default_value = "/var/lib/wset")]
+    state_dir: PathBuf,
+    // Five epochs fit in the shortest default window (10 s); a watched hot
+    // page faults once per interval, so the guest's cost halves from a 1 s
+    // interval at the same statistical error.
+    /// Tracking interval (one epoch), e.g. 2s or 250ms.
+    #[arg(long, value_name = "DURATION", default_value = "2s",
+          value_parser = cli::duration().at_least(Duration::from_millis(10)))]
+    interval: Duration,
+    /// CPUs for tracker threads, e.g. "2,3" [default: every CPU this process may use].
+    #[arg(long, value_delimiter = ',')]
+    cpus: Vec<usize>,
+    /// Extra peer uids allowed to register (root always is).
+    #[arg(long, value_delimiter = ',')]
+    allow_uid: Vec<u32>,
+    /// Only peers running in these cgroups (path prefixes, e.g.
+    /// /kubepods.slice; repeatable) may register [default: any cgroup].
+    #[arg(long, value_delimiter = ',')]
+    allow_cgroup: Vec<String>,
+    /// Group (name or gid) that owns the sockets; with --socket-mode it
+    /// decides who may connect at all [default: root's].
+    #[arg(long, value_parser = parse_group)]
+    socket_group: Option<u32>,
+    /// Registrations admitted per second across all sockets.
+    #[arg(long, default_value = "50",
+          value_parser = cli::f64_in((std::ops::Bound::Excluded(0.0), std::ops::Bound::Unbounded)))]
+    registration_rate: f64,
+    /// Registrations admitted at once after a quiet spell.
+    #[arg(long, default_value = "200", value_parser = clap::value_parser!(u32).range(1..))]
+    registration_burst: u32,
+    // 4096 granules: at most ±1.5% of guest memory at 95% confidence
+    // (1.96 * 0.5 / sqrt(4096)).
+    /// Read tracking on memfd guests: "off", "exhaustive", or a sample size in granules.
+    #[arg(long, default_value = "4096", value_parser = parse_access)]
+    access: AccessMode,
+    /// Read/write-protect mode (Linux 7.3+), used wherever a VMM's uffd has
+    /// UFFD_FEATURE_RWP: "async" (the kernel resolves accesses, harvested each
+    /// interval), "sync" (a fault message per first access: read/write detail)
+    /// or "off" (mainline methods only).
+    #[arg(long, default_value = "async", value_parser = parse_rwp)]
+    rwp: RwpMode,
+    /// Evict cold pages of RWP guests on memfd or hugetlbfs memory: a page
+    /// not accessed for this many intervals is saved to the VM's custody
+    /// file (under --state-dir) and its memory freed; its next access brings
+    /// it back. 0: never.
+    #[arg(long, default_value = "0")]
+    evict_cold_after: u32,
+    /// Working-set windows, comma-separated.
+    #[arg(long, value_name = "DURATION", value_delimiter = ',', default_value = "10s,1m,5m,30m",
+          value_parser = cli::duration().at_least(Duration::from_millis(1)).whole_millis())]
+    windows: Vec<Duration>,
+    /// Lower bounds of the idle-age histogram buckets, comma-separated (0s
+    /// is always one).
+    #[arg(long, value_name = "DURATION", value_delimiter = ',', default_value = "0s,10s,1m,5m,30m",
+          value_parser = cli::duration().whole_millis())]
+    age_buckets: Vec<Duration>,
+    /// Largest guest memory accepted, bytes (1099511627776: 1 TiB).
+    #[arg(long, default_value = "1099511627776", value_parser = clap::value_parser!(u64).range(1..))]
+    max_vm_bytes: u64,
+    /// Seed of the sample draws [default: a fresh one per VM]. A fixed seed
+    /// makes sampled estimates reproducible.
+    #[arg(long)]
+    sample_seed: Option<u64>,
+    /// Writes on sampled memfd guests: "sampled" (with reads, no extra
+    /// faults) or "exact" (every page, sync write-protect).
+    #[arg(long, default_value = "sampled", value_parser = ["sampled", "exact"])]
+    dirty: String,
+    /// How long a tracker busy-polls for its next fault before sleeping
+    /// (0: never). Spinning spares the guest the wake-up of a halted CPU per fault.
+    #[arg(long, value_name = "DURATION", default_value = "200us", value_parser = cli::duration())]
+    spin: Duration,
+    // Each fault a guest takes for a hot sampled page costs it a round trip
+    // through the agent (about 300 µs of guest time in this project's nested
+    // test VMs, tens of µs on bare metal), so 32/s keeps the worst case near
+    // 1% of one vCPU. Granules never accessed stay armed whatever the budget.
+    /// Sampled memfd guests: faults per second per VM the agent may cause by
+    /// re-confirming pages already known hot (0: every interval, no budget).
+    /// Pages not known hot are always watched; the summary states the stride.
+    #[arg(long, default_value = "32")]
+    sample_fault_budget: u32,
+    /// This host's name in summaries and host facts [default: the kernel's
+    /// hostname; set it to the Kubernetes node name in a DaemonSet].
+    #[arg(long)]
+    host_name: Option<String>,
+    /// Memory this host gives VMs, bytes [default: the total less a tenth,
+    /// at least 1 GiB]: the capacity the controller's planner fills.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    vm_capacity_bytes: Option<u64>,
+    /// Host labels KEY=VALUE, comma-separated; wset.io/maintenance=true asks
+    /// the controller to move every VM away.
+    #[arg(long = "host-label", value_delimiter = ',', value_parser = parse_label)]
+    host_labels: Vec<(String, String)>,
+    /// Summary streams (WatchSummaries) open at once; more are refused.
+    #[arg(long, default_value = "64",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_streams: usize,
+    #[command(flatten)]
+    security: wset_serve::SecurityArgs,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+/// The agent's spellings of the previous release, accepted for one more.
+const LEGACY: &[Legacy] = &[
+    Legacy::env("socket", "WSET_SOCKET"),
+    Legacy::env("grpc-addr", "WSET_GRPC_ADDR"),
+    Legacy::env("state-dir", "WSET_STATE_DIR"),
+    Legacy::renamed("interval", "interval-ms", "ms").was_env("WSET_INTERVAL_MS"),
+    Legacy::env("allow-cgroup", "WSET_ALLOW_CGROUP"),
+    Legacy::renamed("windows", "windows-ms", "ms"),
+    Legacy::renamed("age-buckets", "age-buckets-ms", "ms"),
+    Legacy::renamed("spin", "spin-us", "us"),
+    Legacy::env("host-name", "WSET_HOST_NAME"),
+    Legacy::env("vm-capacity-bytes", "WSET_VM_CAPACITY_BYTES"),
+];
+
+impl cli::Flags for Args {
+    const ENV_PREFIX: &'static str = "WSET_AGENT_";
+    const LEGACY: &'static [Legacy] = LEGACY;
+    type Config = Config;
+
+    fn log_json(&self) -> bool {
+        self.log_json
+    }
+
+    fn into_config(self) -> Result<Config, FlagError> {
+        let cpus = if self.cpus.is_empty() {
+            default_cpus()
+        } else {
+            let online = default_cpus();
+            if let Some(bad) = self.cpus.iter().find(|c| !online.contains(c)) {
+                return Err(FlagError::new(
+                    "--cpus",
+                    format!("CPU {bad} is not available to this process (available: {online:?})"),
+                ));
+            }
+            self.cpus
+        };
+        let host_name = match self.host_name {
+            Some(h) => {
+                crate::handshake::check_host_id(&h)
+                    .map_err(|e| FlagError::new("--host-name", e.to_string()))?;
+                h
+            }
+            None => hostname(),
+        };
+        let mut age_buckets_ms: Vec<u64> = self.age_buckets.iter().map(millis).collect();
+        age_buckets_ms.push(0);
+        age_buckets_ms.sort_unstable();
+        age_buckets_ms.dedup();
+        let mut allowed_uids = vec![0];
+        allowed_uids.extend(self.allow_uid);
+        Ok(Config {
+            sockets: self.sockets,
+            socket_mode: self.socket_mode,
+            grpc_addr: self.grpc_addr,
+            metrics_addr: self.metrics_addr.0,
+            state_dir: self.state_dir,
+            interval: self.interval,
+            cpus,
+            allowed_uids,
+            allowed_cgroups: self.allow_cgroup,
+            socket_group: self.socket_group,
+            registration_rate: self.registration_rate,
+            registration_burst: self.registration_burst,
+            max_pending_handshakes: 64,
+            access_mode: self.access,
+            rwp: self.rwp,
+            evict_cold_after: self.evict_cold_after,
+            custody_max_bytes: 16 << 30,
+            max_vm_bytes: self.max_vm_bytes,
+            retired_ttl: Duration::from_secs(600),
+            summary: SummaryConfig {
+                windows_ms: self.windows.iter().map(millis).collect(),
+                age_buckets_ms,
+                ..SummaryConfig::default()
+            },
+            host_name,
+            sample_seed: self.sample_seed,
+            exact_dirty: self.dirty == "exact",
+            spin: self.spin,
+            sample_fault_budget: self.sample_fault_budget,
+            max_streams: self.max_streams,
+            grpc_limits: wset_serve::ServerLimits::default(),
+            grpc_security: self.security.security(),
+            vm_capacity_bytes: self.vm_capacity_bytes,
+            host_labels: self.host_labels.into_iter().collect(),
+        })
+    }
+}
+
+/// Whole milliseconds of a duration the flag parser checked is whole.
+fn millis(d: &Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+fn parse_group(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.parse() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(s) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(format!("no group named {s:?}")),
+        Err(e) => Err(format!("look up group {s:?}: {e}")),
+    }
+}
+
+fn parse_octal(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8).map_err(|e| format!("{s:?} is not an octal mode: {e}"))
+}
+
+fn parse_access(s: &str) -> Result<AccessMode, String> {
+    match s {
+        "off" => Ok(AccessMode::Off),
+        "exhaustive" => Ok(AccessMode::Exhaustive),
+        n => n
+            .parse::<u32>()
+            .ok()
+            .filter(|&g| g > 0)
+            .map(|granules| AccessMode::Sampled { granules })
+            .ok_or_else(|| format!("{s:?}: expected off, exhaustive, or a positive sample size")),
+    }
+}
+
+fn parse_rwp(s: &str) -> Result<RwpMode, String> {
+    match s {
+        "async" => Ok(RwpMode::Async),
+        "sync" => Ok(RwpMode::Sync),
+        "off" => Ok(RwpMode::Off),
+        _ => Err(format!("{s:?}: expected async, sync or off")),
+    }
+}
+
+fn parse_label(l: &str) -> Result<(String, String), String> {
+    let (k, v) = l
+        .split_once('=')
+        .ok_or_else(|| format!("{l:?}: expected KEY=VALUE"))?;
+    if k.is_empty() || k.len() > 253 || v.len() > 253 {
+        return Err(format!(
+            "{l:?}: keys are 1 to 253 characters, values at most 253"
+        ));
+    }
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 #[derive(Clone, Debug)]
@@ -103,52 +379,12 @@ pub struct Config {
 }
 
 impl Default for Config {
+    /// What the agent runs with when given no flag (and no environment
+    /// variable): the flags' defaults.
     fn default() -> Self {
-        Self {
-            sockets: vec![SocketConfig {
-                path: "/run/wset/agent.sock".into(),
-                snapshot: None,
-            }],
-            socket_mode: 0o660,
-            grpc_addr: "127.0.0.1:7070".parse().expect("static address"),
-            metrics_addr: Some("127.0.0.1:7080".parse().expect("static address")),
-            state_dir: "/var/lib/wset".into(),
-            interval: Duration::from_millis(DEFAULT_INTERVAL_MS),
-            cpus: default_cpus(),
-            allowed_uids: vec![0],
-            allowed_cgroups: Vec::new(),
-            socket_group: None,
-            registration_rate: 50.0,
-            registration_burst: 200,
-            max_pending_handshakes: 64,
-            access_mode: AccessMode::Sampled {
-                granules: DEFAULT_SAMPLE_GRANULES,
-            },
-            rwp: RwpMode::Async,
-            evict_cold_after: 0,
-            custody_max_bytes: 16 << 30,
-            max_vm_bytes: 1 << 40,
-            retired_ttl: Duration::from_secs(600),
-            summary: SummaryConfig::default(),
-            host_name: hostname(),
-            sample_seed: None,
-            exact_dirty: false,
-            spin: Duration::from_micros(DEFAULT_SPIN_US),
-            sample_fault_budget: DEFAULT_SAMPLE_FAULT_BUDGET,
-            max_streams: 64,
-            grpc_limits: wset_serve::ServerLimits::default(),
-            grpc_security: wset_serve::Security::default(),
-            vm_capacity_bytes: None,
-            host_labels: BTreeMap::new(),
-        }
+        cli::defaults::<Args>()
     }
 }
-
-/// Default tracking interval (one epoch), milliseconds. Five epochs fit in
-/// the shortest default window (10 s); a watched hot page faults once per
-/// interval, so the guest's cost halves from a 1 s interval at the same
-/// statistical error.
-pub const DEFAULT_INTERVAL_MS: u64 = 2000;
 
 impl Config {
     /// Longest gap, in intervals, between two re-arms of a hot sampled
@@ -168,20 +404,6 @@ impl Config {
             .clamp(1, u32::MAX as u64) as u32
     }
 }
-
-/// Default fault budget of a sampled memfd guest, faults per second: each
-/// fault a guest takes for a hot sampled page costs it a round trip through
-/// the agent (about 300 µs of guest time in this project's nested test VMs,
-/// tens of µs on bare metal), so 32/s keeps the worst case near 1% of one
-/// vCPU. Granules never accessed stay armed whatever the budget.
-pub const DEFAULT_SAMPLE_FAULT_BUDGET: u32 = 32;
-
-/// Default busy-poll window of a tracker after each event, microseconds.
-pub const DEFAULT_SPIN_US: u64 = 200;
-
-/// Default sample size (granules) for shmem read tracking: at most ±1.5% of
-/// guest memory at 95% confidence (1.96 * 0.5 / sqrt(4096)).
-pub const DEFAULT_SAMPLE_GRANULES: u32 = 4096;
 
 /// Every CPU this process may run on.
 pub fn default_cpus() -> Vec<usize> {
@@ -219,6 +441,93 @@ mod tests {
         );
         assert!("/run/a.sock=".parse::<SocketConfig>().is_err());
         assert!("".parse::<SocketConfig>().is_err());
+    }
+
+    use wset_serve::cli::parse_args;
+
+    #[test]
+    fn default_is_what_no_flag_gives() {
+        cli::check_defaults::<Args>().unwrap();
+        let none = parse_args::<Args>(&[]).unwrap();
+        assert!(!none.log_json);
+        // The tracker's own defaults agree with the flags'.
+        let tracker = SummaryConfig::default();
+        assert_eq!(none.config.summary.windows_ms, tracker.windows_ms);
+        assert_eq!(none.config.summary.age_buckets_ms, tracker.age_buckets_ms);
+    }
+
+    #[test]
+    fn every_flag_has_a_variable_and_durations_print_as_given() {
+        let help = cli::long_help::<Args>();
+        for v in [
+            "WSET_AGENT_SOCKET",
+            "WSET_AGENT_GRPC_ADDR",
+            "WSET_AGENT_METRICS_ADDR",
+            "WSET_AGENT_INTERVAL",
+            "WSET_AGENT_LOG_JSON",
+            "WSET_AGENT_TLS_CERT",
+            "WSET_AGENT_TLS_RELOAD",
+            "WSET_AGENT_INSECURE_PLAINTEXT",
+            "[default: 2s]",
+            "[default: 200us]",
+            "[default: 10s,1m,5m,30m]",
+        ] {
+            assert!(help.contains(v), "{v} missing from:\n{help}");
+        }
+    }
+
+    #[test]
+    fn old_spellings_give_the_same_config() {
+        let new = parse_args::<Args>(&[
+            "--interval=250ms",
+            "--windows=1s,3s",
+            "--age-buckets=5s",
+            "--spin=50us",
+            "--tls-reload=5s",
+        ])
+        .unwrap();
+        let old = parse_args::<Args>(&[
+            "--interval-ms",
+            "250",
+            "--windows-ms=1000,3000",
+            "--age-buckets-ms",
+            "5000",
+            "--spin-us",
+            "50",
+            "--tls-reload-secs",
+            "5",
+        ])
+        .unwrap();
+        cli::same(&new.config, &old.config).unwrap();
+        assert_eq!(new.config.interval, Duration::from_millis(250));
+        assert_eq!(new.config.summary.windows_ms, [1000, 3000]);
+        assert_eq!(new.config.summary.age_buckets_ms, [0, 5000]);
+        assert!(new.deprecated.is_empty());
+        assert_eq!(old.deprecated.len(), 5, "{:?}", old.deprecated);
+        assert!(
+            old.deprecated[0].contains("--interval-ms")
+                && old.deprecated[0].contains("--interval 250ms")
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_the_flag() {
+        for (args, want) in [
+            (&["--interval", "5ms"][..], "--interval"),
+            (&["--interval", "250"], "--interval"),
+            (&["--interval-ms", "5"], "--interval"),
+            (&["--windows", "0s"], "--windows"),
+            (&["--registration-rate", "0"], "--registration-rate"),
+            (&["--registration-burst", "0"], "--registration-burst"),
+            (&["--max-streams", "0"], "--max-streams"),
+            (&["--host-label", "nolabel"], "--host-label"),
+            (&["--host-name", "bad name"], "--host-name"),
+            (&["--cpus", "100000"], "--cpus"),
+            (&["--access", "0"], "--access"),
+        ] {
+            let e = parse_args::<Args>(args).map(|_| ()).unwrap_err();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
     }
 
     #[test]

@@ -1,11 +1,237 @@
-//! The controller's configuration, with embedded defaults that work on one
-//! machine with no flags at all (an agent on 127.0.0.1:7070).
+//! The controller's configuration: its flags (`Args`, each with an
+//! embedded default that works on one machine, with an agent on
+//! 127.0.0.1:7070, and a `WSET_CONTROLLER_*` environment variable) and the
+//! `Config` they make; `Config::default()` is what no flag at all gives.
 
 use std::net::SocketAddr;
+use std::ops::Bound;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::ArgPredicate;
+use wset_serve::cli::{self, FlagError, Legacy, duration, f64_in};
+
 use crate::history::Level;
+
+/// The controller's flags. Every one has a default here and an environment
+/// variable `WSET_CONTROLLER_<FLAG>` ([`wset_serve::cli::parse`]).
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "wset-controller",
+    version,
+    about = "Collects wset agents' working-set summaries into history and serves it"
+)]
+pub struct Args {
+    /// gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:7071")]
+    grpc_addr: SocketAddr,
+    /// Prometheus metrics address (GET /metrics), or "off".
+    #[arg(long, default_value = "127.0.0.1:7081", value_parser = wset_serve::metrics::parse_addr)]
+    metrics_addr: wset_serve::metrics::Addr,
+    /// Directory of the history store.
+    #[arg(long, default_value = "/var/lib/wset/controller")]
+    data_dir: PathBuf,
+    /// Agent endpoints HOST:PORT, comma-separated (none by default when
+    /// --agents-dns is given).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7070",
+        default_value_if("agents_dns", ArgPredicate::IsPresent, None)
+    )]
+    agents: Vec<String>,
+    /// NAME:PORT whose every DNS address is an agent (a headless Service),
+    /// re-resolved every --dns-refresh.
+    #[arg(long, value_parser = parse_dns_name)]
+    agents_dns: Option<String>,
+    /// How often --agents-dns is resolved again.
+    #[arg(long, value_name = "DURATION", default_value = "30s",
+          value_parser = duration().at_least(Duration::from_secs(1)))]
+    dns_refresh: Duration,
+    /// One summary per VM per this period is asked of each agent.
+    #[arg(long, value_name = "DURATION", default_value = "10s",
+          value_parser = duration().at_least(Duration::from_millis(1)).whole_millis())]
+    sample_interval: Duration,
+    /// Stored series: raw=RETENTION, then BUCKET=RETENTION per rollup.
+    #[arg(long, default_value = DEFAULT_RETENTION)]
+    retention: Retention,
+    /// How often received data is flushed to disk (what a crash can lose).
+    #[arg(long, value_name = "DURATION", default_value = "1s",
+          value_parser = duration().at_least(Duration::from_millis(10)))]
+    flush_interval: Duration,
+    /// How often rollups and retention run.
+    #[arg(long, value_name = "DURATION", default_value = "1m",
+          value_parser = duration().at_least(Duration::from_millis(100)))]
+    maintain_interval: Duration,
+    /// Drop and re-dial an agent stream with no batch for this long
+    /// [default: 6 x --sample-interval, at least 30s].
+    #[arg(long, value_name = "DURATION",
+          value_parser = duration().at_least(Duration::from_millis(1)))]
+    stall_timeout: Option<Duration>,
+    /// Longest wait between reconnection attempts (the first waits 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "30s",
+          value_parser = duration().at_least(BACKOFF_MIN))]
+    backoff_max: Duration,
+    /// How often the planner runs on fresh history.
+    #[arg(long, value_name = "DURATION", default_value = "30s",
+          value_parser = duration().at_least(Duration::from_millis(100)))]
+    plan_interval: Duration,
+    /// Allowed probability that a host's summed working-set demand exceeds
+    /// the memory it gives VMs.
+    #[arg(long, default_value = "0.01",
+          value_parser = f64_in((Bound::Excluded(0.0), Bound::Excluded(0.5))))]
+    risk: f64,
+    /// How far ahead demand is predicted.
+    #[arg(long, value_name = "DURATION", default_value = "1h",
+          value_parser = duration().whole_millis())]
+    horizon: Duration,
+    /// How much history each plan reads.
+    #[arg(long, value_name = "DURATION", default_value = "1h",
+          value_parser = duration().at_least(Duration::from_millis(1)).whole_millis())]
+    lookback: Duration,
+    /// Keep each host's demand at risk under this share of its VM capacity.
+    #[arg(long, default_value = "0.85",
+          value_parser = f64_in((Bound::Excluded(0.0), Bound::Included(1.0))))]
+    high_watermark: f64,
+    /// Empty hosts whose demand at risk is under this share of capacity when
+    /// all their VMs fit elsewhere (0: never; below --high-watermark).
+    #[arg(long, default_value = "0", value_parser = f64_in(0.0..1.0))]
+    consolidate_below: f64,
+    /// Bandwidth a live migration may use, Gbit/s.
+    #[arg(long, default_value = "10",
+          value_parser = f64_in((Bound::Excluded(0.0), Bound::Unbounded)))]
+    link_gbps: f64,
+    /// A VM moved less than this long ago is not moved again.
+    #[arg(long, value_name = "DURATION", default_value = "30m",
+          value_parser = duration().whole_millis())]
+    hysteresis: Duration,
+    /// Migrations in and out of one host at once.
+    #[arg(long, default_value = "2", value_parser = clap::value_parser!(u32).range(1..))]
+    max_moves_per_host: u32,
+    /// Memory idle this long counts as reclaimable.
+    #[arg(long, value_name = "DURATION", default_value = "5m",
+          value_parser = duration().whole_millis())]
+    cold_age: Duration,
+    /// sled page cache, MiB.
+    #[arg(long, default_value = "256",
+          value_parser = clap::value_parser!(u64).range(..=(u64::MAX >> 20)))]
+    cache_mib: u64,
+    #[command(flatten)]
+    security: wset_serve::SecurityArgs,
+    /// Dial agents over TLS, trusting this PEM CA bundle for their
+    /// certificates (re-read at every connection, so rotations apply).
+    #[arg(long)]
+    agent_tls_ca: Option<PathBuf>,
+    /// The controller's client certificate towards agents (mutual TLS).
+    #[arg(long, requires_all = ["agent_tls_key", "agent_tls_ca"])]
+    agent_tls_cert: Option<PathBuf>,
+    /// The PEM private key of --agent-tls-cert.
+    #[arg(long, requires = "agent_tls_cert")]
+    agent_tls_key: Option<PathBuf>,
+    /// The name agents' certificates carry [default: the --agents-dns name,
+    /// else the host of each endpoint].
+    #[arg(long, requires = "agent_tls_ca")]
+    agent_tls_server_name: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+/// The controller's spellings of the previous release, accepted for one more.
+const LEGACY: &[Legacy] = &[
+    Legacy::env("grpc-addr", "WSET_CONTROLLER_ADDR"),
+    Legacy::env("data-dir", "WSET_DATA_DIR"),
+    Legacy::env("agents", "WSET_AGENTS"),
+    Legacy::env("agents-dns", "WSET_AGENTS_DNS"),
+    Legacy::env("agent-tls-ca", "WSET_AGENT_TLS_CA"),
+    Legacy::env("agent-tls-cert", "WSET_AGENT_TLS_CERT"),
+    Legacy::env("agent-tls-key", "WSET_AGENT_TLS_KEY"),
+    Legacy::env("agent-tls-server-name", "WSET_AGENT_TLS_SERVER_NAME"),
+];
+
+/// The first wait before re-dialling an agent.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+
+impl cli::Flags for Args {
+    const ENV_PREFIX: &'static str = "WSET_CONTROLLER_";
+    const LEGACY: &'static [Legacy] = LEGACY;
+    type Config = Config;
+
+    fn log_json(&self) -> bool {
+        self.log_json
+    }
+
+    fn into_config(self) -> Result<Config, FlagError> {
+        if self.consolidate_below >= self.high_watermark {
+            return Err(FlagError::new(
+                "--consolidate-below",
+                format!(
+                    "{} must be below --high-watermark ({})",
+                    self.consolidate_below, self.high_watermark
+                ),
+            ));
+        }
+        let ms = |d: Duration| d.as_millis() as u64;
+        let dns_name = self
+            .agents_dns
+            .as_deref()
+            .and_then(|d| d.rsplit_once(':'))
+            .map(|(name, _)| name.to_owned());
+        Ok(Config {
+            grpc_addr: self.grpc_addr,
+            metrics_addr: self.metrics_addr.0,
+            data_dir: self.data_dir,
+            agents: self.agents,
+            agents_dns: self.agents_dns,
+            dns_refresh: self.dns_refresh,
+            sample_interval: self.sample_interval,
+            levels: self.retention.0,
+            flush_interval: self.flush_interval,
+            maintain_interval: self.maintain_interval,
+            stall_timeout: self
+                .stall_timeout
+                .unwrap_or_else(|| (self.sample_interval * 6).max(Duration::from_secs(30))),
+            backoff_min: BACKOFF_MIN,
+            backoff_max: self.backoff_max,
+            max_batch_bytes: 64 << 20,
+            cache_bytes: self.cache_mib << 20,
+            max_query_span: Duration::from_millis(400 * DAY_MS),
+            grpc_limits: wset_serve::ServerLimits::default(),
+            grpc_security: self.security.security(),
+            agent_tls: self.agent_tls_ca.map(|ca| wset_serve::tls::ClientTls {
+                ca,
+                cert: self.agent_tls_cert,
+                key: self.agent_tls_key,
+                server_name: self.agent_tls_server_name.or(dns_name),
+            }),
+            plan_interval: self.plan_interval,
+            planner: crate::planner::Config {
+                risk: self.risk,
+                horizon_ms: ms(self.horizon),
+                lookback_ms: ms(self.lookback),
+                high_watermark: self.high_watermark,
+                consolidate_below: self.consolidate_below,
+                link_bytes_per_s: self.link_gbps * 1e9 / 8.0,
+                hysteresis_ms: ms(self.hysteresis),
+                max_moves_per_host: self.max_moves_per_host,
+                cold_age_ms: ms(self.cold_age),
+                ..Default::default()
+            },
+        })
+    }
+}
+
+fn parse_dns_name(d: &str) -> Result<String, String> {
+    if d.rsplit_once(':')
+        .is_some_and(|(n, p)| !n.is_empty() && p.parse::<u16>().is_ok())
+    {
+        Ok(d.to_owned())
+    } else {
+        Err(format!(
+            "{d:?}: expected NAME:PORT, e.g. wset-agent.wset.svc.cluster.local:7070"
+        ))
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -53,70 +279,38 @@ pub const DAY_MS: u64 = 86_400_000;
 
 /// Raw samples for a day, one-minute rollups for two weeks, hourly ones for
 /// 400 days.
+pub const DEFAULT_RETENTION: &str = "raw=1d,1m=14d,1h=400d";
+
+/// The series [`DEFAULT_RETENTION`] keeps.
 pub fn default_levels() -> Vec<Level> {
-    vec![
-        Level {
-            bucket_ms: 0,
-            retention_ms: DAY_MS,
-        },
-        Level {
-            bucket_ms: 60_000,
-            retention_ms: 14 * DAY_MS,
-        },
-        Level {
-            bucket_ms: 3_600_000,
-            retention_ms: 400 * DAY_MS,
-        },
-    ]
+    parse_retention(DEFAULT_RETENTION).expect("the default retention parses")
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            grpc_addr: "127.0.0.1:7071".parse().expect("static address"),
-            metrics_addr: Some("127.0.0.1:7081".parse().expect("static address")),
-            data_dir: "/var/lib/wset/controller".into(),
-            agents: vec!["127.0.0.1:7070".into()],
-            agents_dns: None,
-            dns_refresh: Duration::from_secs(30),
-            sample_interval: Duration::from_secs(10),
-            levels: default_levels(),
-            flush_interval: Duration::from_secs(1),
-            maintain_interval: Duration::from_secs(60),
-            stall_timeout: Duration::from_secs(60),
-            backoff_min: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(30),
-            max_batch_bytes: 64 << 20,
-            cache_bytes: 256 << 20,
-            max_query_span: Duration::from_millis(400 * DAY_MS),
-            grpc_limits: wset_serve::ServerLimits::default(),
-            grpc_security: wset_serve::Security::default(),
-            agent_tls: None,
-            plan_interval: Duration::from_secs(30),
-            planner: crate::planner::Config::default(),
-        }
+/// The `--retention` flag's value: the stored series.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retention(pub Vec<Level>);
+
+impl std::str::FromStr for Retention {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_retention(s).map(Self)
     }
 }
 
-/// Parse a duration: `500ms`, `10s`, `5m`, `24h`, `14d`, or bare milliseconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number with ms, s, m, h or d"))?;
-    let ms = match unit {
-        "" | "ms" => 1,
-        "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => DAY_MS,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
-    };
-    n.checked_mul(ms)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("{s:?} is too long"))
+impl Default for Config {
+    /// What the controller runs with when given no flag (and no
+    /// environment variable): the flags' defaults.
+    fn default() -> Self {
+        cli::defaults::<Args>()
+    }
+}
+
+/// Whole milliseconds of a duration in the flags' syntax.
+fn parse_millis(s: &str) -> Result<u64, String> {
+    duration()
+        .whole_millis()
+        .check(s)
+        .map(|d| d.as_millis() as u64)
 }
 
 /// Parse `raw=1d,1m=14d,1h=400d`: the raw retention, then each rollup's
@@ -136,9 +330,9 @@ pub fn parse_retention(s: &str) -> Result<Vec<Level>, String> {
             }
             0
         } else {
-            parse_duration(b)?.as_millis() as u64
+            parse_millis(b)?
         };
-        let retention_ms = parse_duration(r)?.as_millis() as u64;
+        let retention_ms = parse_millis(r)?;
         if retention_ms == 0 {
             return Err(format!("{part:?}: retention must be positive"));
         }
@@ -171,13 +365,107 @@ pub fn parse_retention(s: &str) -> Result<Vec<Level>, String> {
 mod tests {
     use super::*;
 
+    use wset_serve::cli::parse_args;
+
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
-        assert!(parse_duration("10x").is_err());
-        assert!(parse_duration("s").is_err());
+    fn default_is_what_no_flag_gives() {
+        cli::check_defaults::<Args>().unwrap();
+        let none = parse_args::<Args>(&[]).unwrap();
+        assert!(!none.log_json);
+        let c = none.config;
+        assert_eq!(c.agents, ["127.0.0.1:7070"]);
+        assert_eq!(c.levels, default_levels());
+        assert_eq!(c.stall_timeout, Duration::from_secs(60));
+        // The planner's own defaults agree with the flags'.
+        assert_eq!(
+            format!("{:?}", c.planner),
+            format!("{:?}", crate::planner::Config::default())
+        );
+    }
+
+    #[test]
+    fn every_flag_has_a_variable_and_durations_print_as_given() {
+        let help = cli::long_help::<Args>();
+        for v in [
+            "WSET_CONTROLLER_GRPC_ADDR",
+            "WSET_CONTROLLER_METRICS_ADDR",
+            "WSET_CONTROLLER_AGENTS_DNS",
+            "WSET_CONTROLLER_SAMPLE_INTERVAL",
+            "WSET_CONTROLLER_LOG_JSON",
+            "WSET_CONTROLLER_TLS_CERT",
+            "WSET_CONTROLLER_TLS_RELOAD",
+            "WSET_CONTROLLER_AGENT_TLS_CA",
+            "WSET_CONTROLLER_INSECURE_PLAINTEXT",
+            "[default: 10s]",
+            "[default: 30m]",
+            "[default: raw=1d,1m=14d,1h=400d]",
+        ] {
+            assert!(help.contains(v), "{v} missing from:\n{help}");
+        }
+    }
+
+    #[test]
+    fn agents_dns_replaces_the_default_agent() {
+        let c = parse_args::<Args>(&["--agents-dns", "agents.example:7070"])
+            .unwrap()
+            .config;
+        assert!(c.agents.is_empty());
+        assert_eq!(c.agents_dns.as_deref(), Some("agents.example:7070"));
+        let c = parse_args::<Args>(&["--agents-dns", "a:1", "--agents", "b:2"])
+            .unwrap()
+            .config;
+        assert_eq!(c.agents, ["b:2"]);
+        let c = parse_args::<Args>(&["--agents-dns", "a:1", "--agent-tls-ca", "/ca.pem"])
+            .unwrap()
+            .config;
+        assert_eq!(c.agent_tls.unwrap().server_name.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn old_spellings_give_the_same_config() {
+        let new = parse_args::<Args>(&["--tls-reload", "5s"]).unwrap();
+        let old = parse_args::<Args>(&["--tls-reload-secs=5"]).unwrap();
+        cli::same(&new.config, &old.config).unwrap();
+        assert_eq!(
+            old.deprecated,
+            [
+                "--tls-reload-secs is deprecated and goes away in the next release: write --tls-reload 5s"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_the_flag() {
+        // Each of these was silently raised to its floor before.
+        for (args, want) in [
+            (&["--dns-refresh", "500ms"][..], "--dns-refresh"),
+            (&["--flush-interval", "1ms"], "--flush-interval"),
+            (&["--maintain-interval", "10ms"], "--maintain-interval"),
+            (&["--backoff-max", "100ms"], "--backoff-max"),
+            (&["--plan-interval", "10ms"], "--plan-interval"),
+            (&["--lookback", "0s"], "--lookback"),
+            (&["--sample-interval", "0s"], "--sample-interval"),
+            (&["--sample-interval", "10"], "--sample-interval"),
+            (&["--horizon", "1500us"], "--horizon"),
+            (&["--risk", "0.5"], "--risk"),
+            (&["--high-watermark", "1.1"], "--high-watermark"),
+            (&["--consolidate-below", "0.9"], "--consolidate-below"),
+            (&["--link-gbps", "0"], "--link-gbps"),
+            (&["--max-moves-per-host", "0"], "--max-moves-per-host"),
+            (&["--agents-dns", "nameonly"], "--agents-dns"),
+            (&["--retention", "raw=1d,1m"], "--retention"),
+        ] {
+            let e = parse_args::<Args>(args).map(|_| ()).unwrap_err();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+        let e = parse_args::<Args>(&["--dns-refresh", "500ms"])
+            .map(|_| ())
+            .unwrap_err();
+        assert!(e.contains("at least 1s"), "{e}");
+        let e = parse_args::<Args>(&["--consolidate-below", "0.9"])
+            .map(|_| ())
+            .unwrap_err();
+        assert!(e.contains("must be below --high-watermark (0.85)"), "{e}");
     }
 
     #[test]

@@ -7,16 +7,91 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod cli;
 pub mod metrics;
 pub mod tls;
 
 use std::future::Future;
 use std::time::Duration;
 
-use anyhow::Context;
 use tonic::service::Routes;
 use tonic::transport::Server;
 use tracing::{info, warn};
+
+/// Why a gRPC server could not be set up or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("build the reflection service ({version})")]
+    Reflection {
+        version: &'static str,
+        #[source]
+        source: tonic_reflection::server::Error,
+    },
+    #[error(transparent)]
+    Security(#[from] SecurityError),
+    #[error("{what} TLS")]
+    Tls {
+        what: &'static str,
+        #[source]
+        source: tls::TlsError,
+    },
+    #[error("bind the {what} gRPC address {addr}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listener address")]
+    LocalAddr(#[source] std::io::Error),
+    #[error("{what} gRPC server on {addr}")]
+    Server {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("{what} gRPC server task")]
+    Task {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+/// A transport configuration that would expose a server unknowingly;
+/// `what` names the server.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    #[error(
+        "{what}: refusing plaintext gRPC on {addr}, which is not a loopback address: \
+         give --tls-cert and --tls-key (and --tls-client-ca for mutual TLS), or \
+         --insecure-plaintext on a network you trust"
+    )]
+    PlaintextOffLoopback {
+        what: String,
+        addr: std::net::SocketAddr,
+    },
+    #[error("{what}: --authz rules match client certificates: give --tls-client-ca too")]
+    AuthzWithoutClientCa { what: String },
+    #[error(
+        "{what}: --authz rules match client certificates: give --tls-cert, --tls-key \
+         and --tls-client-ca"
+    )]
+    AuthzWithoutTls { what: String },
+}
+
+/// `e` and every error under it, joined by `: ` (as `main` prints them).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
 
 /// Limits every wset gRPC server applies.
 #[derive(Clone, Debug)]
@@ -62,7 +137,7 @@ pub type ProbeHealth =
 pub async fn with_standard_services(
     routes: Routes,
     services: &[&str],
-) -> anyhow::Result<(Routes, tonic_health::server::HealthReporter, ProbeHealth)> {
+) -> Result<(Routes, tonic_health::server::HealthReporter, ProbeHealth), ServeError> {
     let reporter = tonic_health::server::HealthReporter::new();
     let health = tonic_health::pb::health_server::HealthServer::new(
         tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
@@ -78,10 +153,16 @@ pub async fn with_standard_services(
     };
     let v1 = reflection(tonic_reflection::server::Builder::configure())
         .build_v1()
-        .context("build reflection service (v1)")?;
+        .map_err(|source| ServeError::Reflection {
+            version: "v1",
+            source,
+        })?;
     let v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
-        .context("build reflection service (v1alpha)")?;
+        .map_err(|source| ServeError::Reflection {
+            version: "v1alpha",
+            source,
+        })?;
     let probe = health.clone();
     Ok((
         routes
@@ -107,20 +188,16 @@ pub struct Security {
 
 impl Security {
     /// Refuse configurations that would expose a server unknowingly.
-    pub fn check(&self, what: &str, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    pub fn check(&self, what: &str, addr: std::net::SocketAddr) -> Result<(), SecurityError> {
+        let what = what.to_owned();
         match &self.tls {
-            None if !addr.ip().is_loopback() && !self.insecure_plaintext => anyhow::bail!(
-                "{what}: refusing plaintext gRPC on {addr}, which is not a loopback address: \
-                 give --tls-cert and --tls-key (and --tls-client-ca for mutual TLS), or \
-                 --insecure-plaintext on a network you trust"
-            ),
-            Some(t) if t.client_ca.is_none() && !self.authz.is_open() => anyhow::bail!(
-                "{what}: --authz rules match client certificates: give --tls-client-ca too"
-            ),
-            None if !self.authz.is_open() => anyhow::bail!(
-                "{what}: --authz rules match client certificates: give --tls-cert, --tls-key \
-                 and --tls-client-ca"
-            ),
+            None if !addr.ip().is_loopback() && !self.insecure_plaintext => {
+                Err(SecurityError::PlaintextOffLoopback { what, addr })
+            }
+            Some(t) if t.client_ca.is_none() && !self.authz.is_open() => {
+                Err(SecurityError::AuthzWithoutClientCa { what })
+            }
+            None if !self.authz.is_open() => Err(SecurityError::AuthzWithoutTls { what }),
             _ => Ok(()),
         }
     }
@@ -136,15 +213,18 @@ pub async fn spawn(
     limits: ServerLimits,
     security: Security,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+) -> Result<tokio::task::JoinHandle<Result<(), ServeError>>, ServeError> {
     security.check(what, addr)?;
     let tls = match &security.tls {
-        Some(t) => Some(tls::Reloading::start(what, t.clone(), stop.clone())?),
+        Some(t) => Some(
+            tls::Reloading::start(what, t.clone(), stop.clone())
+                .map_err(|source| ServeError::Tls { what, source })?,
+        ),
         None => None,
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("bind the {what} gRPC address {addr}"))?;
+        .map_err(|source| ServeError::Bind { what, addr, source })?;
     if security.tls.is_some() && security.authz.is_open() {
         warn!(
             "{what}: no --authz rules: every client whose certificate the client CA signed may call every method"
@@ -178,8 +258,9 @@ pub async fn serve(
     tls: Option<tls::Reloading>,
     authz: authz::Policy,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let addr = listener.local_addr().context("listener address")?;
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
+    let failed = |source| ServeError::Server { what, addr, source };
     let scheme = match (&tls, authz.is_open()) {
         (None, _) => "plaintext",
         (Some(_), true) => "TLS",
@@ -224,8 +305,7 @@ pub async fn serve(
     let mut server = tokio::spawn(server);
     tokio::select! {
         r = &mut server => {
-            return r.with_context(|| format!("{what} gRPC server task"))?
-                .with_context(|| format!("{what} gRPC server on {addr}"));
+            return r.map_err(|source| ServeError::Task { what, source })?.map_err(failed);
         }
         () = shutdown => {}
     }
@@ -233,7 +313,7 @@ pub async fn serve(
     // Graceful for in-flight calls, but bounded: an idle client connection
     // (or a stream that never ends) must not keep the process from exiting.
     match tokio::time::timeout(limits.drain, &mut server).await {
-        Ok(Ok(r)) => r.with_context(|| format!("{what} gRPC server on {addr}")),
+        Ok(Ok(r)) => r.map_err(failed),
         Ok(Err(e)) => {
             warn!(error = %e, "{what} gRPC server task ended abnormally");
             Ok(())
@@ -254,6 +334,15 @@ pub async fn serve(
 pub mod process {
     use std::future::Future;
     use std::process::ExitCode;
+
+    /// Why logging and tracing could not be set up.
+    #[derive(Debug, thiserror::Error)]
+    pub enum TelemetryError {
+        #[error("set up the OTLP span exporter (check OTEL_EXPORTER_OTLP_ENDPOINT)")]
+        Exporter(#[source] opentelemetry_otlp::ExporterBuildError),
+        #[error("install the tracing subscriber")]
+        Subscriber(#[source] tracing_subscriber::util::TryInitError),
+    }
 
     /// Logging and tracing for the process's life. Drop it, or better call
     /// [`Telemetry::shutdown`], at exit so the last spans are exported.
@@ -305,8 +394,7 @@ pub mod process {
     /// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_*`); `service` is the service
     /// name unless `OTEL_SERVICE_NAME` gives one. Call it inside the runtime:
     /// the exporter's channel runs on it.
-    pub fn init_tracing(service: &'static str, json: bool) -> anyhow::Result<Telemetry> {
-        use anyhow::Context;
+    pub fn init_tracing(service: &'static str, json: bool) -> Result<Telemetry, TelemetryError> {
         use opentelemetry::trace::TracerProvider as _;
         use tracing_subscriber::Layer as _;
         use tracing_subscriber::layer::SubscriberExt as _;
@@ -326,7 +414,7 @@ pub mod process {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .build()
-                .context("set up the OTLP span exporter (check OTEL_EXPORTER_OTLP_ENDPOINT)")?;
+                .map_err(TelemetryError::Exporter)?;
             let mut resource = opentelemetry_sdk::Resource::builder();
             if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
                 resource = resource.with_service_name(service);
@@ -356,7 +444,7 @@ pub mod process {
             .with(fmt)
             .with(otel)
             .try_init()
-            .context("install the tracing subscriber")?;
+            .map_err(TelemetryError::Subscriber)?;
         if provider.is_some() {
             tracing::info!(service, "exporting spans over OTLP");
         }
@@ -431,22 +519,23 @@ pub mod process {
 }
 
 /// The transport flags both servers take (flattened into each binary's
-/// arguments).
+/// arguments, which give each its environment variable: [`cli::parse`]).
 #[derive(Clone, Debug, clap::Args)]
 pub struct SecurityArgs {
     /// Serve gRPC over TLS with this PEM certificate (chain), reloaded when
     /// the file changes.
-    #[arg(long, env = "WSET_TLS_CERT", requires = "tls_key")]
+    #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
     /// The PEM private key of --tls-cert.
-    #[arg(long, env = "WSET_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
     /// Require client certificates signed by this PEM CA bundle (mutual TLS).
-    #[arg(long, env = "WSET_TLS_CLIENT_CA", requires = "tls_cert")]
+    #[arg(long, requires = "tls_cert")]
     pub tls_client_ca: Option<std::path::PathBuf>,
-    /// How often the certificate files are checked for changes, seconds.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
-    pub tls_reload_secs: u64,
+    /// How often the certificate files are checked for changes.
+    #[arg(long, value_name = "DURATION", default_value = "10s",
+          value_parser = cli::duration().at_least(Duration::from_secs(1)))]
+    pub tls_reload: Duration,
     /// Who may call what, IDENTITY=METHODS (repeatable): IDENTITY is a URI
     /// or DNS name in the client certificate's SANs or its common name (*
     /// for any client), METHODS is *, /package.Service/* or
@@ -456,7 +545,7 @@ pub struct SecurityArgs {
     #[arg(long = "authz", value_name = "IDENTITY=METHODS")]
     pub authz: Vec<authz::Rule>,
     /// Serve plaintext gRPC on a non-loopback address (a trusted network only).
-    #[arg(long, env = "WSET_INSECURE_PLAINTEXT")]
+    #[arg(long)]
     pub insecure_plaintext: bool,
 }
 
@@ -469,7 +558,7 @@ impl SecurityArgs {
                     .tls_key
                     .expect("clap requires --tls-key with --tls-cert"),
                 client_ca: self.tls_client_ca,
-                reload: Duration::from_secs(self.tls_reload_secs),
+                reload: self.tls_reload,
             }),
             authz: authz::Policy { rules: self.authz },
             insecure_plaintext: self.insecure_plaintext,
@@ -515,6 +604,22 @@ impl LogThrottle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_chain_their_causes() {
+        let t = tls::ClientTls {
+            ca: "/nonexistent/ca.pem".into(),
+            cert: None,
+            key: None,
+            server_name: None,
+        };
+        let e = tls::client_config::<tls::TlsError>(&t, "h").unwrap_err();
+        let chain = error_chain(&e);
+        assert!(
+            chain.starts_with("read CA /nonexistent/ca.pem: ") && chain.contains("No such file"),
+            "{chain}"
+        );
+    }
 
     #[test]
     fn throttle_counts_what_it_suppresses() {

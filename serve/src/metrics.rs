@@ -11,8 +11,21 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context;
 use tracing::info;
+
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("bind the {what} metrics address {addr}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics listener address")]
+    LocalAddr(#[source] std::io::Error),
+}
 
 /// What a metric family is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,7 +293,7 @@ pub async fn spawn_if(
     render: impl Fn() -> String + Send + Sync + 'static,
     health: Option<crate::ProbeHealth>,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+) -> Result<Option<tokio::task::JoinHandle<()>>, MetricsError> {
     match addr {
         Some(addr) => Ok(Some(
             spawn(what, addr, Arc::new(render), health, stop).await?.1,
@@ -298,11 +311,11 @@ pub async fn spawn(
     render: Render,
     health: Option<crate::ProbeHealth>,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), MetricsError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("bind the {what} metrics address {addr}"))?;
-    let local = listener.local_addr().context("metrics listener address")?;
+        .map_err(|source| MetricsError::Bind { what, addr, source })?;
+    let local = listener.local_addr().map_err(MetricsError::LocalAddr)?;
     info!(addr = %local, "{what} metrics at http://{local}/metrics");
     let mut app = axum::Router::new()
         .route(

@@ -16,8 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, bail};
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::ReceiverStream;
@@ -46,41 +45,107 @@ pub struct ClientTls {
     pub server_name: Option<String>,
 }
 
+/// Why a TLS configuration could not be built from its files.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("read certificates from {}", path.display())]
+    ReadCertificates {
+        path: PathBuf,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("parse PEM certificates in {}", path.display())]
+    ParseCertificates {
+        path: PathBuf,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("{} holds no PEM certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("read a PEM private key from {}", path.display())]
+    ReadKey {
+        path: PathBuf,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("add a CA certificate from {}", path.display())]
+    AddCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("TLS protocol versions")]
+    ProtocolVersions(#[source] rustls::Error),
+    #[error("client certificate verifier from {}", path.display())]
+    ClientVerifier {
+        path: PathBuf,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+    #[error("certificate {} and key {} do not make a TLS identity", cert.display(), key.display())]
+    Identity {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    /// A client file (`what`: CA, certificate or key) could not be read.
+    #[error("read {what} {}", path.display())]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("a client certificate needs both its certificate and its key")]
+    HalfIdentity,
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let path_buf = || path.to_owned();
     let certs = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("read certificates from {}", path.display()))?
+        .map_err(|source| TlsError::ReadCertificates {
+            path: path_buf(),
+            source,
+        })?
         .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parse PEM certificates in {}", path.display()))?;
+        .map_err(|source| TlsError::ParseCertificates {
+            path: path_buf(),
+            source,
+        })?;
     if certs.is_empty() {
-        bail!("{} holds no PEM certificate", path.display());
+        return Err(TlsError::NoCertificate { path: path_buf() });
     }
     Ok(certs)
 }
 
-fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    PrivateKeyDer::from_pem_file(path)
-        .with_context(|| format!("read a PEM private key from {}", path.display()))
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::ReadKey {
+        path: path.to_owned(),
+        source,
+    })
 }
 
-fn roots(path: &Path) -> anyhow::Result<rustls::RootCertStore> {
+fn roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for c in read_certs(path)? {
-        roots
-            .add(c)
-            .with_context(|| format!("add a CA certificate from {}", path.display()))?;
+        roots.add(c).map_err(|source| TlsError::AddCa {
+            path: path.to_owned(),
+            source,
+        })?;
     }
     Ok(roots)
 }
 
 /// Build a rustls server configuration from the files (ALPN h2: gRPC).
-pub fn server_config(t: &ServerTls) -> anyhow::Result<rustls::ServerConfig> {
+pub fn server_config(t: &ServerTls) -> Result<rustls::ServerConfig, TlsError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?;
+        .map_err(TlsError::ProtocolVersions)?;
     let builder = match &t.client_ca {
         Some(ca) => {
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -88,19 +153,20 @@ pub fn server_config(t: &ServerTls) -> anyhow::Result<rustls::ServerConfig> {
                 provider(),
             )
             .build()
-            .with_context(|| format!("client certificate verifier from {}", ca.display()))?;
+            .map_err(|source| TlsError::ClientVerifier {
+                path: ca.clone(),
+                source,
+            })?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
     let mut cfg = builder
         .with_single_cert(read_certs(&t.cert)?, read_key(&t.key)?)
-        .with_context(|| {
-            format!(
-                "certificate {} and key {} do not make a TLS identity",
-                t.cert.display(),
-                t.key.display()
-            )
+        .map_err(|source| TlsError::Identity {
+            cert: t.cert.clone(),
+            key: t.key.clone(),
+            source,
         })?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
@@ -126,13 +192,14 @@ pub struct Reloading {
 
 impl Reloading {
     /// Load the files now (an error here stops the server from starting),
-    /// then re-check them every `t.reload` until `stop` changes.
+    /// then re-check them every `t.reload` until `stop` changes. `what`
+    /// names the server in the reload log lines.
     pub fn start(
         what: &'static str,
         t: ServerTls,
         mut stop: tokio::sync::watch::Receiver<bool>,
-    ) -> anyhow::Result<Self> {
-        let cfg = server_config(&t).with_context(|| format!("{what} TLS"))?;
+    ) -> Result<Self, TlsError> {
+        let cfg = server_config(&t)?;
         let current = Arc::new(RwLock::new(Arc::new(cfg)));
         let me = Self { current };
         let swap = me.clone();
@@ -164,7 +231,7 @@ impl Reloading {
                     // Keep the old configuration; try again next tick (a
                     // rotation may be half written).
                     Err(e) => {
-                        warn!(error = %format!("{e:#}"), "{what} TLS reload failed; the previous certificates stay in force")
+                        warn!(error = %crate::error_chain(&e), "{what} TLS reload failed; the previous certificates stay in force")
                     }
                 }
             }
@@ -239,23 +306,31 @@ fn refused(what: &str, peer: SocketAddr, why: &str) {
 
 /// A tonic client TLS configuration from the files (read now: a
 /// reconnecting client picks up rotated files at its next connection).
-pub fn client_config(
+/// The error is any type a [`TlsError`] converts into, so a caller that
+/// chains it with its own fallible steps needs no conversion of its own.
+pub fn client_config<E: From<TlsError>>(
     t: &ClientTls,
     host: &str,
-) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
-    let ca = std::fs::read(&t.ca).with_context(|| format!("read CA {}", t.ca.display()))?;
+) -> Result<tonic::transport::ClientTlsConfig, E> {
+    let read = |what: &'static str, path: &Path| {
+        std::fs::read(path).map_err(|source| TlsError::ReadFile {
+            what,
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let ca = read("CA", &t.ca)?;
     let mut c = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(ca))
         .domain_name(t.server_name.clone().unwrap_or_else(|| host.to_owned()));
     match (&t.cert, &t.key) {
         (Some(cert), Some(key)) => {
-            let cert = std::fs::read(cert)
-                .with_context(|| format!("read certificate {}", cert.display()))?;
-            let key = std::fs::read(key).with_context(|| format!("read key {}", key.display()))?;
+            let cert = read("certificate", cert)?;
+            let key = read("key", key)?;
             c = c.identity(tonic::transport::Identity::from_pem(cert, key));
         }
         (None, None) => {}
-        _ => bail!("a client certificate needs both its certificate and its key"),
+        _ => return Err(TlsError::HalfIdentity.into()),
     }
     Ok(c)
 }

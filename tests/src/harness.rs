@@ -192,7 +192,7 @@ impl Agent {
             Some(s) => format!("{}={}", socket.display(), s.display()),
             None => socket.display().to_string(),
         };
-        let windows: Vec<String> = opts.windows_ms.iter().map(u64::to_string).collect();
+        let windows: Vec<String> = opts.windows_ms.iter().map(|w| format!("{w}ms")).collect();
         let mut cmd = Command::new(bin("wset-agent"));
         cmd.arg("--socket")
             .arg(&sock_arg)
@@ -206,9 +206,9 @@ impl Agent {
             .arg(opts.grpc_addr.as_deref().unwrap_or("127.0.0.1:0"))
             .arg("--metrics-addr")
             .arg("127.0.0.1:0")
-            .arg("--interval-ms")
-            .arg(opts.interval_ms.to_string())
-            .arg("--windows-ms")
+            .arg("--interval")
+            .arg(format!("{}ms", opts.interval_ms))
+            .arg("--windows")
             .arg(windows.join(","))
             .arg("--access")
             .arg(&opts.access)

@@ -67,7 +67,7 @@ fn dns_discovery_follows_the_answer_and_vms_move() {
                 "--agents-dns",
                 &format!("{NAME}:{port}"),
                 "--dns-refresh",
-                "500ms",
+                "1s",
             ],
         ));
     let ctl = Controller::spawn(cmd);

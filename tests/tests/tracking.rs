@@ -21,8 +21,8 @@ fn opts(access: &str) -> AgentOpts {
         extra: vec![
             "--sample-seed".into(),
             "7".into(),
-            "--age-buckets-ms".into(),
-            format!("0,{SHORT_MS},{LONG_MS}"),
+            "--age-buckets".into(),
+            format!("0ms,{SHORT_MS}ms,{LONG_MS}ms"),
         ],
         snapshot: None,
         state_dir: None,
