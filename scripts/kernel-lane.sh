@@ -30,7 +30,7 @@ if [ "${1:-}" = --bench ]; then
 fi
 
 step "building the agent, the process guest and the lane's tests (release)"
-cargo build --release --locked -p wset-agent -p wset-tests --bins >&2 || fail "release build failed (above)"
+cargo build --release --locked -p wset-agent -p wset-guest --bins >&2 || fail "release build failed (above)"
 test_args=()
 for t in "${lane_tests[@]}"; do test_args+=(--"$kind" "$t"); done
 profile=(--release)

@@ -12,8 +12,8 @@
 
 use std::time::Duration;
 
+use wset_guest::script::{Op, Phase, Script, Touch};
 use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts};
-use wset_tests::script::{Op, Phase, Script, Touch};
 
 const INTERVAL_MS: u64 = 1000;
 const MEASURED_INTERVALS: u64 = 6;

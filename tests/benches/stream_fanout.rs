@@ -9,10 +9,10 @@
 
 use std::time::{Duration, Instant};
 
+use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
 use wset_proto::v1::agent_service_client::AgentServiceClient;
 use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts};
-use wset_tests::script::{Script, Touch};
 
 const GUESTS: usize = 20;
 const READERS: [usize; 4] = [0, 1, 8, 32];

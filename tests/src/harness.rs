@@ -375,7 +375,7 @@ pub struct GuestOpts {
     pub handshake: &'static str,
     pub mem_mib: u64,
     pub vm_id: String,
-    pub script: crate::script::Script,
+    pub script: wset_guest::script::Script,
     pub fill_seed: Option<u32>,
     pub snapshot: Option<PathBuf>,
     pub labels: String,
@@ -387,7 +387,7 @@ pub struct GuestOpts {
 }
 
 impl GuestOpts {
-    pub fn new(vm_id: &str, script: crate::script::Script) -> Self {
+    pub fn new(vm_id: &str, script: wset_guest::script::Script) -> Self {
         Self {
             kind: "kvm",
             backing: "memfd",

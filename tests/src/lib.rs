@@ -1,18 +1,10 @@
-//! wset test guests and end-to-end test helpers: guest memory with known
-//! contents, a real KVM guest program, access scripts with exact ground
-//! truth, the VMM side of both handshakes, and a harness that runs the real
-//! agent and controller binaries.
-//!
-//! The test VMMs map memory and create KVM memory slots, so this crate has
-//! `unsafe` blocks of its own, each with its `// SAFETY:` reason.
+//! wset's end-to-end test helpers: a harness that runs the real agent,
+//! controller and guest (`wset-guest`, crate `guest/`) binaries and talks
+//! gRPC to them, simulated agents, and the tidy checks over the tree.
 
 pub mod harness;
-pub mod kvm;
-pub mod memory;
-pub mod script;
 pub mod simagent;
 mod tidy;
-pub mod vmm;
 
 /// Wall-clock milliseconds since the Unix epoch (the clock the controller
 /// keeps history in).

@@ -11,10 +11,10 @@ use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use serde_json::json;
+use wset_guest::memory::{BackingArg, GuestMemory};
+use wset_guest::script::{Op, Phase, Script, Touch};
 use wset_proto::v1 as pb;
 use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, bin};
-use wset_tests::memory::{BackingArg, GuestMemory};
-use wset_tests::script::{Op, Phase, Script, Touch};
 use wset_tracker::Uffd;
 
 fn good_guest(agent: &Agent) -> Guest {

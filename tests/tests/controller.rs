@@ -7,12 +7,12 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use wset_guest::memory::PAGE;
+use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
 use wset_tests::harness::{
     Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, free_loopback_addr, wait_for, window,
 };
-use wset_tests::memory::PAGE;
-use wset_tests::script::{Script, Touch};
 
 const WINDOW_MS: u64 = 1000;
 

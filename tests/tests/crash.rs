@@ -6,9 +6,9 @@
 
 use std::time::{Duration, Instant};
 
+use wset_guest::script::{Op, Phase, Script, Touch};
 use wset_proto::v1 as pb;
 use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, TempDir};
-use wset_tests::script::{Op, Phase, Script, Touch};
 
 #[test]
 fn killed_agent_loses_no_page_and_a_restarted_one_puts_them_back() {

@@ -7,12 +7,12 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use wset_guest::script::{Phase, Script, Touch};
 use wset_proto::v1 as pb;
 use wset_proto::v1::scheduler_service_client::SchedulerServiceClient;
 use wset_tests::harness::{
     Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, free_loopback_addr, wait_for,
 };
-use wset_tests::script::{Phase, Script, Touch};
 
 const MIB: u64 = 1 << 20;
 /// Memory each host gives VMs: the watermark (85%) is 68 MiB.

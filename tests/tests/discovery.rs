@@ -7,9 +7,9 @@
 use std::process::Command;
 use std::time::Duration;
 
+use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
 use wset_tests::harness::{Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, bin, wait_for};
-use wset_tests::script::{Script, Touch};
 
 const NAME: &str = "agents.wset.test";
 

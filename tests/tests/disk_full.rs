@@ -18,12 +18,12 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use tonic_health::pb::health_check_response::ServingStatus;
+use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
 use wset_tests::harness::{
     Agent, AgentOpts, Controller, Guest, GuestOpts, SmallDisk, TempDir, grpc_health, http_get,
     metric, wait_for,
 };
-use wset_tests::script::{Script, Touch};
 use wset_tests::simagent::serve_fleet;
 
 const HOSTS: usize = 10;

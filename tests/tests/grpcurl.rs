@@ -6,8 +6,8 @@
 use std::process::Command;
 use std::time::Duration;
 
+use wset_guest::script::{Script, Touch};
 use wset_tests::harness::{Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, wait_for};
-use wset_tests::script::{Script, Touch};
 
 fn grpcurl(args: &[&str]) -> (bool, String, String) {
     let out = Command::new("grpcurl")

@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 
+use wset_guest::script::{Op, Phase, Script, Touch};
 use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts};
-use wset_tests::script::{Op, Phase, Script, Touch};
 
 fn secs() -> u64 {
     std::env::var("WSET_INTEGRITY_SECS")

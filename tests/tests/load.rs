@@ -14,12 +14,12 @@
 
 use std::time::{Duration, Instant};
 
+use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
 use wset_serve::metrics::ProcessStats;
 use wset_tests::harness::{
     Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, http_get, metric, wait_for,
 };
-use wset_tests::script::{Script, Touch};
 use wset_tests::simagent::serve_fleet;
 
 const GUESTS: usize = 100;

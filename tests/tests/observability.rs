@@ -10,11 +10,11 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use wset_guest::script::{Script, Touch};
 use wset_tests::harness::{
     Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, free_loopback_addr, grpc_health,
     http_get, wait_for,
 };
-use wset_tests::script::{Script, Touch};
 
 fn tool(name: &str) -> String {
     let path = format!("/usr/bin/{name}");

@@ -16,8 +16,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use wset_guest::script::{Script, Touch};
 use wset_tests::harness::{Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, bin, wait_for};
-use wset_tests::script::{Script, Touch};
 
 /// `(service.name, span name)` of every span received.
 #[derive(Clone, Default)]

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use wset_guest::memory::{BackingArg, GuestMemory, PAGE};
+use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
 use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, methods, window};
-use wset_tests::memory::{BackingArg, GuestMemory, PAGE};
-use wset_tests::script::{Script, Touch};
 use wset_tracker::Uffd;
 use wset_tracker::uffd::{Event, UffdMsg, fault_flag, feature, mode, pagemap};
 
@@ -587,7 +587,7 @@ fn rwp_evicts_cold_pages_and_brings_them_back() {
     require_rwp();
     // The process guest fills (and reads back) its data pages, after the
     // first few it leaves alone.
-    const PAGES: u64 = (16 << 20) / PAGE - wset_tests::kvm::FIRST_DATA_PAGE as u64;
+    const PAGES: u64 = (16 << 20) / PAGE - wset_guest::kvm::FIRST_DATA_PAGE as u64;
     const HOT: u64 = 400;
     for mode in ["async", "sync"] {
         let state = wset_tests::harness::TempDir::new("rwp-evict");

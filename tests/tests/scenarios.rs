@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
+use wset_guest::memory::PAGE;
+use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
 use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, methods, rel_err, window};
-use wset_tests::memory::PAGE;
-use wset_tests::script::{Script, Touch};
 use wset_tracker::uffd::feature;
 
 const INTERVAL_MS: u64 = 250;

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
 use wset_tests::harness::{Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, bin, wait_for};
-use wset_tests::script::{Script, Touch};
 
 /// A certificate authority of the test.
 struct Ca {

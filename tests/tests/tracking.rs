@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
+use wset_guest::memory::PAGE;
+use wset_guest::script::{Op, Phase, Script, Touch};
 use wset_proto::v1 as pb;
 use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, TempDir, methods, rel_err, window};
-use wset_tests::memory::PAGE;
-use wset_tests::script::{Op, Phase, Script, Touch};
 
 const INTERVAL_MS: u64 = 250;
 const SHORT_MS: u64 = 1000;

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use serde_json::json;
-use wset_tests::kvm::{self, GuestOp, KvmGuest};
-use wset_tests::memory::{BackingArg, Expected, GuestMemory, PAGE, written_word};
-use wset_tests::script::{Op, Script};
-use wset_tests::vmm::{self, HandshakeArg};
+use wset_guest::kvm::{self, GuestOp, KvmGuest};
+use wset_guest::memory::{BackingArg, Expected, GuestMemory, PAGE, written_word};
+use wset_guest::script::{Op, Script};
+use wset_guest::vmm::{self, HandshakeArg};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Kind {
@@ -46,7 +46,7 @@ struct Args {
     /// Labels as JSON, e.g. '{"tier":"gold"}'.
     #[arg(long, default_value = "{}")]
     labels: String,
-    /// The access script (JSON, see wset_tests::script::Script).
+    /// The access script (JSON, see wset_guest::script::Script).
     #[arg(long)]
     script: String,
     /// Fill data pages with a known pattern before registering, and verify

@@ -13,11 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use wset_guest::script::{Op, Phase, Script, Touch};
 use wset_proto::v1 as pb;
 use wset_proto::v1::agent_service_client::AgentServiceClient;
 use wset_proto::v1::controller_service_client::ControllerServiceClient;
 use wset_proto::v1::scheduler_service_client::SchedulerServiceClient;
-use wset_tests::script::{Op, Phase, Script, Touch};
 
 const GRPC: &str = "127.0.0.1:7070";
 const CONTROLLER: &str = "127.0.0.1:7071";
@@ -389,7 +389,7 @@ fn controller_line(
         let durable_s = if a.durable_through_ms > 0 {
             format!(
                 "newest batch on disk {:.1} s old",
-                wset_tests::now_ms().saturating_sub(a.durable_through_ms) as f64 / 1000.0
+                wset_serve::process::now_ms().saturating_sub(a.durable_through_ms) as f64 / 1000.0
             )
         } else {
             "nothing on disk yet".into()
