@@ -336,10 +336,56 @@ pub fn flusher(
     }
 }
 
-/// Why a session with an agent ended.
+/// How a session with an agent ended.
 enum End {
     Cancelled,
-    Failed { error: String, had_batches: bool },
+    Failed {
+        error: SessionError,
+        had_batches: bool,
+    },
+}
+
+/// Why a session with an agent failed: its `last_error` in `ListAgents`,
+/// and the reason of the `DISCONNECTED` event when it had delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("bad endpoint {endpoint:?}: {source}")]
+    BadEndpoint {
+        endpoint: String,
+        source: tonic::transport::Error,
+    },
+    /// The TLS client configuration could not be made (its message and
+    /// causes, as `wset_serve::tls` gives them).
+    #[error("{0}")]
+    Tls(String),
+    #[error("agent TLS configuration: {0}")]
+    TlsConfig(tonic::transport::Error),
+    #[error("connect: {0}")]
+    Connect(tonic::transport::Error),
+    #[error("WatchSummaries: {}", .0.message())]
+    Watch(tonic::Status),
+    #[error("no batch for {0:?}: the agent stalled")]
+    Stalled(Duration),
+    #[error("stream broke: {}", .0.message())]
+    Broke(tonic::Status),
+    #[error("the agent ended the stream")]
+    Ended,
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+}
+
+/// Why a batch was not taken; it ends the session.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("a batch without host facts: not a wset agent, or a broken one")]
+    NoHostFacts,
+    /// The host id (its first 80 characters).
+    #[error("host id {0:?} is not 1 to 253 characters of A-Z a-z 0-9 . _ -")]
+    BadHostId(String),
+    #[error("a batch of {0} summaries (at most {MAX_BATCH_VMS})")]
+    TooLarge(usize),
+    #[error("the controller is shutting down")]
+    ShuttingDown,
 }
 
 /// Subscribe to one agent until cancelled, reconnecting with exponential
@@ -378,7 +424,7 @@ pub async fn subscribe(
         let mut host_id = String::new();
         index.update_agent(&endpoint, |a| {
             a.state = pb::AgentConnectionState::BackingOff as i32;
-            a.last_error.clone_from(&error);
+            a.last_error = error.to_string();
             a.reconnects += 1;
             a.retry_at_ms = now_ms() + wait.as_millis() as u64;
             a.connected_since_ms = 0;
@@ -404,7 +450,7 @@ pub async fn subscribe(
 }
 
 async fn session(endpoint: &str, index: &Index, tx: &mpsc::Sender<Msg>, cfg: &Config) -> End {
-    let fail = |error: String, had_batches| End::Failed { error, had_batches };
+    let fail = |error: SessionError, had_batches| End::Failed { error, had_batches };
     let scheme = if cfg.agent_tls.is_some() {
         "https"
     } else {
@@ -416,25 +462,27 @@ async fn session(endpoint: &str, index: &Index, tx: &mpsc::Sender<Msg>, cfg: &Co
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5)),
-        Err(e) => return fail(format!("bad endpoint {endpoint:?}: {e}"), false),
+        Err(source) => {
+            let endpoint = endpoint.to_owned();
+            return fail(SessionError::BadEndpoint { endpoint, source }, false);
+        }
     };
     let ep = match &cfg.agent_tls {
         None => ep,
         Some(t) => {
             let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
             let host = host.trim_start_matches('[').trim_end_matches(']');
-            match wset_serve::tls::client_config(t, host).and_then(|c| {
-                ep.tls_config(c)
-                    .map_err(|e| anyhow::anyhow!("agent TLS configuration: {e}"))
-            }) {
+            let tls = wset_serve::tls::client_config(t, host)
+                .map_err(|e| SessionError::Tls(format!("{e:#}")));
+            match tls.and_then(|c| ep.tls_config(c).map_err(SessionError::TlsConfig)) {
                 Ok(ep) => ep,
-                Err(e) => return fail(format!("{e:#}"), false),
+                Err(e) => return fail(e, false),
             }
         }
     };
     let channel = match ep.connect().await {
         Ok(c) => c,
-        Err(e) => return fail(format!("connect: {e}"), false),
+        Err(e) => return fail(SessionError::Connect(e), false),
     };
     let mut client =
         AgentServiceClient::new(channel).max_decoding_message_size(cfg.max_batch_bytes);
@@ -445,23 +493,18 @@ async fn session(endpoint: &str, index: &Index, tx: &mpsc::Sender<Msg>, cfg: &Co
     };
     let mut stream = match client.watch_summaries(req).await {
         Ok(r) => r.into_inner(),
-        Err(s) => return fail(format!("WatchSummaries: {}", s.message()), false),
+        Err(s) => return fail(SessionError::Watch(s), false),
     };
     let mut had_batches = false;
     loop {
         let batch = match tokio::time::timeout(cfg.stall_timeout, stream.message()).await {
-            Err(_) => {
-                return fail(
-                    format!("no batch for {:?}: the agent stalled", cfg.stall_timeout),
-                    had_batches,
-                );
-            }
-            Ok(Err(s)) => return fail(format!("stream broke: {}", s.message()), had_batches),
-            Ok(Ok(None)) => return fail("the agent ended the stream".into(), had_batches),
+            Err(_) => return fail(SessionError::Stalled(cfg.stall_timeout), had_batches),
+            Ok(Err(s)) => return fail(SessionError::Broke(s), had_batches),
+            Ok(Ok(None)) => return fail(SessionError::Ended, had_batches),
             Ok(Ok(Some(b))) => b,
         };
         if let Err(error) = take_batch(endpoint, index, tx, cfg, batch, !had_batches).await {
-            return fail(error, had_batches);
+            return fail(error.into(), had_batches);
         }
         had_batches = true;
     }
@@ -478,22 +521,16 @@ async fn take_batch(
     cfg: &Config,
     batch: pb::SummaryBatch,
     first: bool,
-) -> Result<(), String> {
+) -> Result<(), BatchError> {
     let received_ms = now_ms();
-    let host = batch
-        .host
-        .ok_or("a batch without host facts: not a wset agent, or a broken one")?;
+    let host = batch.host.ok_or(BatchError::NoHostFacts)?;
     if !wset_proto::ids::host_id_ok(&host.host_id) {
-        return Err(format!(
-            "host id {:?} is not 1 to 253 characters of A-Z a-z 0-9 . _ -",
-            host.host_id.chars().take(80).collect::<String>()
+        return Err(BatchError::BadHostId(
+            host.host_id.chars().take(80).collect(),
         ));
     }
     if batch.summaries.len() > MAX_BATCH_VMS {
-        return Err(format!(
-            "a batch of {} summaries (at most {MAX_BATCH_VMS})",
-            batch.summaries.len()
-        ));
+        return Err(BatchError::TooLarge(batch.summaries.len()));
     }
     let mut events = Vec::new();
     if first {
@@ -572,7 +609,7 @@ async fn take_batch(
         events,
     })
     .await
-    .map_err(|_| "the controller is shutting down".to_owned())
+    .map_err(|_| BatchError::ShuttingDown)
 }
 
 /// Run discovery until `stop` changes: subscribe to every static endpoint,
