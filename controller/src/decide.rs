@@ -15,6 +15,7 @@ use wset_proto::v1 as pb;
 
 use crate::config::Config;
 use crate::index::Index;
+use crate::labels;
 use crate::planner::{self, HostInput, Input, Sample, VmInput};
 use crate::store::{Store, StoreError};
 
@@ -33,9 +34,6 @@ pub struct PlanRecord {
     pub settings: planner::Config,
     pub plan: planner::Plan,
 }
-
-/// Host label that puts a host in maintenance.
-pub const MAINTENANCE_LABEL: &str = "wset.io/maintenance";
 
 /// The planner's input, and what went into it.
 #[derive(Debug)]
@@ -79,7 +77,7 @@ pub fn build_input(
             } else {
                 h.memory_total_bytes
             },
-            maintenance: h.labels.get(MAINTENANCE_LABEL).is_some_and(|v| v == "true"),
+            maintenance: labels::in_maintenance(&h.labels),
         })
         .collect();
     // A VM its agent stopped reporting (its VMM never registered again after
@@ -296,7 +294,7 @@ mod tests {
                 pb::HostFacts {
                     host_id: host.into(),
                     vm_capacity_bytes: 1 << 30,
-                    labels: [(MAINTENANCE_LABEL.to_owned(), "true".to_owned())].into(),
+                    labels: [(labels::MAINTENANCE.to_owned(), "true".to_owned())].into(),
                     ..Default::default()
                 },
             );

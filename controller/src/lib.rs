@@ -13,6 +13,7 @@ pub mod decide;
 pub mod history;
 pub mod index;
 pub mod ingest;
+pub mod labels;
 pub mod metrics;
 pub mod planner;
 pub mod scheduler;

@@ -20,13 +20,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-/// Labels with a meaning to the planner.
-pub mod labels {
-    /// VMs with the same value never share a host.
-    pub const ANTI_AFFINITY: &str = "wset.io/anti-affinity";
-    /// `"true"`: the VM is never moved.
-    pub const PINNED: &str = "wset.io/pinned";
-}
+/// The labels with a meaning to the planner (anti-affinity, pinned).
+pub use crate::labels;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -476,10 +471,6 @@ impl HostState {
     }
 }
 
-fn group(labels: &BTreeMap<String, String>) -> Option<&String> {
-    labels.get(labels::ANTI_AFFINITY).filter(|g| !g.is_empty())
-}
-
 /// `f` of every item, on all CPUs when there are many (each item's alone,
 /// so the result does not depend on how the work is split), in order.
 pub fn map_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
@@ -551,8 +542,8 @@ pub fn plan(input: &Input, cfg: &Config) -> Plan {
             for &i in &on[h] {
                 st.mean += demands[i].mean_bytes;
                 st.var += demands[i].std_bytes * demands[i].std_bytes;
-                if let Some(g) = group(&vms[i].labels) {
-                    *st.groups.entry(g.clone()).or_default() += 1;
+                if let Some(g) = labels::anti_affinity_group(&vms[i].labels) {
+                    *st.groups.entry(g.to_owned()).or_default() += 1;
                 }
             }
             st
@@ -578,7 +569,7 @@ pub fn plan(input: &Input, cfg: &Config) -> Plan {
     let mut unresolved = Vec::new();
     let movable = |i: usize, moved: &[bool]| -> Result<(f64, f64), String> {
         let v = &vms[i];
-        if v.labels.get(labels::PINNED).is_some_and(|p| p == "true") {
+        if labels::pinned(&v.labels) {
             return Err("pinned".into());
         }
         if moved[i] {
@@ -621,7 +612,7 @@ pub fn plan(input: &Input, cfg: &Config) -> Plan {
                        exclude: &[bool]|
      -> Option<(usize, f64)> {
         let d = &demands[i];
-        let g = group(&vms[i].labels);
+        let g = labels::anti_affinity_group(&vms[i].labels);
         let mut best: Option<(usize, f64)> = None;
         for &(room, h) in by_room.iter().rev() {
             let bound = room as f64 + 1.0 - d.mean_bytes;
@@ -652,7 +643,7 @@ pub fn plan(input: &Input, cfg: &Config) -> Plan {
                  to: usize,
                  undo: bool| {
         let d = &demands[i];
-        let g = group(&vms[i].labels);
+        let g = labels::anti_affinity_group(&vms[i].labels);
         let (src, dst) = if undo { (to, from) } else { (from, to) };
         for h in [src, dst] {
             by_room.remove(&(room_key(&state[h]), h));
@@ -672,7 +663,7 @@ pub fn plan(input: &Input, cfg: &Config) -> Plan {
         t.mean += d.mean_bytes;
         t.var += d.std_bytes * d.std_bytes;
         if let Some(g) = g {
-            *t.groups.entry(g.clone()).or_default() += 1;
+            *t.groups.entry(g.to_owned()).or_default() += 1;
         }
         for h in [from, to] {
             if undo {
@@ -954,7 +945,7 @@ pub fn place(p: &Plan, req: &PlacementRequest, cfg: &Config) -> Vec<Ranked> {
     } as f64;
     // Unknown VMs vary: a tenth of their demand as spread.
     let sd = want * 0.1;
-    let group = group(&req.labels);
+    let group = labels::anti_affinity_group(&req.labels);
     let mut out: Vec<Ranked> = p
         .hosts
         .iter()

@@ -10,6 +10,7 @@ use wset_proto::v1 as pb;
 use crate::config::Config;
 use crate::decide::{PlanRecord, Plans, plan_now};
 use crate::index::Index;
+use crate::labels;
 use crate::planner::{self, MoveReason, PlacementRequest};
 use crate::store::Store;
 
@@ -313,8 +314,11 @@ impl pb::scheduler_service_server::SchedulerService for SchedulerService {
                 r.expected_wss_bytes, r.memory_bytes
             )));
         }
-        if r.labels.len() > 64 {
-            return Err(Status::invalid_argument("labels has more than 64 entries"));
+        if r.labels.len() > labels::MAX_LABELS {
+            return Err(Status::invalid_argument(format!(
+                "labels has more than {} entries",
+                labels::MAX_LABELS
+            )));
         }
         let p = self.plan(false).await?;
         let ranked = planner::place(
