@@ -103,12 +103,17 @@ pub(super) fn event_key(host: &str, t_ms: u64, seq: u32) -> Vec<u8> {
     k
 }
 
-/// The time of a point or block key (its last 8 bytes), or of a watermark
-/// value (all of its 8 bytes).
+/// The time of a point or block key (its last 8 bytes; every such key the
+/// store reads is longer, being in a series' range).
 pub(super) fn key_time(k: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&k[k.len() - 8..]);
     u64::from_be_bytes(b)
+}
+
+/// The time a watermark value holds; `None` unless it is 8 bytes.
+pub(super) fn mark_time(v: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(v).ok().map(u64::from_be_bytes)
 }
 
 #[cfg(test)]
@@ -135,6 +140,8 @@ mod tests {
             [b"h\0".as_slice(), &7u64.to_be_bytes(), &2u32.to_be_bytes()].concat()
         );
         assert_eq!(key_time(&point_key("vm", 1, 42)), 42);
+        assert_eq!(mark_time(&42u64.to_be_bytes()), Some(42));
+        assert_eq!(mark_time(&[1, 2, 3]), None);
         // An id that is a prefix of another's never shares its keys.
         let r = points("vm-1", 0, 0, u64::MAX);
         assert!(!r.contains(&point_key("vm-10", 0, 5)));

@@ -23,7 +23,7 @@ use prost::Message;
 use wset_proto::v1 as pb;
 
 use super::codec::{block_len, decode, decode_block, encode_block};
-use super::keys::{Mark, event_key, key_time, mark_key, point_key, points};
+use super::keys::{Mark, event_key, key_time, mark_key, mark_time, point_key, points};
 use super::series::{Series, merge_sorted};
 use super::{Store, StoreError};
 use crate::history::{Level, Mergeable, Timed, merge};
@@ -90,6 +90,11 @@ impl Pass {
             self.first_failure = Some((what(), e));
         }
     }
+}
+
+/// A stored watermark's time, or the error that says it is damaged.
+fn watermark(v: &[u8]) -> Result<u64, StoreError> {
+    mark_time(v).ok_or(StoreError::DamagedMark { len: v.len() })
 }
 
 impl Store {
@@ -166,7 +171,7 @@ impl Store {
             let long = l.long_block_ms();
             let wm_key = mark_key(Mark::LongBlocks, s.tag, id, l.bucket_ms);
             let merged_to = match self.meta.get(&wm_key)? {
-                Some(v) if long > l.block_ms() => key_time(&v),
+                Some(v) if long > l.block_ms() => watermark(&v)?,
                 _ => 0,
             };
             m.packed_points += s.pack::<M>(id, *l, horizon, merged_to)?;
@@ -195,7 +200,7 @@ impl Store {
             let b = dst.bucket_ms;
             let wm_key = mark_key(Mark::Rollup, s.tag, id, b);
             let wm = match self.meta.get(&wm_key)? {
-                Some(v) => key_time(&v),
+                Some(v) => watermark(&v)?,
                 None => match s.first::<M>(id, src.bucket_ms)? {
                     Some(p) => {
                         let t = p.timestamp_ms();
@@ -703,6 +708,37 @@ mod tests {
         // Nothing of b was lost or packed: its other 24 points stay single.
         assert_eq!(s.vm.points.scan_prefix(series("b", 0)).count(), 25);
         assert_eq!(s.vm.blocks.scan_prefix(series("b", 0)).count(), 0);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    /// A damaged watermark (a meta value that is not 8 bytes) fails its
+    /// series like any damaged point; it never stops the pass.
+    #[test]
+    fn a_damaged_watermark_fails_only_its_series() {
+        let dir = tmp("mark");
+        let s = Store::open(&dir, levels(), 8 << 20).unwrap();
+        let mut w = Write::default();
+        for vm in ["a", "b"] {
+            for t in (0..30_000).step_by(1000) {
+                w.vm_points.push((vm.into(), point(t, t)));
+            }
+        }
+        s.apply(&w).unwrap();
+        s.meta
+            .insert(mark_key(Mark::Rollup, s.vm.tag, "b", 1000), &[1, 2, 3][..])
+            .unwrap();
+        let vms: Vec<(String, u64)> = ["a", "b"].iter().map(|v| (v.to_string(), 30_000)).collect();
+        let pass = s.maintain(&vms, &[], 30_000, 0);
+        assert_eq!(pass.done.failed_series, 1);
+        let (what, e) = pass.first_failure.as_ref().unwrap();
+        assert_eq!(what, "VM b");
+        assert!(e.to_string().contains("watermark"), "{e}");
+        assert_eq!(
+            s.vm_points("a", 1000, 0, u64::MAX, usize::MAX)
+                .unwrap()
+                .len(),
+            30
+        );
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }

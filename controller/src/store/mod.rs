@@ -36,6 +36,8 @@ pub enum StoreError {
     /// compressed).
     #[error(transparent)]
     Codec(#[from] CodecError),
+    #[error("history store: a stored watermark is {len} bytes, not 8; the store may be damaged")]
+    DamagedMark { len: usize },
 }
 
 /// Everything one agent batch (or connection event) changes, applied at once.
