@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Fuzzes wset's parsers of untrusted input for a short while each, with
 # cargo fuzz (libFuzzer, coverage-guided): the VMM handshake, the
-# userfaultfd message decoder and what the tracker does with a message, and
-# the gRPC requests and agent summaries the servers validate. Each target
-# starts from its corpus in fuzz/corpus (read only: new inputs go to a
-# scratch directory) and any crash, panic or timeout fails the run, naming
-# the input and how to replay it.
+# userfaultfd message decoder and what the tracker does with a message,
+# the gRPC requests and agent summaries the servers validate, and the
+# controller's history block codec (what a damaged store hands it). Each
+# target starts from its corpus in fuzz/corpus (read only: new inputs go
+# to a scratch directory) and any crash, panic or timeout fails the run,
+# naming the input and how to replay it.
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET]   (default 30)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 secs=${1:-30}
-targets=(handshake uffd_msg grpc_requests)
+targets=(handshake uffd_msg grpc_requests history_blocks)
 
 # The instrumentation flags cargo fuzz passes need a nightly compiler; where
 # there is none, the stable one accepts them with RUSTC_BOOTSTRAP.

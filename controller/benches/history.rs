@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use wset_controller::config::default_levels;
 use wset_controller::history::{Query, page, raw_point};
-use wset_controller::ingest::{Msg, Shared, flusher, writer};
+use wset_controller::index::Index;
+use wset_controller::ingest::{Msg, StoreHealth, flusher, writer};
 use wset_controller::store::{Store, Write};
 use wset_proto::v1 as pb;
 
@@ -74,16 +75,17 @@ fn tmp(tag: &str) -> std::path::PathBuf {
 fn ingest(total: usize) -> f64 {
     let dir = tmp("ingest");
     let store = Store::open(&dir, default_levels(), 256 << 20).expect("open store");
-    let shared = Arc::new(Shared::default());
+    let index = Arc::new(Index::default());
+    let health = Arc::new(StoreHealth::default());
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let w = {
-        let (s, sh) = (store.clone(), shared.clone());
-        std::thread::spawn(move || writer(s, sh, rx))
+        let (s, ix, h) = (store.clone(), index.clone(), health.clone());
+        std::thread::spawn(move || writer(s, ix, h, rx))
     };
     let stop = Arc::new(AtomicBool::new(false));
     let f = {
-        let (s, sh, st) = (store.clone(), shared.clone(), stop.clone());
-        std::thread::spawn(move || flusher(s, sh, Duration::from_secs(1), st))
+        let (s, ix, h, st) = (store.clone(), index.clone(), health, stop.clone());
+        std::thread::spawn(move || flusher(s, ix, h, Duration::from_secs(1), st))
     };
     let hosts = total / VMS_PER_HOST;
     let batches: Vec<Vec<pb::VmSummary>> = (0..hosts.min(10_000))

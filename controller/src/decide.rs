@@ -14,7 +14,8 @@ use tracing::{debug, warn};
 use wset_proto::v1 as pb;
 
 use crate::config::Config;
-use crate::ingest::Shared;
+use crate::index::Index;
+use crate::labels;
 use crate::planner::{self, HostInput, Input, Sample, VmInput};
 use crate::store::{Store, StoreError};
 
@@ -33,9 +34,6 @@ pub struct PlanRecord {
     pub settings: planner::Config,
     pub plan: planner::Plan,
 }
-
-/// Host label that puts a host in maintenance.
-pub const MAINTENANCE_LABEL: &str = "wset.io/maintenance";
 
 /// The planner's input, and what went into it.
 #[derive(Debug)]
@@ -57,23 +55,19 @@ pub struct Built {
 /// unreadable history never keeps the others from a plan.
 pub fn build_input(
     store: &Store,
-    shared: &Shared,
+    index: &Index,
     settings: &planner::Config,
     sample_interval_ms: u64,
     now_ms: u64,
 ) -> Built {
-    let connected: HashSet<String> = shared
-        .agents
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    let connected: HashSet<String> = index
+        .agents()
         .values()
         .filter(|a| a.state == pb::AgentConnectionState::Connected as i32)
         .map(|a| a.host_id.clone())
         .collect();
-    let hosts: Vec<HostInput> = shared
-        .hosts
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    let hosts: Vec<HostInput> = index
+        .hosts()
         .values()
         .filter(|h| connected.contains(&h.host_id))
         .map(|h| HostInput {
@@ -83,7 +77,7 @@ pub fn build_input(
             } else {
                 h.memory_total_bytes
             },
-            maintenance: h.labels.get(MAINTENANCE_LABEL).is_some_and(|v| v == "true"),
+            maintenance: labels::in_maintenance(&h.labels),
         })
         .collect();
     // A VM its agent stopped reporting (its VMM never registered again after
@@ -91,10 +85,8 @@ pub fn build_input(
     // as far as anyone knows: it is left out rather than planned on stale
     // history.
     let fresh_ms = 3 * sample_interval_ms + 5000;
-    let vms: Vec<pb::ClusterVm> = shared
-        .vms
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
+    let vms: Vec<pb::ClusterVm> = index
+        .vms()
         .values()
         .filter(|v| {
             v.state == pb::VmState::Tracking as i32
@@ -181,7 +173,7 @@ pub fn build_input(
 static PLAN_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// Plan now (call off the async workers).
-pub fn plan_now(store: &Store, shared: &Shared, cfg: &Config) -> PlanRecord {
+pub fn plan_now(store: &Store, index: &Index, cfg: &Config) -> PlanRecord {
     let span = tracing::info_span!(
         "plan",
         hosts = tracing::field::Empty,
@@ -198,7 +190,7 @@ pub fn plan_now(store: &Store, shared: &Shared, cfg: &Config) -> PlanRecord {
         first_unreadable,
     } = build_input(
         store,
-        shared,
+        index,
         &cfg.planner,
         cfg.sample_interval.as_millis() as u64,
         now,
@@ -235,7 +227,7 @@ pub type Plans = watch::Sender<Option<Arc<PlanRecord>>>;
 /// Plan every `plan_interval` until `stop` changes.
 pub async fn run(
     store: Store,
-    shared: Arc<Shared>,
+    index: Arc<Index>,
     cfg: Arc<Config>,
     plans: Arc<Plans>,
     mut stop: watch::Receiver<bool>,
@@ -247,8 +239,8 @@ pub async fn run(
             _ = stop.changed() => return,
             _ = tick.tick() => {}
         }
-        let (s, sh, c) = (store.clone(), shared.clone(), cfg.clone());
-        match tokio::task::spawn_blocking(move || plan_now(&s, &sh, &c)).await {
+        let (s, ix, c) = (store.clone(), index.clone(), cfg.clone());
+        match tokio::task::spawn_blocking(move || plan_now(&s, &ix, &c)).await {
             Ok(p) => {
                 debug!(plan = %p.id, hosts = p.hosts, vms = p.vms, moves = p.plan.moves.len(), seconds = p.seconds, "planned");
                 plans.send_replace(Some(Arc::new(p)));
@@ -282,13 +274,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("wset-decide-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = Store::open(&dir, crate::config::default_levels(), 8 << 20).unwrap();
-        let shared = Shared::default();
+        let index = Index::default();
         let now = 1_000_000_000;
         for (ep, host, state) in [
             ("a:1", "up", pb::AgentConnectionState::Connected),
             ("b:1", "down", pb::AgentConnectionState::BackingOff),
         ] {
-            shared.agents.lock().unwrap().insert(
+            index.agents().insert(
                 ep.into(),
                 pb::AgentStatus {
                     endpoint: ep.into(),
@@ -297,12 +289,12 @@ mod tests {
                     ..Default::default()
                 },
             );
-            shared.hosts.lock().unwrap().insert(
+            index.hosts().insert(
                 host.into(),
                 pb::HostFacts {
                     host_id: host.into(),
                     vm_capacity_bytes: 1 << 30,
-                    labels: [(MAINTENANCE_LABEL.to_owned(), "true".to_owned())].into(),
+                    labels: [(labels::MAINTENANCE.to_owned(), "true".to_owned())].into(),
                     ..Default::default()
                 },
             );
@@ -320,7 +312,7 @@ mod tests {
             vm("stale", "up", now - 600_000),
             vm("away", "down", now),
         ] {
-            shared.vms.write().unwrap().insert(v.vm_id.clone(), v);
+            index.vms_mut().insert(v.vm_id.clone(), v);
         }
         store
             .apply(&crate::store::Write {
@@ -337,7 +329,7 @@ mod tests {
             samples,
             unreadable,
             ..
-        } = build_input(&store, &shared, &planner::Config::default(), 10_000, now);
+        } = build_input(&store, &index, &planner::Config::default(), 10_000, now);
         assert_eq!(unreadable, 0);
         assert_eq!(input.hosts.len(), 1);
         assert_eq!(input.hosts[0].host_id, "up");
@@ -362,9 +354,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("wset-decide-bad-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = Store::open(&dir, crate::config::default_levels(), 8 << 20).unwrap();
-        let shared = Shared::default();
+        let index = Index::default();
         let now = 1_000_000_000;
-        shared.agents.lock().unwrap().insert(
+        index.agents().insert(
             "a:1".into(),
             pb::AgentStatus {
                 endpoint: "a:1".into(),
@@ -373,7 +365,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        shared.hosts.lock().unwrap().insert(
+        index.hosts().insert(
             "h".into(),
             pb::HostFacts {
                 host_id: "h".into(),
@@ -382,7 +374,7 @@ mod tests {
             },
         );
         for id in ["good", "bad"] {
-            shared.vms.write().unwrap().insert(
+            index.vms_mut().insert(
                 id.into(),
                 pb::ClusterVm {
                     vm_id: id.into(),
@@ -404,7 +396,7 @@ mod tests {
             })
             .unwrap();
         store.put_raw_point_bytes("bad", now - 2000, &[0xff; 3]);
-        let b = build_input(&store, &shared, &planner::Config::default(), 10_000, now);
+        let b = build_input(&store, &index, &planner::Config::default(), 10_000, now);
         assert_eq!((b.unreadable, b.samples), (1, 1));
         let (vm, e) = b.first_unreadable.as_ref().unwrap();
         assert_eq!(vm, "bad");

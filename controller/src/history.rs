@@ -57,7 +57,7 @@ pub fn check_summary(s: &pb::VmSummary) -> Result<(), SummaryError> {
     };
     if let Some(e) = too_many("windows", s.windows.len(), 32)
         .or_else(|| too_many("idle_ages", s.idle_ages.len(), 64))
-        .or_else(|| too_many("labels", s.labels.len(), 64))
+        .or_else(|| too_many("labels", s.labels.len(), crate::labels::MAX_LABELS))
     {
         return Err(e);
     }

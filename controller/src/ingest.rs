@@ -5,14 +5,15 @@
 //! Each agent's stream is read by its own task, which checks every batch
 //! before anything of it is stored; a broken, stalled or lying agent ends
 //! its own session and backs off, and never holds up another agent. The
-//! writer thread owns the VM index (where each VM is, moves between hosts)
-//! and applies writes in arrival order; a flusher thread makes them durable
-//! on a fixed period and publishes, per agent, the controller time up to
-//! which everything received is on disk.
+//! writer thread is the only one that changes the VMs of the [`Index`]
+//! (where each VM is, moves between hosts) and applies writes in arrival
+//! order; a flusher thread makes them durable on a fixed period and
+//! publishes, per agent, the controller time up to which everything
+//! received is on disk. [`StoreHealth`] says whether both work.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -22,29 +23,9 @@ use wset_proto::v1::agent_service_client::AgentServiceClient;
 
 use crate::config::Config;
 use crate::history::{check_summary, host_point, raw_point};
+use crate::index::Index;
 use crate::now_ms;
 use crate::store::{Store, Write};
-
-/// Updates kept for slow `WatchVms` readers before they miss some.
-const UPDATES_KEPT: usize = 256;
-
-/// State shared by ingest, maintenance and the gRPC service.
-#[derive(Debug)]
-pub struct Shared {
-    /// Per agent endpoint.
-    pub agents: Mutex<BTreeMap<String, pb::AgentStatus>>,
-    /// Per agent endpoint: controller time of the last batch applied.
-    applied: Mutex<HashMap<String, u64>>,
-    /// Every VM seen, with its latest point.
-    pub vms: RwLock<HashMap<String, pb::ClusterVm>>,
-    /// Every host's last facts.
-    pub hosts: Mutex<HashMap<String, pb::HostFacts>>,
-    /// The VMs of each stored batch, for `WatchVms` (sent only while
-    /// someone watches).
-    pub updates: tokio::sync::broadcast::Sender<Arc<Vec<pb::ClusterVm>>>,
-    /// Whether history writes and flushes work.
-    pub store_health: StoreHealth,
-}
 
 /// Whether the history store takes writes and flushes, and what was lost
 /// while it did not (for the metrics and the health service).
@@ -122,78 +103,6 @@ impl Complaint {
     }
 }
 
-impl Default for Shared {
-    fn default() -> Self {
-        Self {
-            agents: Mutex::default(),
-            applied: Mutex::default(),
-            vms: RwLock::default(),
-            hosts: Mutex::default(),
-            updates: tokio::sync::broadcast::channel(UPDATES_KEPT).0,
-            store_health: StoreHealth::default(),
-        }
-    }
-}
-
-impl Shared {
-    /// Every agent's status now.
-    pub fn agent_list(&self) -> Vec<pb::AgentStatus> {
-        self.agents
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
-    }
-
-    fn agent(&self, endpoint: &str, f: impl FnOnce(&mut pb::AgentStatus)) {
-        let mut a = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = a.get_mut(endpoint) {
-            f(s);
-        }
-    }
-
-    /// Load the VM index and host facts from the store. A damaged record
-    /// or latest point is skipped with a warning (the VM's next report
-    /// brings it back): it never keeps the controller from starting.
-    pub fn load(store: &Store) -> Result<Self, crate::store::StoreError> {
-        let (records, bad_records) = store.load_vms()?;
-        let mut vms = HashMap::new();
-        let mut bad_latest = Vec::new();
-        for mut v in records {
-            match store.last_vm_point(&v.vm_id) {
-                Ok(p) => v.latest = p,
-                Err(e) => bad_latest.push((v.vm_id.clone(), e)),
-            }
-            vms.insert(v.vm_id.clone(), v);
-        }
-        let (hosts, bad_hosts) = store.load_hosts()?;
-        for (what, bad) in [("VM records", &bad_records), ("host records", &bad_hosts)] {
-            if let Some(e) = bad.first() {
-                warn!(
-                    skipped = bad.len(),
-                    first = %e,
-                    "damaged {what} skipped; each comes back with its next report"
-                );
-            }
-        }
-        if let Some((vm, e)) = bad_latest.first() {
-            warn!(
-                vms = bad_latest.len(),
-                first = %vm,
-                error = %e,
-                "latest points unreadable; each comes back with its VM's next report"
-            );
-        }
-        let hosts = hosts.into_iter().map(|h| (h.host_id.clone(), h)).collect();
-        Ok(Self {
-            vms: RwLock::new(vms),
-            hosts: Mutex::new(hosts),
-            ..Default::default()
-        })
-    }
-}
-
 /// What the subscription tasks hand the writer.
 #[derive(Debug)]
 pub enum Msg {
@@ -225,7 +134,12 @@ fn event(kind: pb::HostEventKind, detail: String) -> pb::HostEvent {
 const RECORD_REFRESH_MS: u64 = 60_000;
 
 /// The writer: applies every message in order until the channel closes.
-pub fn writer(store: Store, shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>) {
+pub fn writer(
+    store: Store,
+    index: Arc<Index>,
+    health: Arc<StoreHealth>,
+    mut rx: mpsc::Receiver<Msg>,
+) {
     let mut persisted: HashMap<String, u64> = HashMap::new();
     let mut complaint = Complaint::default();
     while let Some(msg) = rx.blocking_recv() {
@@ -255,7 +169,7 @@ pub fn writer(store: Store, shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>) {
                 );
                 let _e = span.enter();
                 let (w, updated) = index_batch(
-                    &shared,
+                    &index,
                     &mut persisted,
                     received_ms,
                     resolution_ms,
@@ -266,7 +180,6 @@ pub fn writer(store: Store, shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>) {
                 (w, Some(endpoint), received_ms, updated)
             }
         };
-        let health = &shared.store_health;
         if let Err(e) = store.apply(&w) {
             // The batch is lost; every agent's durable mark stops
             // advancing, and the health service says NOT_SERVING.
@@ -289,15 +202,10 @@ pub fn writer(store: Store, shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>) {
             health.set(&health.write_failing, false);
         }
         if let Some(ep) = endpoint {
-            shared
-                .applied
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(ep, received_ms);
+            index.applied(ep, received_ms);
         }
         if !updated.is_empty() {
-            // No receiver is fine: nobody watches.
-            let _ = shared.updates.send(Arc::new(updated));
+            index.publish(Arc::new(updated));
         }
     }
 }
@@ -305,7 +213,7 @@ pub fn writer(store: Store, shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>) {
 /// Update the VM index with one batch and build its write; also returns
 /// the updated records when someone watches (`WatchVms`).
 fn index_batch(
-    shared: &Shared,
+    index: &Index,
     persisted: &mut HashMap<String, u64>,
     now: u64,
     resolution_ms: u64,
@@ -314,14 +222,14 @@ fn index_batch(
     events: Vec<pb::HostEvent>,
 ) -> (Write, Vec<pb::ClusterVm>) {
     let h = host.host_id.clone();
-    let watched = shared.updates.receiver_count() > 0;
+    let watched = index.watched();
     let mut updated = Vec::new();
     let mut w = Write {
         events: events.into_iter().map(|e| (h.clone(), e)).collect(),
         ..Default::default()
     };
     let retired = pb::VmState::Retired as i32;
-    let mut vms = shared.vms.write().unwrap_or_else(|p| p.into_inner());
+    let mut vms = index.vms_mut();
     for s in summaries {
         let point = raw_point(s, now, resolution_ms);
         let mut changed = false;
@@ -389,31 +297,21 @@ fn index_batch(
 /// Make writes durable every `period` until `stop` is set, then once more.
 pub fn flusher(
     store: Store,
-    shared: Arc<Shared>,
+    index: Arc<Index>,
+    health: Arc<StoreHealth>,
     period: Duration,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
 ) {
     let mut complaint = Complaint::default();
-    let health = &shared.store_health;
     loop {
         let last = stop.load(Ordering::Acquire);
         if !last {
             std::thread::sleep(period);
         }
-        let applied = shared
-            .applied
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let applied = index.applied_so_far();
         match store.flush() {
             Ok(_) => {
-                let mut agents = shared.agents.lock().unwrap_or_else(|p| p.into_inner());
-                for (ep, t) in applied {
-                    if let Some(a) = agents.get_mut(&ep) {
-                        a.durable_through_ms = a.durable_through_ms.max(t);
-                    }
-                }
-                drop(agents);
+                index.mark_durable(applied);
                 if let Some(n) = complaint.worked() {
                     info!(failed = n, "history flushes work again");
                     health.set(&health.flush_failing, false);
@@ -438,17 +336,63 @@ pub fn flusher(
     }
 }
 
-/// Why a session with an agent ended.
+/// How a session with an agent ended.
 enum End {
     Cancelled,
-    Failed { error: String, had_batches: bool },
+    Failed {
+        error: SessionError,
+        had_batches: bool,
+    },
+}
+
+/// Why a session with an agent failed: its `last_error` in `ListAgents`,
+/// and the reason of the `DISCONNECTED` event when it had delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("bad endpoint {endpoint:?}: {source}")]
+    BadEndpoint {
+        endpoint: String,
+        source: tonic::transport::Error,
+    },
+    /// The TLS client configuration could not be made (its message and
+    /// causes, as `wset_serve::tls` gives them).
+    #[error("{0}")]
+    Tls(String),
+    #[error("agent TLS configuration: {0}")]
+    TlsConfig(tonic::transport::Error),
+    #[error("connect: {0}")]
+    Connect(tonic::transport::Error),
+    #[error("WatchSummaries: {}", .0.message())]
+    Watch(tonic::Status),
+    #[error("no batch for {0:?}: the agent stalled")]
+    Stalled(Duration),
+    #[error("stream broke: {}", .0.message())]
+    Broke(tonic::Status),
+    #[error("the agent ended the stream")]
+    Ended,
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+}
+
+/// Why a batch was not taken; it ends the session.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("a batch without host facts: not a wset agent, or a broken one")]
+    NoHostFacts,
+    /// The host id (its first 80 characters).
+    #[error("host id {0:?} is not 1 to 253 characters of A-Z a-z 0-9 . _ -")]
+    BadHostId(String),
+    #[error("a batch of {0} summaries (at most {MAX_BATCH_VMS})")]
+    TooLarge(usize),
+    #[error("the controller is shutting down")]
+    ShuttingDown,
 }
 
 /// Subscribe to one agent until cancelled, reconnecting with exponential
 /// backoff (reset once a session delivered a batch).
 pub async fn subscribe(
     endpoint: String,
-    shared: Arc<Shared>,
+    index: Arc<Index>,
     tx: mpsc::Sender<Msg>,
     cfg: Arc<Config>,
     mut cancel: watch::Receiver<bool>,
@@ -456,13 +400,13 @@ pub async fn subscribe(
     let mut backoff = cfg.backoff_min;
     let mut attempt: u32 = 0;
     loop {
-        shared.agent(&endpoint, |a| {
+        index.update_agent(&endpoint, |a| {
             a.state = pb::AgentConnectionState::Connecting as i32;
             a.retry_at_ms = 0;
         });
         let end = tokio::select! {
             _ = cancel.changed() => End::Cancelled,
-            e = session(&endpoint, &shared, &tx, &cfg) => e,
+            e = session(&endpoint, &index, &tx, &cfg) => e,
         };
         let (error, had_batches) = match end {
             End::Cancelled => return,
@@ -478,9 +422,9 @@ pub async fn subscribe(
         let wait = backoff + backoff * jitter as u32 / 1024;
         warn!(%endpoint, %error, retry_in = ?wait, "agent stream ended");
         let mut host_id = String::new();
-        shared.agent(&endpoint, |a| {
+        index.update_agent(&endpoint, |a| {
             a.state = pb::AgentConnectionState::BackingOff as i32;
-            a.last_error.clone_from(&error);
+            a.last_error = error.to_string();
             a.reconnects += 1;
             a.retry_at_ms = now_ms() + wait.as_millis() as u64;
             a.connected_since_ms = 0;
@@ -505,8 +449,8 @@ pub async fn subscribe(
     }
 }
 
-async fn session(endpoint: &str, shared: &Shared, tx: &mpsc::Sender<Msg>, cfg: &Config) -> End {
-    let fail = |error: String, had_batches| End::Failed { error, had_batches };
+async fn session(endpoint: &str, index: &Index, tx: &mpsc::Sender<Msg>, cfg: &Config) -> End {
+    let fail = |error: SessionError, had_batches| End::Failed { error, had_batches };
     let scheme = if cfg.agent_tls.is_some() {
         "https"
     } else {
@@ -518,25 +462,27 @@ async fn session(endpoint: &str, shared: &Shared, tx: &mpsc::Sender<Msg>, cfg: &
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5)),
-        Err(e) => return fail(format!("bad endpoint {endpoint:?}: {e}"), false),
+        Err(source) => {
+            let endpoint = endpoint.to_owned();
+            return fail(SessionError::BadEndpoint { endpoint, source }, false);
+        }
     };
     let ep = match &cfg.agent_tls {
         None => ep,
         Some(t) => {
             let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
             let host = host.trim_start_matches('[').trim_end_matches(']');
-            match wset_serve::tls::client_config(t, host).and_then(|c| {
-                ep.tls_config(c)
-                    .map_err(|e| anyhow::anyhow!("agent TLS configuration: {e}"))
-            }) {
+            let tls = wset_serve::tls::client_config(t, host)
+                .map_err(|e| SessionError::Tls(format!("{e:#}")));
+            match tls.and_then(|c| ep.tls_config(c).map_err(SessionError::TlsConfig)) {
                 Ok(ep) => ep,
-                Err(e) => return fail(format!("{e:#}"), false),
+                Err(e) => return fail(e, false),
             }
         }
     };
     let channel = match ep.connect().await {
         Ok(c) => c,
-        Err(e) => return fail(format!("connect: {e}"), false),
+        Err(e) => return fail(SessionError::Connect(e), false),
     };
     let mut client =
         AgentServiceClient::new(channel).max_decoding_message_size(cfg.max_batch_bytes);
@@ -547,23 +493,18 @@ async fn session(endpoint: &str, shared: &Shared, tx: &mpsc::Sender<Msg>, cfg: &
     };
     let mut stream = match client.watch_summaries(req).await {
         Ok(r) => r.into_inner(),
-        Err(s) => return fail(format!("WatchSummaries: {}", s.message()), false),
+        Err(s) => return fail(SessionError::Watch(s), false),
     };
     let mut had_batches = false;
     loop {
         let batch = match tokio::time::timeout(cfg.stall_timeout, stream.message()).await {
-            Err(_) => {
-                return fail(
-                    format!("no batch for {:?}: the agent stalled", cfg.stall_timeout),
-                    had_batches,
-                );
-            }
-            Ok(Err(s)) => return fail(format!("stream broke: {}", s.message()), had_batches),
-            Ok(Ok(None)) => return fail("the agent ended the stream".into(), had_batches),
+            Err(_) => return fail(SessionError::Stalled(cfg.stall_timeout), had_batches),
+            Ok(Err(s)) => return fail(SessionError::Broke(s), had_batches),
+            Ok(Ok(None)) => return fail(SessionError::Ended, had_batches),
             Ok(Ok(Some(b))) => b,
         };
-        if let Err(error) = take_batch(endpoint, shared, tx, cfg, batch, !had_batches).await {
-            return fail(error, had_batches);
+        if let Err(error) = take_batch(endpoint, index, tx, cfg, batch, !had_batches).await {
+            return fail(error.into(), had_batches);
         }
         had_batches = true;
     }
@@ -575,34 +516,26 @@ pub const MAX_BATCH_VMS: usize = 100_000;
 /// Check one batch and hand it to the writer. An error ends the session.
 async fn take_batch(
     endpoint: &str,
-    shared: &Shared,
+    index: &Index,
     tx: &mpsc::Sender<Msg>,
     cfg: &Config,
     batch: pb::SummaryBatch,
     first: bool,
-) -> Result<(), String> {
+) -> Result<(), BatchError> {
     let received_ms = now_ms();
-    let host = batch
-        .host
-        .ok_or("a batch without host facts: not a wset agent, or a broken one")?;
+    let host = batch.host.ok_or(BatchError::NoHostFacts)?;
     if !wset_proto::ids::host_id_ok(&host.host_id) {
-        return Err(format!(
-            "host id {:?} is not 1 to 253 characters of A-Z a-z 0-9 . _ -",
-            host.host_id.chars().take(80).collect::<String>()
+        return Err(BatchError::BadHostId(
+            host.host_id.chars().take(80).collect(),
         ));
     }
     if batch.summaries.len() > MAX_BATCH_VMS {
-        return Err(format!(
-            "a batch of {} summaries (at most {MAX_BATCH_VMS})",
-            batch.summaries.len()
-        ));
+        return Err(BatchError::TooLarge(batch.summaries.len()));
     }
     let mut events = Vec::new();
     if first {
-        let previous = shared
-            .hosts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let previous = index
+            .hosts()
             .get(&host.host_id)
             .map(|h| h.agent_instance_id.clone());
         events.push(event(
@@ -650,12 +583,8 @@ async fn take_batch(
     }
     let stored = summaries.len() as u64;
     let resolution_ms = (cfg.sample_interval.as_millis() as u64).max(host.tracking_interval_ms);
-    shared
-        .hosts
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(host.host_id.clone(), host.clone());
-    shared.agent(endpoint, |a| {
+    index.hosts().insert(host.host_id.clone(), host.clone());
+    index.update_agent(endpoint, |a| {
         a.state = pb::AgentConnectionState::Connected as i32;
         if a.connected_since_ms == 0 {
             a.connected_since_ms = received_ms;
@@ -680,7 +609,7 @@ async fn take_batch(
         events,
     })
     .await
-    .map_err(|_| "the controller is shutting down".to_owned())
+    .map_err(|_| BatchError::ShuttingDown)
 }
 
 /// Run discovery until `stop` changes: subscribe to every static endpoint,
@@ -688,7 +617,7 @@ async fn take_batch(
 /// `dns_refresh`; addresses that leave the DNS answer are unsubscribed.
 pub async fn discover(
     cfg: Arc<Config>,
-    shared: Arc<Shared>,
+    index: Arc<Index>,
     tx: mpsc::Sender<Msg>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -704,23 +633,19 @@ pub async fn discover(
             return;
         }
         info!(%endpoint, %source, "subscribing to agent");
-        shared
-            .agents
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                endpoint.to_owned(),
-                pb::AgentStatus {
-                    endpoint: endpoint.to_owned(),
-                    source,
-                    state: pb::AgentConnectionState::Connecting as i32,
-                    ..Default::default()
-                },
-            );
+        index.agents().insert(
+            endpoint.to_owned(),
+            pb::AgentStatus {
+                endpoint: endpoint.to_owned(),
+                source,
+                state: pb::AgentConnectionState::Connecting as i32,
+                ..Default::default()
+            },
+        );
         let (ctx, crx) = watch::channel(false);
         let h = tokio::spawn(subscribe(
             endpoint.to_owned(),
-            shared.clone(),
+            index.clone(),
             tx.clone(),
             cfg.clone(),
             crx,
@@ -760,11 +685,7 @@ pub async fn discover(
                     let _ = c.send(true);
                     let _ = h.await;
                 }
-                shared
-                    .agents
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&ep);
+                index.agents().remove(&ep);
             }
         }
     } else {
@@ -773,47 +694,5 @@ pub async fn discover(
     for (c, h) in running.into_values() {
         let _ = c.send(true);
         let _ = h.await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A damaged VM record or latest point is skipped at start-up; the
-    /// rest of the index loads.
-    #[test]
-    fn load_skips_what_is_damaged() {
-        let dir = std::env::temp_dir().join(format!("wset-ingest-load-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let store = Store::open(&dir, crate::config::default_levels(), 8 << 20).unwrap();
-        let record = |id: &str| pb::ClusterVm {
-            vm_id: id.into(),
-            host_id: "h".into(),
-            ..Default::default()
-        };
-        let point = |t| pb::VmHistoryPoint {
-            timestamp_ms: t,
-            ..Default::default()
-        };
-        store
-            .apply(&Write {
-                vm_points: vec![("a".into(), point(10)), ("b".into(), point(10))],
-                vm_records: vec![record("a"), record("b")],
-                ..Default::default()
-            })
-            .unwrap();
-        store.put_raw_point_bytes("b", 20, &[0xff; 3]);
-        store.put_vm_record_bytes("c", &[0xff; 3]);
-        let shared = Shared::load(&store).unwrap();
-        let vms = shared.vms.read().unwrap();
-        let mut ids: Vec<&str> = vms.keys().map(String::as_str).collect();
-        ids.sort();
-        assert_eq!(ids, ["a", "b"]);
-        assert_eq!(vms["a"].latest, Some(point(10)));
-        assert_eq!(vms["b"].latest, None);
-        drop(vms);
-        drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -11,7 +11,9 @@
 pub mod config;
 pub mod decide;
 pub mod history;
+pub mod index;
 pub mod ingest;
+pub mod labels;
 pub mod metrics;
 pub mod planner;
 pub mod scheduler;
@@ -42,7 +44,7 @@ pub async fn run(
     let cfg = Arc::new(cfg);
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
-    let (store, shared) = {
+    let (store, index) = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let store = store::Store::open(&cfg.data_dir, cfg.levels.clone(), cfg.cache_bytes)
@@ -52,33 +54,35 @@ pub async fn run(
                         cfg.data_dir.display()
                     )
                 })?;
-            let shared = ingest::Shared::load(&store).context("load the VM index")?;
-            Ok((store, Arc::new(shared)))
+            let index = index::Index::load(&store).context("load the VM index")?;
+            Ok((store, Arc::new(index)))
         })
         .await
         .context("store open task")??
     };
     info!(
         dir = %cfg.data_dir.display(),
-        vms = shared.vms.read().map(|v| v.len()).unwrap_or(0),
+        vms = index.vms().len(),
         "history store open"
     );
 
+    let store_health = Arc::new(ingest::StoreHealth::default());
     let (tx, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
     let writer = {
-        let (store, shared) = (store.clone(), shared.clone());
+        let (store, index, health) = (store.clone(), index.clone(), store_health.clone());
         std::thread::Builder::new()
             .name("wset-writer".into())
-            .spawn(move || ingest::writer(store, shared, rx))
+            .spawn(move || ingest::writer(store, index, health, rx))
             .context("start the writer thread")?
     };
     let flush_stop = Arc::new(AtomicBool::new(false));
     let flusher = {
-        let (store, shared, stop) = (store.clone(), shared.clone(), flush_stop.clone());
+        let (store, index) = (store.clone(), index.clone());
+        let (health, stop) = (store_health.clone(), flush_stop.clone());
         let period = cfg.flush_interval;
         std::thread::Builder::new()
             .name("wset-flusher".into())
-            .spawn(move || ingest::flusher(store, shared, period, stop))
+            .spawn(move || ingest::flusher(store, index, health, period, stop))
             .context("start the flusher thread")?
     };
 
@@ -86,14 +90,14 @@ pub async fn run(
     let queue = tx.downgrade();
     let discovery = tokio::spawn(ingest::discover(
         cfg.clone(),
-        shared.clone(),
+        index.clone(),
         tx,
         stop_rx.clone(),
     ));
     let maintained = Arc::new(std::sync::Mutex::new(MaintenanceTotals::default()));
     let maintenance = tokio::spawn(maintain(
         store.clone(),
-        shared.clone(),
+        index.clone(),
         cfg.clone(),
         maintained.clone(),
         stop_rx.clone(),
@@ -102,13 +106,14 @@ pub async fn run(
     let plans: Arc<decide::Plans> = Arc::new(tokio::sync::watch::Sender::new(None));
     let planning = tokio::spawn(decide::run(
         store.clone(),
-        shared.clone(),
+        index.clone(),
         cfg.clone(),
         plans.clone(),
         stop_rx.clone(),
     ));
     let sources = metrics::Sources {
-        shared: shared.clone(),
+        index: index.clone(),
+        store_health: store_health.clone(),
         plans: plans.clone(),
         queue,
         store: store.clone(),
@@ -116,7 +121,7 @@ pub async fn run(
     };
     let sched = scheduler::SchedulerService {
         store: store.clone(),
-        shared: shared.clone(),
+        index: index.clone(),
         cfg: cfg.clone(),
         plans,
         streams: Arc::new(tokio::sync::Semaphore::new(scheduler::MAX_STREAMS)),
@@ -124,7 +129,7 @@ pub async fn run(
     };
     let svc = service::ControllerService {
         store: store.clone(),
-        shared: shared.clone(),
+        index: index.clone(),
         cfg: cfg.clone(),
         streams: Arc::new(tokio::sync::Semaphore::new(service::MAX_STREAMS)),
         stop: stop_rx.clone(),
@@ -141,7 +146,7 @@ pub async fn run(
     // A store that takes no writes makes the whole server NOT_SERVING: the
     // kubelet's liveness probe then restarts it, which is what recovers
     // sled after an I/O error once the disk is fixed.
-    let mut store_ok = shared.store_health.ok.subscribe();
+    let mut store_ok = store_health.ok.subscribe();
     tokio::spawn(async move {
         while store_ok.changed().await.is_ok() {
             let ok = *store_ok.borrow_and_update();
@@ -208,7 +213,7 @@ pub struct MaintenanceTotals {
 /// Rollups and retention every `maintain_interval`.
 async fn maintain(
     store: store::Store,
-    shared: Arc<ingest::Shared>,
+    index: Arc<index::Index>,
     cfg: Arc<Config>,
     totals: Arc<std::sync::Mutex<MaintenanceTotals>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -222,20 +227,12 @@ async fn maintain(
             _ = stop.changed() => return,
             _ = tick.tick() => {}
         }
-        let vms: Vec<(String, u64)> = shared
-            .vms
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        let vms: Vec<(String, u64)> = index
+            .vms()
             .values()
             .map(|v| (v.vm_id.clone(), v.last_seen_ms))
             .collect();
-        let hosts: Vec<String> = shared
-            .hosts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let hosts: Vec<String> = index.hosts().keys().cloned().collect();
         let s = store.clone();
         let started = std::time::Instant::now();
         let pass = match tokio::task::spawn_blocking(move || {
@@ -251,7 +248,7 @@ async fn maintain(
         };
         let took = started.elapsed();
         if !pass.forgotten.is_empty() {
-            let mut v = shared.vms.write().unwrap_or_else(|p| p.into_inner());
+            let mut v = index.vms_mut();
             for id in &pass.forgotten {
                 v.remove(id);
             }

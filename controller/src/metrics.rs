@@ -7,12 +7,14 @@ use wset_proto::v1 as pb;
 use wset_serve::metrics::{Exposition, Kind};
 
 use crate::decide::Plans;
-use crate::ingest::{Msg, Shared};
+use crate::index::Index;
+use crate::ingest::{Msg, StoreHealth};
 
 /// Everything a scrape reads.
 #[derive(Debug)]
 pub struct Sources {
-    pub shared: Arc<Shared>,
+    pub index: Arc<Index>,
+    pub store_health: Arc<StoreHealth>,
     pub plans: Arc<Plans>,
     /// The writer's queue (weak: the writer still ends when ingest does).
     pub queue: tokio::sync::mpsc::WeakSender<Msg>,
@@ -35,7 +37,7 @@ pub fn render(s: &Sources) -> String {
         1.0,
     );
 
-    let agents = s.shared.agent_list();
+    let agents = s.index.agent_list();
     e.family(
         "wset_controller_agents",
         Kind::Gauge,
@@ -118,7 +120,7 @@ pub fn render(s: &Sources) -> String {
     }
 
     let (vms, tracking) = {
-        let v = s.shared.vms.read().unwrap_or_else(|p| p.into_inner());
+        let v = s.index.vms();
         let tracking = v
             .values()
             .filter(|x| x.state == pb::VmState::Tracking as i32)
@@ -247,7 +249,7 @@ fn history(e: &mut Exposition, s: &Sources, secs: impl Fn(u64) -> f64) {
         }
         Err(err) => tracing::debug!(error = %err, "store size for metrics"),
     }
-    let h = &s.shared.store_health;
+    let h = &s.store_health;
     e.family(
         "wset_controller_store_ok",
         Kind::Gauge,

@@ -16,17 +16,15 @@
 //!   link; a VM dirtying faster than the link can carry is never chosen.
 //! - **Placement**: hosts ranked for a new VM by the headroom each keeps.
 //!
-//! Every number comes with the evidence behind it.
+//! Every number comes with the evidence behind it. [`plan`] runs a
+//! [`Planner`], whose steps are its methods: the demands and the hosts as
+//! they stand ([`Planner::new`]), relieving hosts, consolidating, and the
+//! explained plan; [`place`] ranks hosts from a plan.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-/// Labels with a meaning to the planner.
-pub mod labels {
-    /// VMs with the same value never share a host.
-    pub const ANTI_AFFINITY: &str = "wset.io/anti-affinity";
-    /// `"true"`: the VM is never moved.
-    pub const PINNED: &str = "wset.io/pinned";
-}
+/// The labels with a meaning to the planner (anti-affinity, pinned).
+pub use crate::labels;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -476,10 +474,6 @@ impl HostState {
     }
 }
 
-fn group(labels: &BTreeMap<String, String>) -> Option<&String> {
-    labels.get(labels::ANTI_AFFINITY).filter(|g| !g.is_empty())
-}
-
 /// `f` of every item, on all CPUs when there are many (each item's alone,
 /// so the result does not depend on how the work is split), in order.
 pub fn map_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
@@ -501,13 +495,6 @@ pub fn map_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -
     })
 }
 
-/// Every VM's demand: the one its input carries, or computed.
-fn demands_of(vms: &[VmInput], cfg: &Config, now_ms: u64) -> Vec<Demand> {
-    map_parallel(vms, |v| {
-        v.demand.clone().unwrap_or_else(|| demand(v, cfg, now_ms))
-    })
-}
-
 /// How a move is described.
 fn reason_name(r: MoveReason) -> &'static str {
     match r {
@@ -517,118 +504,212 @@ fn reason_name(r: MoveReason) -> &'static str {
     }
 }
 
+fn mib(b: f64) -> f64 {
+    b / 1048576.0
+}
+
+/// Why a VM is not chosen to move.
+#[derive(Debug, thiserror::Error)]
+enum Unmovable {
+    #[error("pinned")]
+    Pinned,
+    #[error("already moving")]
+    AlreadyMoving,
+    #[error("moved {ago_s} s ago (hysteresis {hysteresis_s} s)")]
+    Hysteresis { ago_s: u64, hysteresis_s: u64 },
+    #[error(
+        "dirties {dirty_mb_s:.0} MB/s, over {share_pct:.0}% of the {link_mb_s:.0} MB/s link: pre-copy would not converge"
+    )]
+    WouldNotConverge {
+        dirty_mb_s: f64,
+        share_pct: f64,
+        link_mb_s: f64,
+    },
+}
+
 /// The plan for `input`. VMs on hosts not in `input.hosts` are left out.
 pub fn plan(input: &Input, cfg: &Config) -> Plan {
-    let z = normal_quantile(1.0 - cfg.risk);
-    let hw = cfg.high_watermark;
-    let vms = &input.vms;
-    let host_ix: HashMap<&str, usize> = input
-        .hosts
-        .iter()
-        .enumerate()
-        .map(|(i, h)| (h.host_id.as_str(), i))
-        .collect();
-    let mut demands = demands_of(vms, cfg, input.now_ms);
-    let mut on: Vec<Vec<usize>> = vec![Vec::new(); input.hosts.len()];
-    for (i, v) in vms.iter().enumerate() {
-        if let Some(&h) = host_ix.get(v.host_id.as_str()) {
-            on[h].push(i);
-        }
-    }
-    let initial: Vec<HostState> = input
-        .hosts
-        .iter()
-        .enumerate()
-        .map(|(h, hi)| {
-            let mut st = HostState {
-                capacity: hi.capacity_bytes as f64,
-                mean: 0.0,
-                var: 0.0,
-                moves: 0,
-                groups: BTreeMap::new(),
-                maintenance: hi.maintenance,
-            };
-            for &i in &on[h] {
-                st.mean += demands[i].mean_bytes;
-                st.var += demands[i].std_bytes * demands[i].std_bytes;
-                if let Some(g) = group(&vms[i].labels) {
-                    *st.groups.entry(g.clone()).or_default() += 1;
-                }
-            }
-            st
-        })
-        .collect();
-    let overflow: Vec<f64> = initial
-        .iter()
-        .map(|st| {
-            let sd = st.var.sqrt();
-            if sd > 0.0 {
-                1.0 - normal_cdf((st.capacity - st.mean) / sd)
-            } else if st.mean > st.capacity {
-                1.0
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let mut state = initial.clone();
+    Planner::new(input, cfg).plan()
+}
 
-    let mut moves: Vec<Move> = Vec::new();
-    let mut moved = vec![false; vms.len()];
-    let mut unresolved = Vec::new();
-    let movable = |i: usize, moved: &[bool]| -> Result<(f64, f64), String> {
-        let v = &vms[i];
-        if v.labels.get(labels::PINNED).is_some_and(|p| p == "true") {
-            return Err("pinned".into());
+/// One plan being made. [`Planner::new`] takes the inputs: every VM's
+/// demand and every host as it stands. [`Planner::plan`] then takes the
+/// steps in order: `relieve` the hosts in maintenance or over their
+/// watermark (`relieve_host`, one at a time), `consolidate` nearly idle
+/// ones (`empty_host`, all its VMs or none), and `explain` the hosts as
+/// they stand beside the moves chosen. `movable`, `destination` and
+/// `shift` are what the steps share. Pure: the time is the input's.
+#[derive(Debug)]
+pub struct Planner<'a> {
+    input: &'a Input,
+    cfg: &'a Config,
+    /// The standard normal quantile of `1 - risk`.
+    z: f64,
+    /// Each VM's demand, in the order of `input.vms`.
+    demands: Vec<Demand>,
+    /// The VMs (indices into `input.vms`) on each host, in the order of
+    /// `input.hosts`.
+    on: Vec<Vec<usize>>,
+    /// Each host as it stands, before any move.
+    initial: Vec<HostState>,
+    /// Each host's probability of overflowing, as it stands.
+    overflow: Vec<f64>,
+    /// Each host with the moves chosen so far.
+    state: Vec<HostState>,
+    /// Hosts by headroom under the watermark at risk (rounded), kept up to
+    /// date, so the best destination is found without scanning every
+    /// host: placing a VM of demand d on a host of headroom H leaves at
+    /// most H - d.mean.
+    by_room: BTreeSet<(i64, usize)>,
+    /// VMs chosen to move.
+    moved: Vec<bool>,
+    moves: Vec<Move>,
+    unresolved: Vec<String>,
+}
+
+impl<'a> Planner<'a> {
+    /// Every VM's demand (the one its input carries, or computed, on all
+    /// CPUs) and every host's totals as it stands.
+    pub fn new(input: &'a Input, cfg: &'a Config) -> Self {
+        let z = normal_quantile(1.0 - cfg.risk);
+        let vms = &input.vms;
+        let host_ix: HashMap<&str, usize> = input
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.host_id.as_str(), i))
+            .collect();
+        let demands = map_parallel(vms, |v| {
+            v.demand
+                .clone()
+                .unwrap_or_else(|| demand(v, cfg, input.now_ms))
+        });
+        let mut on: Vec<Vec<usize>> = vec![Vec::new(); input.hosts.len()];
+        for (i, v) in vms.iter().enumerate() {
+            if let Some(&h) = host_ix.get(v.host_id.as_str()) {
+                on[h].push(i);
+            }
         }
-        if moved[i] {
-            return Err("already moving".into());
+        let initial: Vec<HostState> = input
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(h, hi)| {
+                let mut st = HostState {
+                    capacity: hi.capacity_bytes as f64,
+                    mean: 0.0,
+                    var: 0.0,
+                    moves: 0,
+                    groups: BTreeMap::new(),
+                    maintenance: hi.maintenance,
+                };
+                for &i in &on[h] {
+                    st.mean += demands[i].mean_bytes;
+                    st.var += demands[i].std_bytes * demands[i].std_bytes;
+                    if let Some(g) = labels::anti_affinity_group(&vms[i].labels) {
+                        *st.groups.entry(g.to_owned()).or_default() += 1;
+                    }
+                }
+                st
+            })
+            .collect();
+        let overflow: Vec<f64> = initial
+            .iter()
+            .map(|st| {
+                let sd = st.var.sqrt();
+                if sd > 0.0 {
+                    1.0 - normal_cdf((st.capacity - st.mean) / sd)
+                } else if st.mean > st.capacity {
+                    1.0
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mut planner = Self {
+            input,
+            cfg,
+            z,
+            demands,
+            on,
+            state: initial.clone(),
+            initial,
+            overflow,
+            by_room: BTreeSet::new(),
+            moved: vec![false; vms.len()],
+            moves: Vec::new(),
+            unresolved: Vec::new(),
+        };
+        planner.by_room = (0..planner.state.len())
+            .map(|h| (planner.room(h), h))
+            .collect();
+        planner
+    }
+
+    /// The plan: the steps in order.
+    pub fn plan(mut self) -> Plan {
+        self.relieve();
+        if self.cfg.consolidate_below > 0.0 {
+            self.consolidate();
+        }
+        self.moves
+            .sort_by(|a, b| a.priority.cmp(&b.priority).then(a.vm_id.cmp(&b.vm_id)));
+        self.explain()
+    }
+
+    /// Host `h`'s headroom under the watermark at risk, rounded: its key in
+    /// `by_room`.
+    fn room(&self, h: usize) -> i64 {
+        let st = &self.state[h];
+        (self.cfg.high_watermark * st.capacity - st.at_risk(self.z)).round() as i64
+    }
+
+    fn host_name(&self, h: usize) -> &'a str {
+        self.input.hosts[h].host_id.as_str()
+    }
+
+    /// Whether VM `i` may move, and if so the bytes and seconds pre-copy
+    /// would take.
+    fn movable(&self, i: usize) -> Result<(f64, f64), Unmovable> {
+        let (v, cfg, now_ms) = (&self.input.vms[i], self.cfg, self.input.now_ms);
+        if labels::pinned(&v.labels) {
+            return Err(Unmovable::Pinned);
+        }
+        if self.moved[i] {
+            return Err(Unmovable::AlreadyMoving);
         }
         if let Some(t) = v.last_moved_ms
-            && input.now_ms.saturating_sub(t) < cfg.hysteresis_ms
+            && now_ms.saturating_sub(t) < cfg.hysteresis_ms
         {
-            return Err(format!(
-                "moved {} s ago (hysteresis {} s)",
-                input.now_ms.saturating_sub(t) / 1000,
-                cfg.hysteresis_ms / 1000
-            ));
+            return Err(Unmovable::Hysteresis {
+                ago_s: now_ms.saturating_sub(t) / 1000,
+                hysteresis_s: cfg.hysteresis_ms / 1000,
+            });
         }
-        let d = &demands[i];
+        let d = &self.demands[i];
         copy_cost(v.memory_bytes, d.dirty_bytes_per_s, cfg).ok_or_else(|| {
-            format!(
-                "dirties {:.0} MB/s, over {:.0}% of the {:.0} MB/s link: pre-copy would not converge",
-                d.dirty_bytes_per_s / 1e6,
-                cfg.max_dirty_share * 100.0,
-                cfg.link_bytes_per_s / 1e6
-            )
+            Unmovable::WouldNotConverge {
+                dirty_mb_s: d.dirty_bytes_per_s / 1e6,
+                share_pct: cfg.max_dirty_share * 100.0,
+                link_mb_s: cfg.link_bytes_per_s / 1e6,
+            }
         })
-    };
-    // Hosts by headroom under the watermark at risk, kept up to date, so
-    // the best destination is found without scanning every host: placing a
-    // VM of demand d on a host of headroom H leaves at most H - d.mean.
-    let room_key = |st: &HostState| (hw * st.capacity - st.at_risk(z)).round() as i64;
-    let mut by_room: BTreeSet<(i64, usize)> = state
-        .iter()
-        .enumerate()
-        .map(|(h, st)| (room_key(st), h))
-        .collect();
-    // The destination for VM `i` that keeps the most headroom under the
-    // watermark, other than `from` and the hosts in `exclude`.
-    let destination = |state: &[HostState],
-                       by_room: &BTreeSet<(i64, usize)>,
-                       i: usize,
-                       from: usize,
-                       exclude: &[bool]|
-     -> Option<(usize, f64)> {
-        let d = &demands[i];
-        let g = group(&vms[i].labels);
+    }
+
+    /// The destination for VM `i` that keeps the most headroom under the
+    /// watermark, other than `from` and the hosts in `exclude`, and that
+    /// headroom.
+    fn destination(&self, i: usize, from: usize, exclude: &[bool]) -> Option<(usize, f64)> {
+        let (cfg, z) = (self.cfg, self.z);
+        let d = &self.demands[i];
+        let g = labels::anti_affinity_group(&self.input.vms[i].labels);
         let mut best: Option<(usize, f64)> = None;
-        for &(room, h) in by_room.iter().rev() {
+        for &(room, h) in self.by_room.iter().rev() {
             let bound = room as f64 + 1.0 - d.mean_bytes;
             if bound < 0.0 || best.is_some_and(|(_, b)| bound < b) {
                 break;
             }
-            let st = &state[h];
+            let st = &self.state[h];
             if h == from
                 || exclude[h]
                 || st.maintenance
@@ -637,27 +718,25 @@ pub fn plan(input: &Input, cfg: &Config) -> Plan {
             {
                 continue;
             }
-            let keep = hw * st.capacity - st.with(d, z);
+            let keep = cfg.high_watermark * st.capacity - st.with(d, z);
             if keep >= 0.0 && best.is_none_or(|(bh, b)| keep > b || (keep == b && h < bh)) {
                 best = Some((h, keep));
             }
         }
         best
-    };
-    // Move VM `i` from `from` to `to` in the running state, or (undo) back.
-    let apply = |state: &mut [HostState],
-                 by_room: &mut BTreeSet<(i64, usize)>,
-                 i: usize,
-                 from: usize,
-                 to: usize,
-                 undo: bool| {
-        let d = &demands[i];
-        let g = group(&vms[i].labels);
+    }
+
+    /// Move VM `i` from `from` to `to` in the running state, or (`undo`)
+    /// back.
+    fn shift(&mut self, i: usize, from: usize, to: usize, undo: bool) {
+        let d = &self.demands[i];
+        let g = labels::anti_affinity_group(&self.input.vms[i].labels);
         let (src, dst) = if undo { (to, from) } else { (from, to) };
         for h in [src, dst] {
-            by_room.remove(&(room_key(&state[h]), h));
+            let key = (self.room(h), h);
+            self.by_room.remove(&key);
         }
-        let s = &mut state[src];
+        let s = &mut self.state[src];
         s.mean -= d.mean_bytes;
         s.var = (s.var - d.std_bytes * d.std_bytes).max(0.0);
         if let Some(g) = g
@@ -668,90 +747,104 @@ pub fn plan(input: &Input, cfg: &Config) -> Plan {
                 s.groups.remove(g);
             }
         }
-        let t = &mut state[dst];
+        let t = &mut self.state[dst];
         t.mean += d.mean_bytes;
         t.var += d.std_bytes * d.std_bytes;
         if let Some(g) = g {
-            *t.groups.entry(g.clone()).or_default() += 1;
+            *t.groups.entry(g.to_owned()).or_default() += 1;
         }
         for h in [from, to] {
             if undo {
-                state[h].moves -= 1;
+                self.state[h].moves -= 1;
             } else {
-                state[h].moves += 1;
+                self.state[h].moves += 1;
             }
         }
         for h in [src, dst] {
-            by_room.insert((room_key(&state[h]), h));
+            let key = (self.room(h), h);
+            self.by_room.insert(key);
         }
-    };
-    let host_name = |h: usize| input.hosts[h].host_id.as_str();
-    let mib = |b: f64| b / 1048576.0;
+    }
 
-    // Hosts to relieve: maintenance first, then by how far over they are.
-    let mut hot: Vec<usize> = (0..state.len())
-        .filter(|&h| state[h].maintenance || state[h].hot(z, hw))
-        .collect();
-    hot.sort_by(|&a, &b| {
-        let over = |h: usize| state[h].at_risk(z) / state[h].capacity.max(1.0);
-        state[b]
-            .maintenance
-            .cmp(&state[a].maintenance)
-            .then(over(b).total_cmp(&over(a)))
-    });
-    let no_exclusions = vec![false; state.len()];
-    for h in hot {
-        let maint = state[h].maintenance;
+    /// Relieve the hosts that need it: maintenance first, then by how far
+    /// over their watermark they are.
+    fn relieve(&mut self) {
+        let (z, hw) = (self.z, self.cfg.high_watermark);
+        let state = &self.state;
+        let mut hot: Vec<usize> = (0..state.len())
+            .filter(|&h| state[h].maintenance || state[h].hot(z, hw))
+            .collect();
+        hot.sort_by(|&a, &b| {
+            let over = |h: usize| state[h].at_risk(z) / state[h].capacity.max(1.0);
+            state[b]
+                .maintenance
+                .cmp(&state[a].maintenance)
+                .then(over(b).total_cmp(&over(a)))
+        });
+        let no_exclusions = vec![false; state.len()];
+        for h in hot {
+            self.relieve_host(h, &no_exclusions);
+        }
+    }
+
+    /// Move VMs off host `h`, cheapest relief first, until it is under its
+    /// watermark (or empty, in maintenance); what is left is unresolved,
+    /// with the reasons.
+    fn relieve_host(&mut self, h: usize, no_exclusions: &[bool]) {
+        let (input, cfg, z, hw) = (self.input, self.cfg, self.z, self.cfg.high_watermark);
+        let vms = &input.vms;
+        let maint = self.state[h].maintenance;
         let mut cands: Vec<(usize, f64, f64)> = Vec::new();
         let mut refused = Vec::new();
-        for &i in &on[h] {
-            match movable(i, &moved) {
+        for &i in &self.on[h] {
+            match self.movable(i) {
                 Ok((bytes, secs)) => cands.push((i, bytes, secs)),
                 Err(why) => refused.push(format!("{}: {why}", vms[i].vm_id)),
             }
         }
         // Cheapest relief first: copy seconds per byte of demand removed.
         cands.sort_by(|a, b| {
-            let r = |c: &(usize, f64, f64)| c.2 / demands[c.0].mean_bytes.max(1.0);
+            let r = |c: &(usize, f64, f64)| c.2 / self.demands[c.0].mean_bytes.max(1.0);
             r(a).total_cmp(&r(b))
                 .then_with(|| vms[a.0].vm_id.cmp(&vms[b.0].vm_id))
         });
         let (priority, reason) = if maint {
             (1, MoveReason::Maintenance)
-        } else if overflow[h] > 10.0 * cfg.risk {
+        } else if self.overflow[h] > 10.0 * cfg.risk {
             (2, MoveReason::Overload)
-        } else if overflow[h] > cfg.risk {
+        } else if self.overflow[h] > cfg.risk {
             (3, MoveReason::Overload)
         } else {
             (4, MoveReason::Overload)
         };
         for (i, bytes, secs) in cands {
-            if !maint && !state[h].hot(z, hw) {
+            if !maint && !self.state[h].hot(z, hw) {
                 break;
             }
-            if state[h].moves >= cfg.max_moves_per_host {
+            if self.state[h].moves >= cfg.max_moves_per_host {
                 refused.push(format!(
                     "{}: the host already has {} moves under way",
                     vms[i].vm_id, cfg.max_moves_per_host
                 ));
                 break;
             }
-            let Some((to, keep)) = destination(&state, &by_room, i, h, &no_exclusions) else {
+            let Some((to, keep)) = self.destination(i, h, no_exclusions) else {
                 refused.push(format!(
                     "{}: no host can take {:.0} MiB at risk {} under its watermark",
                     vms[i].vm_id,
-                    mib(demands[i].mean_bytes),
+                    mib(self.demands[i].mean_bytes),
                     cfg.risk
                 ));
                 continue;
             };
-            let before = state[h].at_risk(z);
-            apply(&mut state, &mut by_room, i, h, to, false);
-            moved[i] = true;
-            moves.push(Move {
+            let before = self.state[h].at_risk(z);
+            self.shift(i, h, to, false);
+            self.moved[i] = true;
+            let (from_name, to_name) = (self.host_name(h), self.host_name(to));
+            self.moves.push(Move {
                 vm_id: vms[i].vm_id.clone(),
-                from: host_name(h).to_owned(),
-                to: host_name(to).to_owned(),
+                from: from_name.to_owned(),
+                to: to_name.to_owned(),
                 priority,
                 reason,
                 copy_bytes: bytes,
@@ -759,34 +852,36 @@ pub fn plan(input: &Input, cfg: &Config) -> Plan {
                 explanation: format!(
                     "{}: host {} demand at risk {:.0} MiB -> {:.0} MiB (watermark {:.0} MiB); {} keeps {:.0} MiB of headroom; copy {:.0} MiB in {:.1} s at {:.0} MB/s (dirty {:.1} MB/s)",
                     reason_name(reason),
-                    host_name(h),
+                    from_name,
                     mib(before),
-                    mib(state[h].at_risk(z)),
-                    mib(hw * state[h].capacity),
-                    host_name(to),
+                    mib(self.state[h].at_risk(z)),
+                    mib(hw * self.state[h].capacity),
+                    to_name,
                     mib(keep),
                     mib(bytes),
                     secs,
                     cfg.link_bytes_per_s / 1e6,
-                    demands[i].dirty_bytes_per_s / 1e6
+                    self.demands[i].dirty_bytes_per_s / 1e6
                 ),
             });
         }
-        let left = on[h].iter().filter(|&&i| !moved[i]).count();
-        if (maint && left > 0) || (!maint && state[h].hot(z, hw)) {
-            unresolved.push(format!(
+        let left = self.on[h].iter().filter(|&&i| !self.moved[i]).count();
+        let st = &self.state[h];
+        if (maint && left > 0) || (!maint && st.hot(z, hw)) {
+            let name = self.host_name(h);
+            self.unresolved.push(format!(
                 "{}: {} after {} moves{}",
-                host_name(h),
+                name,
                 if maint {
                     format!("{left} VMs remain on a host in maintenance")
                 } else {
                     format!(
                         "demand at risk {:.0}% of capacity, over the {:.0}% watermark",
-                        state[h].at_risk(z) / state[h].capacity * 100.0,
+                        st.at_risk(z) / st.capacity * 100.0,
                         hw * 100.0
                     )
                 },
-                moves.iter().filter(|m| m.from == host_name(h)).count(),
+                self.moves.iter().filter(|m| m.from == name).count(),
                 if refused.is_empty() {
                     String::new()
                 } else {
@@ -796,13 +891,16 @@ pub fn plan(input: &Input, cfg: &Config) -> Plan {
         }
     }
 
-    // Consolidation: empty nearly idle hosts whose every VM fits elsewhere.
-    if cfg.consolidate_below > 0.0 {
+    /// Consolidation (when `consolidate_below` is set): empty nearly idle
+    /// hosts whose every VM fits elsewhere, least loaded first.
+    fn consolidate(&mut self) {
+        let (cfg, z) = (self.cfg, self.z);
+        let state = &self.state;
         let mut idle: Vec<usize> = (0..state.len())
             .filter(|&h| {
                 !state[h].maintenance
                     && state[h].moves == 0
-                    && !on[h].is_empty()
+                    && !self.on[h].is_empty()
                     && state[h].at_risk(z) < cfg.consolidate_below * state[h].capacity
             })
             .collect();
@@ -816,112 +914,136 @@ pub fn plan(input: &Input, cfg: &Config) -> Plan {
         for h in idle {
             // A host that took VMs meanwhile is a destination now, not a
             // host to empty.
-            if state[h].moves > 0 || on[h].len() as u32 > cfg.max_moves_per_host {
+            if self.state[h].moves > 0 || self.on[h].len() as u32 > cfg.max_moves_per_host {
                 continue;
             }
-            // Move the whole host, undoing it all unless every VM fits.
-            let mut trial_moves = Vec::new();
-            emptied[h] = true;
-            let mut ok = true;
-            for &i in &on[h] {
-                let (Ok((bytes, secs)), Some((to, _))) = (
-                    movable(i, &moved),
-                    destination(&state, &by_room, i, h, &emptied),
-                ) else {
-                    ok = false;
-                    break;
-                };
-                apply(&mut state, &mut by_room, i, h, to, false);
-                trial_moves.push((i, to, bytes, secs));
-            }
-            if !ok {
-                for &(i, to, _, _) in trial_moves.iter().rev() {
-                    apply(&mut state, &mut by_room, i, h, to, true);
-                }
-                emptied[h] = false;
-                continue;
-            }
-            for (i, to, bytes, secs) in trial_moves {
-                moved[i] = true;
-                moves.push(Move {
-                    vm_id: vms[i].vm_id.clone(),
-                    from: host_name(h).to_owned(),
-                    to: host_name(to).to_owned(),
-                    priority: 5,
-                    reason: MoveReason::Consolidation,
-                    copy_bytes: bytes,
-                    copy_seconds: secs,
-                    explanation: format!(
-                        "consolidation: host {} is under {:.0}% of its capacity at risk and every VM on it fits elsewhere; {} stays under its watermark; copy {:.0} MiB in {:.1} s",
-                        host_name(h),
-                        cfg.consolidate_below * 100.0,
-                        host_name(to),
-                        mib(bytes),
-                        secs
-                    ),
-                });
-            }
+            self.empty_host(h, &mut emptied);
         }
     }
-    moves.sort_by(|a, b| a.priority.cmp(&b.priority).then(a.vm_id.cmp(&b.vm_id)));
 
-    // The hosts as they stand (before the moves), each with its VMs.
-    let mut taken: Vec<Option<Demand>> = demands.drain(..).map(Some).collect();
-    let hosts = input
-        .hosts
-        .iter()
-        .enumerate()
-        .map(|(h, hi)| {
-            let st = &initial[h];
-            let sd = st.var.sqrt();
-            let at_risk = st.at_risk(z);
-            let committed: u64 = on[h].iter().map(|&i| vms[i].memory_bytes).sum();
-            let vm_plans: Vec<VmPlan> = on[h]
-                .iter()
-                .map(|&i| VmPlan {
-                    vm_id: vms[i].vm_id.clone(),
-                    demand: taken[i].take().expect("each VM on one host"),
-                    reclaimable_bytes: reclaimable(&vms[i], cfg),
-                })
-                .collect();
-            HostPlan {
-                host_id: hi.host_id.clone(),
-                capacity_bytes: hi.capacity_bytes,
-                committed_bytes: committed,
-                demand_mean_bytes: st.mean,
-                demand_std_bytes: sd,
-                demand_at_risk_bytes: at_risk,
-                overflow_probability: overflow[h],
-                admissible_bytes: (hw * st.capacity - at_risk).max(0.0) as u64,
-                safe_overcommit_ratio: if at_risk > 0.0 {
-                    committed as f64 / at_risk * hw
-                } else {
-                    0.0
-                },
-                reclaimable_bytes: vm_plans.iter().map(|p| p.reclaimable_bytes).sum(),
-                maintenance: hi.maintenance,
-                groups: st.groups.keys().cloned().collect(),
-                explanation: format!(
-                    "{} VMs, {:.0} MiB committed on {:.0} MiB: demand {:.0} ± {:.0} MiB; at risk {} it reaches {:.0} MiB ({:.0}% of capacity, watermark {:.0}%); P(overflow) {:.2e}",
-                    on[h].len(),
-                    mib(committed as f64),
-                    mib(st.capacity),
-                    mib(st.mean),
-                    mib(sd),
-                    cfg.risk,
-                    mib(at_risk),
-                    at_risk / st.capacity.max(1.0) * 100.0,
-                    hw * 100.0,
-                    overflow[h]
-                ),
-                vms: vm_plans,
+    /// Move every VM off host `h`, or none: a trial that is undone unless
+    /// every VM fits elsewhere. `emptied` marks the hosts emptied (never a
+    /// destination).
+    fn empty_host(&mut self, h: usize, emptied: &mut [bool]) {
+        let mut trial_moves = Vec::new();
+        emptied[h] = true;
+        let mut ok = true;
+        for k in 0..self.on[h].len() {
+            let i = self.on[h][k];
+            let (Ok((bytes, secs)), Some((to, _))) =
+                (self.movable(i), self.destination(i, h, emptied))
+            else {
+                ok = false;
+                break;
+            };
+            self.shift(i, h, to, false);
+            trial_moves.push((i, to, bytes, secs));
+        }
+        if !ok {
+            for &(i, to, _, _) in trial_moves.iter().rev() {
+                self.shift(i, h, to, true);
             }
-        })
-        .collect();
-    Plan {
-        hosts,
-        moves,
-        unresolved,
+            emptied[h] = false;
+            return;
+        }
+        let cfg = self.cfg;
+        for (i, to, bytes, secs) in trial_moves {
+            self.moved[i] = true;
+            let (from_name, to_name) = (self.host_name(h), self.host_name(to));
+            self.moves.push(Move {
+                vm_id: self.input.vms[i].vm_id.clone(),
+                from: from_name.to_owned(),
+                to: to_name.to_owned(),
+                priority: 5,
+                reason: MoveReason::Consolidation,
+                copy_bytes: bytes,
+                copy_seconds: secs,
+                explanation: format!(
+                    "consolidation: host {} is under {:.0}% of its capacity at risk and every VM on it fits elsewhere; {} stays under its watermark; copy {:.0} MiB in {:.1} s",
+                    from_name,
+                    cfg.consolidate_below * 100.0,
+                    to_name,
+                    mib(bytes),
+                    secs
+                ),
+            });
+        }
+    }
+
+    /// The plan: the hosts as they stand (before the moves), each with its
+    /// VMs and the evidence, beside the moves chosen and what is left
+    /// unresolved.
+    fn explain(self) -> Plan {
+        let Planner {
+            input,
+            cfg,
+            z,
+            demands,
+            on,
+            initial,
+            overflow,
+            moves,
+            unresolved,
+            ..
+        } = self;
+        let (vms, hw) = (&input.vms, cfg.high_watermark);
+        let mut taken: Vec<Option<Demand>> = demands.into_iter().map(Some).collect();
+        let hosts = input
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(h, hi)| {
+                let st = &initial[h];
+                let sd = st.var.sqrt();
+                let at_risk = st.at_risk(z);
+                let committed: u64 = on[h].iter().map(|&i| vms[i].memory_bytes).sum();
+                let vm_plans: Vec<VmPlan> = on[h]
+                    .iter()
+                    .map(|&i| VmPlan {
+                        vm_id: vms[i].vm_id.clone(),
+                        demand: taken[i].take().expect("each VM on one host"),
+                        reclaimable_bytes: reclaimable(&vms[i], cfg),
+                    })
+                    .collect();
+                HostPlan {
+                    host_id: hi.host_id.clone(),
+                    capacity_bytes: hi.capacity_bytes,
+                    committed_bytes: committed,
+                    demand_mean_bytes: st.mean,
+                    demand_std_bytes: sd,
+                    demand_at_risk_bytes: at_risk,
+                    overflow_probability: overflow[h],
+                    admissible_bytes: (hw * st.capacity - at_risk).max(0.0) as u64,
+                    safe_overcommit_ratio: if at_risk > 0.0 {
+                        committed as f64 / at_risk * hw
+                    } else {
+                        0.0
+                    },
+                    reclaimable_bytes: vm_plans.iter().map(|p| p.reclaimable_bytes).sum(),
+                    maintenance: hi.maintenance,
+                    groups: st.groups.keys().cloned().collect(),
+                    explanation: format!(
+                        "{} VMs, {:.0} MiB committed on {:.0} MiB: demand {:.0} ± {:.0} MiB; at risk {} it reaches {:.0} MiB ({:.0}% of capacity, watermark {:.0}%); P(overflow) {:.2e}",
+                        on[h].len(),
+                        mib(committed as f64),
+                        mib(st.capacity),
+                        mib(st.mean),
+                        mib(sd),
+                        cfg.risk,
+                        mib(at_risk),
+                        at_risk / st.capacity.max(1.0) * 100.0,
+                        hw * 100.0,
+                        overflow[h]
+                    ),
+                    vms: vm_plans,
+                }
+            })
+            .collect();
+        Plan {
+            hosts,
+            moves,
+            unresolved,
+        }
     }
 }
 
@@ -954,7 +1076,7 @@ pub fn place(p: &Plan, req: &PlacementRequest, cfg: &Config) -> Vec<Ranked> {
     } as f64;
     // Unknown VMs vary: a tenth of their demand as spread.
     let sd = want * 0.1;
-    let group = group(&req.labels);
+    let group = labels::anti_affinity_group(&req.labels);
     let mut out: Vec<Ranked> = p
         .hosts
         .iter()

@@ -9,14 +9,15 @@ use wset_proto::v1 as pb;
 
 use crate::config::Config;
 use crate::decide::{PlanRecord, Plans, plan_now};
-use crate::ingest::Shared;
+use crate::index::Index;
+use crate::labels;
 use crate::planner::{self, MoveReason, PlacementRequest};
 use crate::store::Store;
 
 #[derive(Debug, Clone)]
 pub struct SchedulerService {
     pub store: Store,
-    pub shared: Arc<Shared>,
+    pub index: Arc<Index>,
     pub cfg: Arc<Config>,
     pub plans: Arc<Plans>,
     /// One permit per open `WatchDecisions` stream.
@@ -136,8 +137,8 @@ impl SchedulerService {
         if !replan && let Some(p) = self.plans.borrow().clone() {
             return Ok(p);
         }
-        let (s, sh, c) = (self.store.clone(), self.shared.clone(), self.cfg.clone());
-        let p = tokio::task::spawn_blocking(move || plan_now(&s, &sh, &c))
+        let (s, ix, c) = (self.store.clone(), self.index.clone(), self.cfg.clone());
+        let p = tokio::task::spawn_blocking(move || plan_now(&s, &ix, &c))
             .await
             .map_err(|e| Status::internal(format!("planning task failed: {e}")))?;
         let p = Arc::new(p);
@@ -146,10 +147,8 @@ impl SchedulerService {
     }
 
     fn memory_of_vms(&self) -> BTreeMap<String, u64> {
-        self.shared
-            .vms
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        self.index
+            .vms()
             .values()
             .map(|v| (v.vm_id.clone(), v.memory_bytes))
             .collect()
@@ -315,8 +314,11 @@ impl pb::scheduler_service_server::SchedulerService for SchedulerService {
                 r.expected_wss_bytes, r.memory_bytes
             )));
         }
-        if r.labels.len() > 64 {
-            return Err(Status::invalid_argument("labels has more than 64 entries"));
+        if r.labels.len() > labels::MAX_LABELS {
+            return Err(Status::invalid_argument(format!(
+                "labels has more than {} entries",
+                labels::MAX_LABELS
+            )));
         }
         let p = self.plan(false).await?;
         let ranked = planner::place(

@@ -8,7 +8,7 @@ use wset_proto::v1 as pb;
 
 use crate::config::Config;
 use crate::history::{Mergeable, Page, PageToken, Query, page};
-use crate::ingest::Shared;
+use crate::index::Index;
 use crate::now_ms;
 use crate::store::{Store, StoreError};
 
@@ -21,7 +21,7 @@ const FUTURE_SLACK_MS: u64 = 86_400_000;
 #[derive(Debug, Clone)]
 pub struct ControllerService {
     pub store: Store,
-    pub shared: Arc<Shared>,
+    pub index: Arc<Index>,
     pub cfg: Arc<Config>,
     /// One permit per open `WatchVms` stream.
     pub streams: Arc<tokio::sync::Semaphore>,
@@ -201,7 +201,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
         _req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         Ok(Response::new(pb::ListAgentsResponse {
-            agents: self.shared.agent_list(),
+            agents: self.index.agent_list(),
         }))
     }
 
@@ -214,10 +214,8 @@ impl pb::controller_service_server::ControllerService for ControllerService {
             check_host_id(&host)?;
         }
         let mut vms: Vec<pb::ClusterVm> = self
-            .shared
-            .vms
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .index
+            .vms()
             .values()
             .filter(|v| host.is_empty() || v.host_id == host)
             .cloned()
@@ -254,7 +252,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
                 "{MAX_STREAMS} WatchVms streams are open already; close one"
             ))
         })?;
-        let mut rx = self.shared.updates.subscribe();
+        let mut rx = self.index.subscribe();
         let mut stop = self.stop.clone();
         let ids: std::collections::HashSet<String> = r.vm_ids.into_iter().collect();
         let host = r.host_id;
@@ -317,12 +315,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
         }
         let now = now_ms();
         let q = query(range_of!(r), &self.cfg, now)?;
-        let known = self
-            .shared
-            .vms
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&r.vm_id);
+        let known = self.index.vms().contains_key(&r.vm_id);
         if !known {
             return Err(Status::not_found(format!(
                 "no VM {:?} has been reported by any agent (see ListVms)",
@@ -374,12 +367,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
         check_host_id(&r.host_id)?;
         let now = now_ms();
         let q = query(range_of!(r), &self.cfg, now)?;
-        let known = self
-            .shared
-            .hosts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&r.host_id);
+        let known = self.index.hosts().contains_key(&r.host_id);
         if !known {
             return Err(Status::not_found(format!(
                 "no agent has reported host {:?} (see ListAgents)",
