@@ -538,18 +538,32 @@ async fn take_batch(
             .hosts()
             .get(&host.host_id)
             .map(|h| h.agent_instance_id.clone());
-        events.push(event(
-            pb::HostEventKind::Connected,
-            format!("agent {} at {endpoint}", host.agent_instance_id),
-        ));
+        // Stamped when the agent made the batch, on the clock its points
+        // carry: a busy controller takes the batch later, and a gap closed
+        // by the batch's points must still find these as its reason.
+        let now = now_ms();
+        let at = match batch.timestamp_ms {
+            0 => now,
+            t => t.min(now),
+        };
+        events.push(pb::HostEvent {
+            timestamp_ms: at,
+            ..event(
+                pb::HostEventKind::Connected,
+                format!("agent {} at {endpoint}", host.agent_instance_id),
+            )
+        });
         if let Some(prev) = previous.filter(|p| !p.is_empty() && *p != host.agent_instance_id) {
-            events.push(event(
-                pb::HostEventKind::AgentRestarted,
-                format!(
-                    "agent instance {prev} was replaced by {}",
-                    host.agent_instance_id
-                ),
-            ));
+            events.push(pb::HostEvent {
+                timestamp_ms: at,
+                ..event(
+                    pb::HostEventKind::AgentRestarted,
+                    format!(
+                        "agent instance {prev} was replaced by {}",
+                        host.agent_instance_id
+                    ),
+                )
+            });
         }
     }
     let mut rejected = 0u64;

@@ -126,13 +126,17 @@ fn query(r: Range, cfg: &Config, now: u64) -> Result<Query, Status> {
 }
 
 /// The gaps on the wire, each with the host events from one point period
-/// (`slack_ms`) before it to its end as the reason.
+/// (`slack_ms`) before it to one after its end as the reason (the event
+/// that ends a gap, a reconnection, comes with the point that closes it).
 fn gaps_pb(gaps: &[(u64, u64)], events: &[pb::HostEvent], slack_ms: u64) -> Vec<pb::HistoryGap> {
     gaps.iter()
         .map(|&(start_ms, end_ms)| {
             let why: Vec<String> = events
                 .iter()
-                .filter(|e| (start_ms.saturating_sub(slack_ms)..=end_ms).contains(&e.timestamp_ms))
+                .filter(|e| {
+                    (start_ms.saturating_sub(slack_ms)..=end_ms.saturating_add(slack_ms))
+                        .contains(&e.timestamp_ms)
+                })
                 .map(|e| {
                     let kind =
                         pb::HostEventKind::try_from(e.kind).map_or("event".to_owned(), |k| {

@@ -613,7 +613,7 @@ mod tests {
             key: None,
             server_name: None,
         };
-        let e = tls::client_config::<tls::TlsError>(&t, "h").unwrap_err();
+        let e = tls::client_config(&t, "h").unwrap_err();
         let chain = error_chain(&e);
         assert!(
             chain.starts_with("read CA /nonexistent/ca.pem: ") && chain.contains("No such file"),

@@ -306,12 +306,10 @@ fn refused(what: &str, peer: SocketAddr, why: &str) {
 
 /// A tonic client TLS configuration from the files (read now: a
 /// reconnecting client picks up rotated files at its next connection).
-/// The error is any type a [`TlsError`] converts into, so a caller that
-/// chains it with its own fallible steps needs no conversion of its own.
-pub fn client_config<E: From<TlsError>>(
+pub fn client_config(
     t: &ClientTls,
     host: &str,
-) -> Result<tonic::transport::ClientTlsConfig, E> {
+) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
     let read = |what: &'static str, path: &Path| {
         std::fs::read(path).map_err(|source| TlsError::ReadFile {
             what,
@@ -330,7 +328,7 @@ pub fn client_config<E: From<TlsError>>(
             c = c.identity(tonic::transport::Identity::from_pem(cert, key));
         }
         (None, None) => {}
-        _ => return Err(TlsError::HalfIdentity.into()),
+        _ => return Err(TlsError::HalfIdentity),
     }
     Ok(c)
 }
