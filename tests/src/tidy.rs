@@ -26,7 +26,7 @@ const UNSAFE_ALLOWED: &[&str] = &[
     "guest/src/kvm.rs",
     "guest/src/memory.rs",
     "demo/src/main.rs",
-    "tests/tests/bad_input.rs",
+    "tests/tests/e2e/bad_input.rs",
 ];
 
 fn root() -> PathBuf {
