@@ -479,4 +479,70 @@ proptest! {
             }
         }
     }
+
+    /// The other half: a planner that never moves anything keeps every
+    /// invariant above. So: a host the plan leaves over its watermark, with
+    /// moves left in its budget, holding a VM that may move and that fits
+    /// under the watermark of another host with moves left (as the plan
+    /// leaves it), must see a move off it.
+    #[test]
+    fn an_overloaded_host_is_relieved_when_one_move_would_do(input in arb_cluster()) {
+        let cfg = Config::default();
+        let p = plan(&input, &cfg);
+        let z = normal_quantile(1.0 - cfg.risk);
+        let at_risk = |vs: &[&VmInput]| {
+            let (mut mean, mut var) = (0.0, 0.0);
+            for v in vs {
+                let d = demand(v, &cfg, NOW);
+                mean += d.mean_bytes;
+                var += d.std_bytes * d.std_bytes;
+            }
+            mean + z * f64::sqrt(var)
+        };
+        // Where the plan leaves every VM, and how many moves each host has.
+        let mut at: BTreeMap<&str, &str> = input.vms.iter().map(|v| (v.vm_id.as_str(), v.host_id.as_str())).collect();
+        let mut budget_used: BTreeMap<&str, u32> = BTreeMap::new();
+        for m in &p.moves {
+            at.insert(m.vm_id.as_str(), m.to.as_str());
+            *budget_used.entry(m.from.as_str()).or_default() += 1;
+            *budget_used.entry(m.to.as_str()).or_default() += 1;
+        }
+        let has_budget = |h: &str| budget_used.get(h).copied().unwrap_or(0) < cfg.max_moves_per_host;
+        let on = |h: &str| input.vms.iter().filter(|v| at[v.vm_id.as_str()] == h).collect::<Vec<_>>();
+        let movable = |v: &VmInput| {
+            v.labels.get(labels::PINNED).is_none_or(|x| x != "true")
+                && v.last_moved_ms.is_none_or(|t| NOW - t >= cfg.hysteresis_ms)
+                && v.samples[0].dirty_bytes_per_s <= cfg.max_dirty_share * cfg.link_bytes_per_s
+        };
+        for h in &input.hosts {
+            let here = on(&h.host_id);
+            if h.maintenance
+                || !has_budget(&h.host_id)
+                || at_risk(&here) <= cfg.high_watermark * h.capacity_bytes as f64
+            {
+                continue;
+            }
+            let one_move = here.iter().filter(|v| movable(v)).find_map(|v| {
+                input.hosts.iter().find(|t| {
+                    let there = on(&t.host_id);
+                    let group = v.labels.get(labels::ANTI_AFFINITY);
+                    t.host_id != h.host_id
+                        && !t.maintenance
+                        && has_budget(&t.host_id)
+                        && group.is_none_or(|g| !there.iter().any(|o| o.labels.get(labels::ANTI_AFFINITY) == Some(g)))
+                        && at_risk(&[there.as_slice(), &[*v]].concat())
+                            <= cfg.high_watermark * t.capacity_bytes as f64
+                })
+                .map(|t| (v.vm_id.clone(), t.host_id.clone()))
+            });
+            if let Some((vm, to)) = one_move {
+                prop_assert!(
+                    p.moves.iter().any(|m| m.from == h.host_id),
+                    "{} stays over its watermark and {vm} fits on {to}, but nothing moves off it: {:#?}",
+                    h.host_id,
+                    p.moves
+                );
+            }
+        }
+    }
 }
