@@ -177,10 +177,8 @@ pub enum HandshakeError {
     Op(String),
     #[error("{0} is required")]
     MissingField(&'static str),
-    #[error("vm_id {0:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ -")]
-    BadVmId(String),
-    #[error("host id {0:?} must be 1 to 253 characters of A-Z a-z 0-9 . _ -")]
-    BadHostId(String),
+    #[error(transparent)]
+    BadId(#[from] wset_proto::ids::IdError),
     #[error("no regions: register at least one guest memory region")]
     NoRegions,
     #[error("{0} regions: at most {MAX_REGIONS} are accepted")]
@@ -285,20 +283,12 @@ fn json_err(text: &[u8]) -> impl Fn(serde_json::Error) -> HandshakeError + '_ {
 
 /// Check a VM id.
 pub fn check_vm_id(id: &str) -> Result<(), HandshakeError> {
-    if wset_proto::ids::vm_id_ok(id) {
-        Ok(())
-    } else {
-        Err(HandshakeError::BadVmId(id.to_owned()))
-    }
+    Ok(wset_proto::ids::check_vm_id("vm_id", id)?)
 }
 
 /// Check a host id (`--host-name`).
 pub fn check_host_id(id: &str) -> Result<(), HandshakeError> {
-    if wset_proto::ids::host_id_ok(id) {
-        Ok(())
-    } else {
-        Err(HandshakeError::BadHostId(id.to_owned()))
-    }
+    Ok(wset_proto::ids::check_host_id("host_id", id)?)
 }
 
 /// Validate Firecracker regions into a layout.

@@ -100,8 +100,8 @@ impl Filter {
             )));
         }
         for id in &req.vm_ids {
-            crate::handshake::check_vm_id(id)
-                .map_err(|e| Status::invalid_argument(format!("vm_ids: {e}")))?;
+            wset_proto::ids::check_vm_id("vm_ids", id)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
         if req.label_selector.len() > 64 {
             return Err(Status::invalid_argument(

@@ -13,8 +13,8 @@ pub const MAX_MEMORY_BYTES: u64 = 1 << 50;
 /// Why an agent's summary was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SummaryError {
-    #[error("vm_id {0:?} is not 1 to 64 characters of A-Z a-z 0-9 . _ -")]
-    BadVmId(String),
+    #[error(transparent)]
+    BadVmId(#[from] wset_proto::ids::IdError),
     #[error("{vm}: memory_bytes {bytes} is zero or over 1 PiB")]
     BadMemory { vm: String, bytes: u64 },
     #[error("{vm}: window {window_ms} ms has a working set ({wss} B) larger than memory ({mem} B)")]
@@ -38,9 +38,7 @@ pub enum SummaryError {
 /// Check one summary from an agent before anything of it is stored.
 pub fn check_summary(s: &pb::VmSummary) -> Result<(), SummaryError> {
     let vm = || s.vm_id.clone();
-    if !wset_proto::ids::vm_id_ok(&s.vm_id) {
-        return Err(SummaryError::BadVmId(s.vm_id.chars().take(80).collect()));
-    }
+    wset_proto::ids::check_vm_id("vm_id", &s.vm_id)?;
     if s.memory_bytes == 0 || s.memory_bytes > MAX_MEMORY_BYTES {
         return Err(SummaryError::BadMemory {
             vm: vm(),

@@ -379,9 +379,8 @@ pub enum SessionError {
 pub enum BatchError {
     #[error("a batch without host facts: not a wset agent, or a broken one")]
     NoHostFacts,
-    /// The host id (its first 80 characters).
-    #[error("host id {0:?} is not 1 to 253 characters of A-Z a-z 0-9 . _ -")]
-    BadHostId(String),
+    #[error(transparent)]
+    BadHostId(#[from] wset_proto::ids::IdError),
     #[error("a batch of {0} summaries (at most {MAX_BATCH_VMS})")]
     TooLarge(usize),
     #[error("the controller is shutting down")]
@@ -524,11 +523,7 @@ async fn take_batch(
 ) -> Result<(), BatchError> {
     let received_ms = now_ms();
     let host = batch.host.ok_or(BatchError::NoHostFacts)?;
-    if !wset_proto::ids::host_id_ok(&host.host_id) {
-        return Err(BatchError::BadHostId(
-            host.host_id.chars().take(80).collect(),
-        ));
-    }
+    wset_proto::ids::check_host_id("host_id", &host.host_id)?;
     if batch.summaries.len() > MAX_BATCH_VMS {
         return Err(BatchError::TooLarge(batch.summaries.len()));
     }

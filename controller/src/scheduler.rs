@@ -194,11 +194,8 @@ impl pb::scheduler_service_server::SchedulerService for SchedulerService {
         req: Request<pb::GetOvercommitRequest>,
     ) -> Result<Response<pb::GetOvercommitResponse>, Status> {
         let r = req.into_inner();
-        if !r.host_id.is_empty() && !wset_proto::ids::host_id_ok(&r.host_id) {
-            return Err(Status::invalid_argument(format!(
-                "host_id {:?} must be 1 to 253 characters of A-Z a-z 0-9 . _ - (see ListAgents)",
-                r.host_id.chars().take(80).collect::<String>()
-            )));
+        if !r.host_id.is_empty() {
+            crate::service::check_host_id(&r.host_id)?;
         }
         let p = self.plan(r.replan).await?;
         let memory = if r.include_vms {

@@ -187,15 +187,10 @@ fn token(p: &Page<impl Mergeable>) -> String {
     p.next.map(|t| t.encode()).unwrap_or_default()
 }
 
-fn check_host_id(h: &str) -> Result<(), Status> {
-    if wset_proto::ids::host_id_ok(h) {
-        Ok(())
-    } else {
-        Err(Status::invalid_argument(format!(
-            "host_id {:?} must be 1 to 253 characters of A-Z a-z 0-9 . _ - (see ListAgents)",
-            h.chars().take(80).collect::<String>()
-        )))
-    }
+/// A request's host id checked, or the status that says what one is.
+pub(crate) fn check_host_id(h: &str) -> Result<(), Status> {
+    wset_proto::ids::check_host_id("host_id", h)
+        .map_err(|e| Status::invalid_argument(format!("{e} (see ListAgents)")))
 }
 
 #[tonic::async_trait]
@@ -245,11 +240,9 @@ impl pb::controller_service_server::ControllerService for ControllerService {
                 r.vm_ids.len()
             )));
         }
-        if let Some(bad) = r.vm_ids.iter().find(|v| !wset_proto::ids::vm_id_ok(v)) {
-            return Err(Status::invalid_argument(format!(
-                "vm_ids: {:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
-                bad.chars().take(80).collect::<String>()
-            )));
+        for id in &r.vm_ids {
+            wset_proto::ids::check_vm_id("vm_ids", id)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
         let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
@@ -311,12 +304,8 @@ impl pb::controller_service_server::ControllerService for ControllerService {
         if r.vm_id.is_empty() {
             return Err(Status::invalid_argument("vm_id is required (see ListVms)"));
         }
-        if !wset_proto::ids::vm_id_ok(&r.vm_id) {
-            return Err(Status::invalid_argument(format!(
-                "vm_id {:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ - (see ListVms)",
-                r.vm_id.chars().take(80).collect::<String>()
-            )));
-        }
+        wset_proto::ids::check_vm_id("vm_id", &r.vm_id)
+            .map_err(|e| Status::invalid_argument(format!("{e} (see ListVms)")))?;
         let now = now_ms();
         let q = query(range_of!(r), &self.cfg, now)?;
         let known = self.index.vms().contains_key(&r.vm_id);

@@ -38,6 +38,44 @@ pub mod ids {
         (1..=MAX_HOST_ID).contains(&id.len()) && charset_ok(id)
     }
 
+    /// An id that is not one, saying what an id must be: the one message
+    /// every process gives for a bad id.
+    #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+    #[error("{field} {shown:?} must be 1 to {max} characters of A-Z a-z 0-9 . _ -")]
+    pub struct IdError {
+        /// The field that carried it (`vm_id`, `host_id`, `vm_ids`).
+        pub field: &'static str,
+        /// The id, cut to its first 80 characters.
+        pub shown: String,
+        max: usize,
+    }
+
+    fn refuse(field: &'static str, id: &str, max: usize) -> IdError {
+        IdError {
+            field,
+            shown: id.chars().take(80).collect(),
+            max,
+        }
+    }
+
+    /// Check a VM id carried in `field`.
+    pub fn check_vm_id(field: &'static str, id: &str) -> Result<(), IdError> {
+        if vm_id_ok(id) {
+            Ok(())
+        } else {
+            Err(refuse(field, id, MAX_VM_ID))
+        }
+    }
+
+    /// Check a host id carried in `field`.
+    pub fn check_host_id(field: &'static str, id: &str) -> Result<(), IdError> {
+        if host_id_ok(id) {
+            Ok(())
+        } else {
+            Err(refuse(field, id, MAX_HOST_ID))
+        }
+    }
+
     #[cfg(test)]
     mod tests {
         #[test]
@@ -48,6 +86,15 @@ pub mod ids {
             assert!(!super::vm_id_ok(&"x".repeat(65)));
             assert!(super::host_id_ok(&"h".repeat(253)));
             assert!(!super::host_id_ok("host\0"));
+            let e = super::check_vm_id("vm_id", &"y".repeat(500)).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "vm_id {:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+                    "y".repeat(80)
+                )
+            );
+            assert!(super::check_host_id("host_id", "h-1").is_ok());
         }
     }
 }
