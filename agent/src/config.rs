@@ -158,6 +158,12 @@ pub struct Args {
     /// the controller to move every VM away.
     #[arg(long = "host-label", value_delimiter = ',', value_parser = parse_label)]
     host_labels: Vec<(String, String)>,
+    /// Custody capacity per VM, bytes: the most guest memory exhaustive
+    /// access tracking and RWP eviction hold out of a VM at once (in a file
+    /// in the state directory).
+    #[arg(long, default_value = "17179869184",
+          value_parser = clap::value_parser!(u64).range(4096..))]
+    custody_max_bytes: u64,
     /// Summary streams (WatchSummaries) open at once; more are refused.
     #[arg(long, default_value = "64",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
@@ -236,7 +242,7 @@ impl cli::Flags for Args {
             access_mode: self.access,
             rwp: self.rwp,
             evict_cold_after: self.evict_cold_after,
-            custody_max_bytes: 16 << 30,
+            custody_max_bytes: self.custody_max_bytes,
             max_vm_bytes: self.max_vm_bytes,
             retired_ttl: Duration::from_secs(600),
             summary: SummaryConfig {
