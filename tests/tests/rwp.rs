@@ -476,17 +476,31 @@ fn killed_agent_is_replaced_and_rwp_vms_are_readopted() {
             agent.kill();
             let t = std::time::Instant::now();
             agent = Agent::start(opts.clone());
-            let s = agent.wait_summary(&g.vm_id, Duration::from_secs(60), "re-adopted", |s| {
-                s.state == pb::VmState::Tracking as i32 && s.epoch >= 3
-            });
+            // Tracked again once the working set is whole in a window. In
+            // sync mode on a busy emulator one pass over the 400 pages can
+            // outlast the 1 s window, so either window will do; neither
+            // may ever show more than the guest touches.
+            let s = agent.wait_summary(
+                &g.vm_id,
+                Duration::from_secs(120),
+                "re-adopted with its whole working set",
+                |s| {
+                    let (w1, w4) = (window(s, 1000), window(s, 4000));
+                    assert!(
+                        w1.wss_bytes <= 400 * PAGE && w4.wss_bytes <= 400 * PAGE,
+                        "{mode} round {round}: more than the guest touches: {s:#?}"
+                    );
+                    s.state == pb::VmState::Tracking as i32
+                        && s.epoch >= 3
+                        && (w1.wss_bytes == 400 * PAGE || w4.wss_bytes == 400 * PAGE)
+                },
+            );
             let rwp = if mode == "async" {
                 pb::TrackingMethod::RwpAsync
             } else {
                 pb::TrackingMethod::RwpSync
             };
             assert!(methods(&s).contains(&rwp), "{mode} round {round}: {s:#?}");
-            let w = window(&s, 1000);
-            assert_eq!(w.wss_bytes, 400 * PAGE, "{mode} round {round}: {s:#?}");
             let v = g.verify_now();
             assert_eq!(v["ok"], true, "{mode} round {round}: memory damaged: {v}");
             eprintln!(
