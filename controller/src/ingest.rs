@@ -122,8 +122,12 @@ pub enum Msg {
 }
 
 fn event(kind: pb::HostEventKind, detail: String) -> pb::HostEvent {
+    event_at(now_ms(), kind, detail)
+}
+
+fn event_at(timestamp_ms: u64, kind: pb::HostEventKind, detail: String) -> pb::HostEvent {
     pb::HostEvent {
-        timestamp_ms: now_ms(),
+        timestamp_ms,
         kind: kind as i32,
         detail,
     }
@@ -541,24 +545,20 @@ async fn take_batch(
             0 => now,
             t => t.min(now),
         };
-        events.push(pb::HostEvent {
-            timestamp_ms: at,
-            ..event(
-                pb::HostEventKind::Connected,
-                format!("agent {} at {endpoint}", host.agent_instance_id),
-            )
-        });
+        events.push(event_at(
+            at,
+            pb::HostEventKind::Connected,
+            format!("agent {} at {endpoint}", host.agent_instance_id),
+        ));
         if let Some(prev) = previous.filter(|p| !p.is_empty() && *p != host.agent_instance_id) {
-            events.push(pb::HostEvent {
-                timestamp_ms: at,
-                ..event(
-                    pb::HostEventKind::AgentRestarted,
-                    format!(
-                        "agent instance {prev} was replaced by {}",
-                        host.agent_instance_id
-                    ),
-                )
-            });
+            events.push(event_at(
+                at,
+                pb::HostEventKind::AgentRestarted,
+                format!(
+                    "agent instance {prev} was replaced by {}",
+                    host.agent_instance_id
+                ),
+            ));
         }
     }
     let mut rejected = 0u64;
