@@ -419,7 +419,17 @@ fn rewrite_old_flags<F: Flags>(
 pub fn parse<F: Flags>(
     argv: impl IntoIterator<Item = impl Into<OsString>>,
 ) -> Result<Startup<F::Config>, clap::Error> {
-    let (mut cmd, argv, deprecated) = prepare::<F>(argv.into_iter().map(Into::into).collect())?;
+    parse_with::<F>(argv, |name| std::env::var_os(name))
+}
+
+/// [`parse`], with `var` telling which old and new variables are set (the
+/// process environment in production; the values themselves clap reads).
+fn parse_with<F: Flags>(
+    argv: impl IntoIterator<Item = impl Into<OsString>>,
+    var: impl Fn(&str) -> Option<OsString>,
+) -> Result<Startup<F::Config>, clap::Error> {
+    let (mut cmd, argv, deprecated) =
+        prepare::<F>(argv.into_iter().map(Into::into).collect(), &var)?;
     let matches = cmd.try_get_matches_from_mut(argv)?;
     let flags = F::from_arg_matches(&matches).map_err(|e| e.with_cmd(&cmd))?;
     let log_json = flags.log_json();
@@ -434,9 +444,12 @@ pub fn parse<F: Flags>(
 }
 
 /// The command with each flag's environment variable, `argv` with old
-/// spellings replaced, and the deprecations found.
+/// spellings replaced, and the deprecations found. An old variable set
+/// beside its flag's new one, or beside the flag itself on the command
+/// line, is ignored, and the warning names both and says which wins.
 fn prepare<F: Flags>(
     argv: Vec<OsString>,
+    var: &dyn Fn(&str) -> Option<OsString>,
 ) -> Result<(clap::Command, Vec<OsString>, Vec<String>), clap::Error> {
     let cmd = F::command();
     let mut deprecated = Vec::new();
@@ -455,22 +468,27 @@ fn prepare<F: Flags>(
         else {
             continue;
         };
-        let Some(old_value) = std::env::var_os(old_env) else {
+        let Some(old_value) = var(old_env) else {
             continue;
         };
-        if std::env::var_os(&*new_env).is_some() {
+        if var(new_env).is_some() {
             deprecated.push(format!(
                 "{old_env} is deprecated and ignored: {new_env} is set"
             ));
             continue;
         }
+        // The command line wins over any variable (old spellings of the
+        // flag were rewritten to the new one above).
+        if given(&argv, l.flag) {
+            deprecated.push(format!(
+                "{old_env} is deprecated and ignored: --{} is given",
+                l.flag
+            ));
+            continue;
+        }
         match l.old_flag {
-            // The value syntax changed: pass it on as the new flag, unless
-            // the command line gives one.
+            // The value syntax changed: pass it on as the new flag.
             Some((old_flag, unit)) => {
-                if given(&argv, l.flag) {
-                    continue;
-                }
                 let old_value = old_value.to_string_lossy();
                 let converted = with_unit(&old_value, unit).ok_or_else(|| {
                     cmd.clone().error(
@@ -511,7 +529,8 @@ fn prepare<F: Flags>(
 /// The long help the binary prints for `--help`, with every flag's
 /// environment variable and default.
 pub fn long_help<F: Flags>() -> String {
-    let (mut cmd, _, _) = prepare::<F>(vec![OsString::new()]).expect("no argument to refuse");
+    let (mut cmd, _, _) = prepare::<F>(vec![OsString::new()], &|name| std::env::var_os(name))
+        .expect("no argument to refuse");
     cmd.render_long_help().to_string()
 }
 
@@ -701,7 +720,7 @@ mod tests {
     impl Flags for T {
         const ENV_PREFIX: &'static str = "WSET_CLI_TEST_";
         const LEGACY: &'static [Legacy] = &[
-            Legacy::renamed("interval", "interval-ms", "ms"),
+            Legacy::renamed("interval", "interval-ms", "ms").was_env("WSET_CLI_TEST_OLD_INTERVAL"),
             Legacy::renamed("windows", "windows-ms", "ms"),
         ];
         type Config = (Duration, Vec<Duration>, Duration, u32);
@@ -757,6 +776,70 @@ mod tests {
         assert!(
             e.contains("'--interval-ms'") && e.contains("whole numbers of ms"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn an_old_variable_beside_the_new_spelling_is_ignored_with_a_warning() {
+        let env = |set: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                set.iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| OsString::from(v))
+            }
+        };
+        // Alone, the old variable is taken (in its old unit).
+        let old = parse_with::<T>(["t"], env(&[("WSET_CLI_TEST_OLD_INTERVAL", "100")])).unwrap();
+        assert_eq!(old.config.0, Duration::from_millis(100));
+        assert_eq!(
+            old.deprecated,
+            [
+                "WSET_CLI_TEST_OLD_INTERVAL is deprecated and goes away in the next release: set \
+                 WSET_CLI_TEST_INTERVAL=100ms"
+            ]
+        );
+        // Beside the flag, the flag wins and the warning says so.
+        let both = parse_with::<T>(
+            ["t", "--interval", "250ms"],
+            env(&[("WSET_CLI_TEST_OLD_INTERVAL", "100")]),
+        )
+        .unwrap();
+        assert_eq!(both.config.0, Duration::from_millis(250));
+        assert_eq!(
+            both.deprecated,
+            ["WSET_CLI_TEST_OLD_INTERVAL is deprecated and ignored: --interval is given"]
+        );
+        // The same for a flag spelt the old way, and for a variable whose
+        // syntax did not change.
+        let both = parse_with::<T>(
+            ["t", "--interval-ms", "250", "--metrics-addr", "127.0.0.1:5"],
+            env(&[
+                ("WSET_CLI_TEST_OLD_INTERVAL", "100"),
+                ("WSET_METRICS_ADDR", "127.0.0.1:9"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(both.config.0, Duration::from_millis(250));
+        assert_eq!(
+            both.deprecated,
+            [
+                "--interval-ms is deprecated and goes away in the next release: write --interval 250ms",
+                "WSET_METRICS_ADDR is deprecated and ignored: --metrics-addr is given",
+                "WSET_CLI_TEST_OLD_INTERVAL is deprecated and ignored: --interval is given",
+            ]
+        );
+        // Beside the new variable, the new variable wins.
+        let both = parse_with::<T>(
+            ["t"],
+            env(&[
+                ("WSET_CLI_TEST_OLD_INTERVAL", "100"),
+                ("WSET_CLI_TEST_INTERVAL", "250ms"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            both.deprecated,
+            ["WSET_CLI_TEST_OLD_INTERVAL is deprecated and ignored: WSET_CLI_TEST_INTERVAL is set"]
         );
     }
 
