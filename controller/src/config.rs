@@ -221,16 +221,45 @@ impl cli::Flags for Args {
     }
 }
 
-fn parse_dns_name(d: &str) -> Result<String, String> {
+fn parse_dns_name(d: &str) -> Result<String, DnsNameError> {
     if d.rsplit_once(':')
         .is_some_and(|(n, p)| !n.is_empty() && p.parse::<u16>().is_ok())
     {
         Ok(d.to_owned())
     } else {
-        Err(format!(
-            "{d:?}: expected NAME:PORT, e.g. wset-agent.wset.svc.cluster.local:7070"
-        ))
+        Err(DnsNameError(d.to_owned()))
     }
+}
+
+/// An `--agents-dns` value that is not NAME:PORT.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("--agents-dns {0:?}: expected NAME:PORT, e.g. wset-agent.wset.svc.cluster.local:7070")]
+pub struct DnsNameError(pub String);
+
+/// A `--retention` value that does not describe a valid set of series.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RetentionError {
+    #[error("--retention entry {0:?}: expected BUCKET=RETENTION, e.g. 1m=14d")]
+    NotAPair(String),
+    #[error("--retention: the first entry must be raw=RETENTION, not {0:?}")]
+    RawFirst(String),
+    #[error("--retention entry {part:?}: {source}")]
+    Duration {
+        part: String,
+        source: wset_serve::cli::DurationError,
+    },
+    #[error("--retention entry {0:?}: give whole milliseconds")]
+    SubMillisecond(String),
+    #[error("--retention entry {0:?}: retention must be positive")]
+    NotPositive(String),
+    #[error(
+        "--retention entry {part:?}: each bucket must be a multiple of the one before ({prev_ms} ms)"
+    )]
+    BucketNotMultiple { part: String, prev_ms: u64 },
+    #[error(
+        "--retention entry {part:?}: the series before it is kept {prev_ms} ms, not longer than this bucket"
+    )]
+    KeptTooShort { part: String, prev_ms: u64 },
 }
 
 #[derive(Clone, Debug)]
@@ -291,8 +320,8 @@ pub fn default_levels() -> Vec<Level> {
 pub struct Retention(pub Vec<Level>);
 
 impl std::str::FromStr for Retention {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = RetentionError;
+    fn from_str(s: &str) -> Result<Self, RetentionError> {
         parse_retention(s).map(Self)
     }
 }
@@ -305,52 +334,53 @@ impl Default for Config {
     }
 }
 
-/// Whole milliseconds of a duration in the flags' syntax.
-fn parse_millis(s: &str) -> Result<u64, String> {
-    duration()
-        .whole_millis()
-        .check(s)
-        .map(|d| d.as_millis() as u64)
+/// Whole milliseconds of `part`'s duration `s`, in the flags' syntax.
+fn parse_millis(part: &str, s: &str) -> Result<u64, RetentionError> {
+    let d = cli::parse_duration(s).map_err(|source| RetentionError::Duration {
+        part: part.to_owned(),
+        source,
+    })?;
+    if !d.subsec_nanos().is_multiple_of(1_000_000) {
+        return Err(RetentionError::SubMillisecond(part.to_owned()));
+    }
+    Ok(d.as_millis() as u64)
 }
 
 /// Parse `raw=1d,1m=14d,1h=400d`: the raw retention, then each rollup's
 /// bucket and retention. Buckets must grow, each must divide the next, and
 /// each series must be kept longer than the next bucket (the rollup reads it).
-pub fn parse_retention(s: &str) -> Result<Vec<Level>, String> {
-    let mut levels = Vec::new();
+pub fn parse_retention(s: &str) -> Result<Vec<Level>, RetentionError> {
+    let mut levels: Vec<Level> = Vec::new();
     for (i, part) in s.split(',').enumerate() {
         let (b, r) = part
             .split_once('=')
-            .ok_or_else(|| format!("{part:?}: expected BUCKET=RETENTION, e.g. 1m=14d"))?;
+            .ok_or_else(|| RetentionError::NotAPair(part.to_owned()))?;
         let bucket_ms = if i == 0 {
             if b.trim() != "raw" {
-                return Err(format!(
-                    "the first entry must be raw=RETENTION, not {part:?}"
-                ));
+                return Err(RetentionError::RawFirst(part.to_owned()));
             }
             0
         } else {
-            parse_millis(b)?
+            parse_millis(part, b)?
         };
-        let retention_ms = parse_millis(r)?;
+        let retention_ms = parse_millis(part, r)?;
         if retention_ms == 0 {
-            return Err(format!("{part:?}: retention must be positive"));
+            return Err(RetentionError::NotPositive(part.to_owned()));
         }
         if let Some(prev) = levels.last().copied() {
-            let prev: Level = prev;
             if bucket_ms <= prev.bucket_ms
                 || (prev.bucket_ms > 0 && bucket_ms % prev.bucket_ms != 0)
             {
-                return Err(format!(
-                    "{part:?}: each bucket must be a multiple of the one before ({} ms)",
-                    prev.bucket_ms
-                ));
+                return Err(RetentionError::BucketNotMultiple {
+                    part: part.to_owned(),
+                    prev_ms: prev.bucket_ms,
+                });
             }
             if prev.retention_ms <= bucket_ms {
-                return Err(format!(
-                    "{part:?}: the series before it is kept {} ms, not longer than this bucket",
-                    prev.retention_ms
-                ));
+                return Err(RetentionError::KeptTooShort {
+                    part: part.to_owned(),
+                    prev_ms: prev.retention_ms,
+                });
             }
         }
         levels.push(Level {
@@ -483,7 +513,18 @@ mod tests {
             "raw=30s,1m=1d",
             "raw=0",
         ] {
-            assert!(parse_retention(bad).is_err(), "{bad}");
+            let e = parse_retention(bad).unwrap_err().to_string();
+            assert!(e.starts_with("--retention"), "{bad}: {e}");
         }
+        assert_eq!(
+            parse_retention("raw=1d,1m=1500us").unwrap_err().to_string(),
+            "--retention entry \"1m=1500us\": give whole milliseconds"
+        );
+        assert!(
+            parse_retention("raw=1d,1m=14")
+                .unwrap_err()
+                .to_string()
+                .contains("has no unit")
+        );
     }
 }
