@@ -24,10 +24,48 @@ pub mod store;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::Context;
+use std::path::PathBuf;
+
 use tracing::{info, warn};
 
 pub use config::Config;
+
+/// Why the controller could not start, or did not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("create data directory {}", dir.display())]
+    DataDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "open the history store in {} (another controller using it? remove it to start afresh)",
+        dir.display()
+    )]
+    OpenStore {
+        dir: PathBuf,
+        #[source]
+        source: store::StoreError,
+    },
+    #[error("load the VM index")]
+    LoadIndex(#[source] store::StoreError),
+    #[error("start the {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
+    /// A task of the controller's own ended by panicking or being cancelled.
+    #[error("{0}")]
+    Task(&'static str, #[source] tokio::task::JoinError),
+    #[error(transparent)]
+    Serve(Box<wset_serve::ServeError>),
+    #[error(transparent)]
+    Metrics(#[from] wset_serve::metrics::MetricsError),
+}
+
+impl From<wset_serve::ServeError> for RunError {
+    fn from(e: wset_serve::ServeError) -> Self {
+        Self::Serve(Box::new(e))
+    }
+}
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub use wset_serve::process::now_ms;
@@ -40,25 +78,25 @@ const WRITE_QUEUE: usize = 1024;
 pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     let cfg = Arc::new(cfg);
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| RunError::DataDir {
+        dir: cfg.data_dir.clone(),
+        source,
+    })?;
     let (store, index) = {
         let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        tokio::task::spawn_blocking(move || -> Result<_, RunError> {
             let store = store::Store::open(&cfg.data_dir, cfg.levels.clone(), cfg.cache_bytes)
-                .with_context(|| {
-                    format!(
-                        "open the history store in {} (another controller using it? remove it to start afresh)",
-                        cfg.data_dir.display()
-                    )
+                .map_err(|source| RunError::OpenStore {
+                    dir: cfg.data_dir.clone(),
+                    source,
                 })?;
-            let index = index::Index::load(&store).context("load the VM index")?;
+            let index = index::Index::load(&store).map_err(RunError::LoadIndex)?;
             Ok((store, Arc::new(index)))
         })
         .await
-        .context("store open task")??
+        .map_err(|e| RunError::Task("store open task", e))??
     };
     info!(
         dir = %cfg.data_dir.display(),
@@ -73,7 +111,7 @@ pub async fn run(
         std::thread::Builder::new()
             .name("wset-writer".into())
             .spawn(move || ingest::writer(store, index, health, rx))
-            .context("start the writer thread")?
+            .map_err(|e| RunError::Thread("writer", e))?
     };
     let flush_stop = Arc::new(AtomicBool::new(false));
     let flusher = {
@@ -83,7 +121,7 @@ pub async fn run(
         std::thread::Builder::new()
             .name("wset-flusher".into())
             .spawn(move || ingest::flusher(store, index, health, period, stop))
-            .context("start the flusher thread")?
+            .map_err(|e| RunError::Thread("flusher", e))?
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -189,8 +227,9 @@ pub async fn run(
         let _ = flusher.join();
     })
     .await
-    .context("writer shutdown")?;
-    grpc.await.context("gRPC server task")??;
+    .map_err(|e| RunError::Task("writer shutdown", e))?;
+    grpc.await
+        .map_err(|e| RunError::Task("gRPC server task", e))??;
     if let Some(m) = metrics {
         let _ = m.await;
     }

@@ -64,7 +64,8 @@ fn main() -> std::process::ExitCode {
         .unwrap_or_else(|e| e.exit());
     let result = process::run("wset-controller", startup.log_json, async move {
         startup.warn_deprecated();
-        wset_controller::run(startup.config, process::shutdown_signal()).await
+        wset_controller::run(startup.config, process::shutdown_signal()).await?;
+        Ok(())
     });
     process::exit("wset-controller", result)
 }
