@@ -15,7 +15,7 @@ pub struct VmInfo {
     pub vm_id: String,
     pub name: String,
     pub labels: BTreeMap<String, String>,
-    pub vmm_pid: u32,
+    pub vmm_pid: libc::pid_t,
     pub memory_bytes: u64,
     pub page_size: u64,
     pub granule_bytes: u64,

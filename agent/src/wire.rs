@@ -62,7 +62,7 @@ pub fn vm_info(v: &VmView) -> pb::VmInfo {
         methods: method_codes(&v.info.plan),
         state: state(v.state) as i32,
         retired_reason: v.end_reason.clone().unwrap_or_default(),
-        vmm_pid: v.info.vmm_pid,
+        vmm_pid: v.info.vmm_pid.cast_unsigned(),
         page_size_bytes: v.info.page_size,
         granule_bytes: v.info.granule_bytes,
         handshake: v.info.handshake.as_str().to_owned(),

@@ -26,7 +26,7 @@ fn describe_fd(fd: &OwnedFd) -> String {
         .unwrap_or_else(|e| format!("unreadable: {e}"))
 }
 
-fn read_maps(pid: i32) -> Result<Vec<handshake::MapsEntry>, IntakeError> {
+fn read_maps(pid: libc::pid_t) -> Result<Vec<handshake::MapsEntry>, IntakeError> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|e| IntakeError::NotMapped(format!("cannot read /proc/{pid}/maps: {e}")))?;
     Ok(handshake::parse_maps(&text))
@@ -35,7 +35,7 @@ fn read_maps(pid: i32) -> Result<Vec<handshake::MapsEntry>, IntakeError> {
 pub(super) async fn register(
     hello: Hello,
     fds: Vec<OwnedFd>,
-    pid: i32,
+    pid: libc::pid_t,
     sock: &SocketConfig,
     cfg: &Config,
     registry: &Registry,
@@ -71,7 +71,7 @@ pub(super) async fn register(
             let n = registry
                 .list()
                 .iter()
-                .filter(|v| v.info.vmm_pid == pid as u32)
+                .filter(|v| v.info.vmm_pid == pid)
                 .count();
             let vm_id = if n == 0 {
                 format!("fc-{pid}")
@@ -207,7 +207,7 @@ pub(crate) struct Request {
     pub(crate) vm_id: String,
     pub(crate) name: String,
     pub(crate) labels: std::collections::BTreeMap<String, String>,
-    pub(crate) pid: i32,
+    pub(crate) pid: libc::pid_t,
     pub(crate) layout: Layout,
     pub(crate) backing: BackingKind,
     pub(crate) uffd: OwnedFd,
@@ -315,7 +315,7 @@ pub(crate) async fn track(
         vm_id: req.vm_id.clone(),
         name: req.name,
         labels: req.labels,
-        vmm_pid: req.pid as u32,
+        vmm_pid: req.pid,
         memory_bytes: req.layout.total_bytes(),
         page_size: req.layout.page_size,
         granule_bytes: granule,
