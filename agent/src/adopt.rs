@@ -29,6 +29,7 @@ use wset_tracker::recover::{pidfd_getfd, pidfd_open};
 use serde::{Deserialize, Serialize};
 
 use tracing::{info, warn};
+use wset_proto::ids::VmId;
 use wset_tracker::BackingKind;
 
 use crate::config::Config;
@@ -39,7 +40,7 @@ use crate::registry::Registry;
 /// What the agent must know to track a VM again without its VMM's help.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
-    pub vm_id: String,
+    pub vm_id: VmId,
     pub name: String,
     pub labels: BTreeMap<String, String>,
     /// `firecracker` or `wset.v1`.
@@ -118,7 +119,7 @@ fn dir(state_dir: &Path) -> PathBuf {
     state_dir.join("vms")
 }
 
-fn path(state_dir: &Path, vm_id: &str) -> PathBuf {
+fn path(state_dir: &Path, vm_id: &VmId) -> PathBuf {
     dir(state_dir).join(format!("{vm_id}.json"))
 }
 
@@ -140,7 +141,7 @@ pub fn save(state_dir: &Path, r: &Record) -> io::Result<()> {
 }
 
 /// Forget a VM that ended.
-pub fn remove(state_dir: &Path, vm_id: &str) {
+pub fn remove(state_dir: &Path, vm_id: &VmId) {
     let _ = std::fs::remove_file(path(state_dir, vm_id));
 }
 
@@ -397,7 +398,7 @@ mod tests {
 
     fn record() -> Record {
         Record {
-            vm_id: "web-1".into(),
+            vm_id: VmId::parse("web-1").unwrap(),
             name: "web".into(),
             labels: [("tier".to_owned(), "front".to_owned())].into(),
             handshake: "wset.v1".into(),
@@ -430,7 +431,7 @@ mod tests {
                 .any(|x| x.as_ref().is_err_and(|e| e.contains("broken.json")))
         );
         assert_eq!(r.layout().total_bytes(), 1 << 20);
-        remove(&d, "web-1");
+        remove(&d, &VmId::parse("web-1").unwrap());
         assert_eq!(load_all(&d).len(), 1);
         std::fs::remove_dir_all(&d).unwrap();
     }
