@@ -29,6 +29,7 @@ use wset_tracker::recover::{pidfd_getfd, pidfd_open};
 use serde::{Deserialize, Serialize};
 
 use tracing::{info, warn};
+use wset_proto::ids::VmId;
 use wset_tracker::BackingKind;
 
 use crate::config::Config;
@@ -39,12 +40,12 @@ use crate::registry::Registry;
 /// What the agent must know to track a VM again without its VMM's help.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
-    pub vm_id: String,
+    pub vm_id: VmId,
     pub name: String,
     pub labels: BTreeMap<String, String>,
     /// `firecracker` or `wset.v1`.
     pub handshake: String,
-    pub vmm_pid: i32,
+    pub vmm_pid: libc::pid_t,
     /// The VMM's start time (`/proc/<pid>/stat` field 22), against pid reuse.
     pub vmm_start_ticks: u64,
     /// `anonymous`, `shmem` or `hugetlb` ([`backing_name`]).
@@ -118,7 +119,7 @@ fn dir(state_dir: &Path) -> PathBuf {
     state_dir.join("vms")
 }
 
-fn path(state_dir: &Path, vm_id: &str) -> PathBuf {
+fn path(state_dir: &Path, vm_id: &VmId) -> PathBuf {
     dir(state_dir).join(format!("{vm_id}.json"))
 }
 
@@ -140,7 +141,7 @@ pub fn save(state_dir: &Path, r: &Record) -> io::Result<()> {
 }
 
 /// Forget a VM that ended.
-pub fn remove(state_dir: &Path, vm_id: &str) {
+pub fn remove(state_dir: &Path, vm_id: &VmId) {
     let _ = std::fs::remove_file(path(state_dir, vm_id));
 }
 
@@ -169,7 +170,7 @@ pub fn load_all(state_dir: &Path) -> Vec<Result<Record, String>> {
 }
 
 /// The start time of `pid` in clock ticks after boot, if it runs.
-pub fn start_ticks(pid: i32) -> Option<u64> {
+pub fn start_ticks(pid: libc::pid_t) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     // Field 22 of proc(5); `rest` starts at field 3.
@@ -180,21 +181,25 @@ pub fn start_ticks(pid: i32) -> Option<u64> {
 #[derive(Debug, thiserror::Error)]
 pub enum AdoptError {
     #[error("its VMM (pid {pid}) is gone")]
-    VmmGone { pid: i32 },
+    VmmGone { pid: libc::pid_t },
     #[error("pid {pid} is now another process (the VMM is gone)")]
-    PidReused { pid: i32 },
+    PidReused { pid: libc::pid_t },
     #[error(
         "its VMM (pid {pid}) keeps no copy of its userfaultfd: the kernel dropped the \
          registration with the agent's copy; the guest runs untracked until the VMM registers again"
     )]
-    NoUffd { pid: i32 },
+    NoUffd { pid: libc::pid_t },
     #[error(
         "its VMM (pid {pid}) no longer holds the guest memory file (device {dev}, inode {ino})"
     )]
-    NoMemfd { pid: i32, dev: u64, ino: u64 },
+    NoMemfd {
+        pid: libc::pid_t,
+        dev: u64,
+        ino: u64,
+    },
     #[error("taking fd {fd} of pid {pid}: {source} (the agent needs CAP_SYS_PTRACE)")]
     GetFd {
-        pid: i32,
+        pid: libc::pid_t,
         fd: RawFd,
         source: io::Error,
     },
@@ -393,12 +398,12 @@ mod tests {
 
     fn record() -> Record {
         Record {
-            vm_id: "web-1".into(),
+            vm_id: VmId::parse("web-1").unwrap(),
             name: "web".into(),
             labels: [("tier".to_owned(), "front".to_owned())].into(),
             handshake: "wset.v1".into(),
-            vmm_pid: std::process::id() as i32,
-            vmm_start_ticks: start_ticks(std::process::id() as i32).unwrap(),
+            vmm_pid: std::process::id().cast_signed(),
+            vmm_start_ticks: start_ticks(std::process::id().cast_signed()).unwrap(),
             backing: "shmem".into(),
             page_size: 4096,
             regions: vec![RecordRegion {
@@ -426,7 +431,7 @@ mod tests {
                 .any(|x| x.as_ref().is_err_and(|e| e.contains("broken.json")))
         );
         assert_eq!(r.layout().total_bytes(), 1 << 20);
-        remove(&d, "web-1");
+        remove(&d, &VmId::parse("web-1").unwrap());
         assert_eq!(load_all(&d).len(), 1);
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -443,7 +448,7 @@ mod tests {
         };
         assert!(matches!(reclaim(&r), Err(AdoptError::NoUffd { .. })));
         let r = Record {
-            vmm_pid: i32::MAX,
+            vmm_pid: libc::pid_t::MAX,
             ..record()
         };
         assert!(matches!(reclaim(&r), Err(AdoptError::VmmGone { .. })));

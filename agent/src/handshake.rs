@@ -281,9 +281,9 @@ fn json_err(text: &[u8]) -> impl Fn(serde_json::Error) -> HandshakeError + '_ {
     }
 }
 
-/// Check a VM id.
-pub fn check_vm_id(id: &str) -> Result<(), HandshakeError> {
-    Ok(wset_proto::ids::check_vm_id("vm_id", id)?)
+/// Check a VM id: the one it is, if it is one.
+pub fn check_vm_id(id: &str) -> Result<wset_proto::ids::VmId, HandshakeError> {
+    Ok(wset_proto::ids::VmId::parse(id)?)
 }
 
 /// Check a host id (`--host-name`).

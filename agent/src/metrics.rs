@@ -120,7 +120,7 @@ pub fn render(s: &Sources) -> String {
         e.sample(
             "wset_vm_info",
             &[
-                ("vm_id", &v.info.vm_id),
+                ("vm_id", v.info.vm_id.as_str()),
                 ("methods", &methods),
                 ("handshake", v.info.handshake.as_str()),
             ],
@@ -131,7 +131,7 @@ pub fn render(s: &Sources) -> String {
     for (v, ..) in &per_vm {
         e.sample(
             "wset_vm_memory_bytes",
-            &[("vm_id", &v.info.vm_id)],
+            &[("vm_id", v.info.vm_id.as_str())],
             v.info.memory_bytes as f64,
         );
     }
@@ -149,7 +149,7 @@ pub fn render(s: &Sources) -> String {
         ] {
             e.sample(
                 "wset_vm_faults_total",
-                &[("vm_id", &v.info.vm_id), ("kind", kind)],
+                &[("vm_id", v.info.vm_id.as_str()), ("kind", kind)],
                 n as f64,
             );
         }
@@ -176,7 +176,7 @@ pub fn render(s: &Sources) -> String {
             .collect();
         e.histogram(
             "wset_vm_fault_service_seconds",
-            &[("vm_id", &v.info.vm_id)],
+            &[("vm_id", v.info.vm_id.as_str())],
             &buckets,
             shared.latency_sum_ns() as f64 / 1e9,
         );
@@ -253,7 +253,11 @@ pub fn render(s: &Sources) -> String {
     for (name, kind, help, f) in scalars {
         e.family(name, kind, help);
         for (v, c, summary, shared) in &per_vm {
-            e.sample(name, &[("vm_id", &v.info.vm_id)], f((c, summary, shared)));
+            e.sample(
+                name,
+                &[("vm_id", v.info.vm_id.as_str())],
+                f((c, summary, shared)),
+            );
         }
     }
     e.family(
@@ -266,7 +270,7 @@ pub fn render(s: &Sources) -> String {
             let window = format!("{}s", w.window_ms as f64 / 1000.0);
             e.sample(
                 "wset_vm_working_set_bytes",
-                &[("vm_id", &v.info.vm_id), ("window", &window)],
+                &[("vm_id", v.info.vm_id.as_str()), ("window", &window)],
                 w.wss_bytes as f64,
             );
         }

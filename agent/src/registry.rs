@@ -6,16 +6,17 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use wset_proto::ids::VmId;
 use wset_tracker::summary::{Summary, SummaryConfig, summarize};
 use wset_tracker::{Plan, StopReport, TrackerHandle, TrackerState, VmShared};
 
 /// What the agent knows of a VM besides its tracker's state.
 #[derive(Clone, Debug)]
 pub struct VmInfo {
-    pub vm_id: String,
+    pub vm_id: VmId,
     pub name: String,
     pub labels: BTreeMap<String, String>,
-    pub vmm_pid: u32,
+    pub vmm_pid: libc::pid_t,
     pub memory_bytes: u64,
     pub page_size: u64,
     pub granule_bytes: u64,
@@ -43,15 +44,15 @@ pub struct VmView {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
     #[error("vm_id {0:?} is already registered and tracking; retire it first or pick another id")]
-    Duplicate(String),
+    Duplicate(VmId),
     #[error("no VM {0:?} on this agent")]
-    NotFound(String),
+    NotFound(VmId),
 }
 
 /// The set of VMs.
 #[derive(Debug, Default)]
 pub struct Registry {
-    vms: Mutex<HashMap<String, Entry>>,
+    vms: Mutex<HashMap<VmId, Entry>>,
     next_cpu: AtomicUsize,
     /// How registrations went, for the metrics.
     pub registrations: RegistrationStats,
@@ -72,7 +73,7 @@ pub struct RegistrationStats {
 }
 
 impl Registry {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<VmId, Entry>> {
         // A panic while holding this lock cannot leave an entry half-made
         // (every change is one insert or field store), so poison is ignored.
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
@@ -87,9 +88,9 @@ impl Registry {
     }
 
     /// Whether `vm_id` can be registered (no tracking VM has it).
-    pub fn check_free(&self, vm_id: &str) -> Result<(), RegistryError> {
+    pub fn check_free(&self, vm_id: &VmId) -> Result<(), RegistryError> {
         match self.lock().get(vm_id) {
-            Some(e) if e.handle.is_some() => Err(RegistryError::Duplicate(vm_id.to_owned())),
+            Some(e) if e.handle.is_some() => Err(RegistryError::Duplicate(vm_id.clone())),
             _ => Ok(()),
         }
     }
@@ -125,17 +126,17 @@ impl Registry {
         out
     }
 
-    pub fn get(&self, vm_id: &str) -> Result<VmView, RegistryError> {
+    pub fn get(&self, vm_id: &VmId) -> Result<VmView, RegistryError> {
         self.lock()
             .get(vm_id)
             .map(view)
-            .ok_or_else(|| RegistryError::NotFound(vm_id.to_owned()))
+            .ok_or_else(|| RegistryError::NotFound(vm_id.clone()))
     }
 
     /// The latest summary of one VM (computed now, off the fault path).
     pub fn summary(
         &self,
-        vm_id: &str,
+        vm_id: &VmId,
         cfg: &SummaryConfig,
         now_ms: u64,
     ) -> Result<(VmView, Summary), RegistryError> {
@@ -143,7 +144,7 @@ impl Registry {
             let vms = self.lock();
             let e = vms
                 .get(vm_id)
-                .ok_or_else(|| RegistryError::NotFound(vm_id.to_owned()))?;
+                .ok_or_else(|| RegistryError::NotFound(vm_id.clone()))?;
             (view(e), e.shared.clone())
         };
         let s = summarize(&shared, &v.info.plan, cfg, now_ms);
@@ -187,7 +188,7 @@ impl Registry {
     }
 
     /// The shared tracker state of one VM.
-    pub fn shared(&self, vm_id: &str) -> Option<std::sync::Arc<VmShared>> {
+    pub fn shared(&self, vm_id: &VmId) -> Option<std::sync::Arc<VmShared>> {
         self.lock().get(vm_id).map(|e| e.shared.clone())
     }
 

@@ -46,7 +46,7 @@ impl pb::agent_service_server::AgentService for AgentService {
         if id.is_empty() {
             return Err(Status::invalid_argument("vm_id is required (see ListVms)"));
         }
-        check_vm_id(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let id = check_vm_id(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let registry = self.registry.clone();
         let cfg = self.cfg.clone();
         let host = self.identity.clone();

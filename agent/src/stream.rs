@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tonic::Status;
 use tracing::debug;
+use wset_proto::ids::VmId;
 use wset_proto::v1 as pb;
 
 use crate::config::Config;
@@ -80,7 +81,7 @@ pub async fn publish(
 /// What one stream asked for, validated.
 #[derive(Debug, Clone)]
 pub struct Filter {
-    vm_ids: Vec<String>,
+    vm_ids: Vec<VmId>,
     labels: BTreeMap<String, String>,
     min_interval: Duration,
     compact: bool,
@@ -99,10 +100,12 @@ impl Filter {
                 req.vm_ids.len()
             )));
         }
-        for id in &req.vm_ids {
-            wset_proto::ids::check_vm_id("vm_ids", id)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        }
+        let vm_ids = req
+            .vm_ids
+            .iter()
+            .map(|id| VmId::parse_in("vm_ids", id))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if req.label_selector.len() > 64 {
             return Err(Status::invalid_argument(
                 "label_selector has more than 64 labels",
@@ -115,7 +118,7 @@ impl Filter {
             )));
         }
         Ok(Self {
-            vm_ids: req.vm_ids,
+            vm_ids,
             labels: req.label_selector.into_iter().collect(),
             min_interval: Duration::from_millis(req.min_interval_ms),
             compact: req.compact,
@@ -127,7 +130,7 @@ impl Filter {
             .vms
             .iter()
             .filter(|v| {
-                (self.vm_ids.is_empty() || self.vm_ids.contains(&v.vm_id))
+                (self.vm_ids.is_empty() || self.vm_ids.iter().any(|id| *id == *v.vm_id))
                     && self
                         .labels
                         .iter()

@@ -6,6 +6,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use tonic::Status;
+use wset_proto::ids::VmId;
 use wset_proto::v1 as pb;
 use wset_tracker::summary::Summary;
 use wset_tracker::{Method, Plan, TrackerState, VmShared};
@@ -55,14 +56,14 @@ fn state(s: TrackerState) -> pb::VmState {
 /// A VM as `ListVms` shows it.
 pub fn vm_info(v: &VmView) -> pb::VmInfo {
     pb::VmInfo {
-        vm_id: v.info.vm_id.clone(),
+        vm_id: v.info.vm_id.to_string(),
         name: v.info.name.clone(),
         labels: v.info.labels.clone().into_iter().collect(),
         memory_bytes: v.info.memory_bytes,
         methods: method_codes(&v.info.plan),
         state: state(v.state) as i32,
         retired_reason: v.end_reason.clone().unwrap_or_default(),
-        vmm_pid: v.info.vmm_pid,
+        vmm_pid: v.info.vmm_pid.cast_unsigned(),
         page_size_bytes: v.info.page_size,
         granule_bytes: v.info.granule_bytes,
         handshake: v.info.handshake.as_str().to_owned(),
@@ -76,12 +77,12 @@ pub fn vm_summary(
     registry: &Registry,
     cfg: &Config,
     host_id: &str,
-    vm_id: &str,
+    vm_id: &VmId,
 ) -> Result<pb::VmSummary, RegistryError> {
     let (v, s) = registry.summary(vm_id, &cfg.summary, now_ms())?;
     let shared = registry
         .shared(vm_id)
-        .ok_or_else(|| RegistryError::NotFound(vm_id.to_owned()))?;
+        .ok_or_else(|| RegistryError::NotFound(vm_id.clone()))?;
     let mut pb = summary(&v, &s, counters(&shared));
     pb.interval_ms = cfg.interval.as_millis() as u64;
     pb.host_id = host_id.to_owned();
@@ -92,7 +93,7 @@ pub fn vm_summary(
 /// knows).
 pub fn summary(v: &VmView, s: &Summary, counters: pb::TrackerCounters) -> pb::VmSummary {
     pb::VmSummary {
-        vm_id: v.info.vm_id.clone(),
+        vm_id: v.info.vm_id.to_string(),
         name: v.info.name.clone(),
         timestamp_ms: now_ms(),
         memory_bytes: s.memory_bytes,

@@ -221,11 +221,16 @@ pub struct ProcessStats {
 impl ProcessStats {
     /// `None` when `/proc` cannot be read (not Linux, or hidden).
     pub fn read() -> Option<Self> {
-        Self::of("self")
+        Self::at("self")
     }
 
     /// The same for another process (`pid`), e.g. a child a benchmark watches.
-    pub fn of(pid: &str) -> Option<Self> {
+    pub fn of(pid: nix::libc::pid_t) -> Option<Self> {
+        Self::at(&pid.to_string())
+    }
+
+    /// The same for `/proc/<pid>`, where `pid` may be `self`.
+    fn at(pid: &str) -> Option<Self> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // The command may hold spaces and parentheses: fields start after the last ')'.
         let rest = &stat[stat.rfind(')')? + 2..];

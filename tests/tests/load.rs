@@ -140,14 +140,14 @@ fn one_agent_with_100_guests_and_a_controller_with_1000_agents() {
         t1.elapsed()
     );
 
-    let (apid, cpid) = (agent.pid().to_string(), ctl.pid().to_string());
+    let (apid, cpid) = (agent.pid().cast_signed(), ctl.pid().cast_signed());
     let cm = ctl.metrics_addr();
     let scrape = || {
         let (status, text) = http_get(&cm, "/metrics");
         assert_eq!(status, 200, "the controller's /metrics: {text}");
         text
     };
-    let stats = |pid: &str, what: &str| {
+    let stats = |pid: libc::pid_t, what: &str| {
         ProcessStats::of(pid).unwrap_or_else(|| panic!("the {what} (pid {pid}) is gone"))
     };
     let start = Instant::now();
@@ -155,8 +155,8 @@ fn one_agent_with_100_guests_and_a_controller_with_1000_agents() {
     loop {
         points.push(Point {
             t: start.elapsed().as_secs_f64(),
-            agent: stats(&apid, "agent"),
-            controller: stats(&cpid, "controller"),
+            agent: stats(apid, "agent"),
+            controller: stats(cpid, "controller"),
             store: dir_bytes(&data.0),
             maintenance_s: metric(&scrape(), "wset_controller_maintenance_duration_seconds")
                 .unwrap_or(f64::NAN),

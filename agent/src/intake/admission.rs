@@ -52,7 +52,7 @@ impl Admission {
 }
 
 /// The cgroups `pid` belongs to (every hierarchy's path).
-pub(super) fn cgroups_of(pid: i32) -> Vec<String> {
+pub(super) fn cgroups_of(pid: libc::pid_t) -> Vec<String> {
     std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .unwrap_or_default()
         .lines()

@@ -42,14 +42,14 @@ pub enum IntakeError {
     )]
     NotAllowed {
         uid: u32,
-        pid: i32,
+        pid: libc::pid_t,
         allowed: Vec<u32>,
     },
     #[error(
         "peer pid {pid} runs in cgroup(s) {cgroups:?}, none under an allowed cgroup ({allowed:?})"
     )]
     CgroupNotAllowed {
-        pid: i32,
+        pid: libc::pid_t,
         cgroups: Vec<String>,
         allowed: Vec<String>,
     },
@@ -157,7 +157,7 @@ async fn connection(
 /// The handshake and registration of one peer whose credentials are known.
 async fn handle_peer(
     mut stream: UnixStream,
-    pid: i32,
+    pid: libc::pid_t,
     uid: u32,
     sock: &SocketConfig,
     cfg: &Config,

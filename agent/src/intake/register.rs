@@ -9,6 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
 use tracing::{info, warn};
+use wset_proto::ids::VmId;
 use wset_tracker::plan::{self, BackingKind, PlanInput};
 use wset_tracker::uffd::{self, feature};
 use wset_tracker::{TrackerHandle, TrackerSpec, Uffd};
@@ -26,7 +27,7 @@ fn describe_fd(fd: &OwnedFd) -> String {
         .unwrap_or_else(|e| format!("unreadable: {e}"))
 }
 
-fn read_maps(pid: i32) -> Result<Vec<handshake::MapsEntry>, IntakeError> {
+fn read_maps(pid: libc::pid_t) -> Result<Vec<handshake::MapsEntry>, IntakeError> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|e| IntakeError::NotMapped(format!("cannot read /proc/{pid}/maps: {e}")))?;
     Ok(handshake::parse_maps(&text))
@@ -35,7 +36,7 @@ fn read_maps(pid: i32) -> Result<Vec<handshake::MapsEntry>, IntakeError> {
 pub(super) async fn register(
     hello: Hello,
     fds: Vec<OwnedFd>,
-    pid: i32,
+    pid: libc::pid_t,
     sock: &SocketConfig,
     cfg: &Config,
     registry: &Registry,
@@ -71,13 +72,13 @@ pub(super) async fn register(
             let n = registry
                 .list()
                 .iter()
-                .filter(|v| v.info.vmm_pid == pid as u32)
+                .filter(|v| v.info.vmm_pid == pid)
                 .count();
-            let vm_id = if n == 0 {
+            let vm_id = handshake::check_vm_id(&if n == 0 {
                 format!("fc-{pid}")
             } else {
                 format!("fc-{pid}-{n}")
-            };
+            })?;
             let name = sock
                 .path
                 .file_stem()
@@ -103,8 +104,7 @@ pub(super) async fn register(
             let backing = h
                 .backing
                 .ok_or(handshake::HandshakeError::MissingField("backing"))?;
-            let vm_id = h.vm_id.clone().unwrap_or_else(|| format!("vm-{pid}"));
-            handshake::check_vm_id(&vm_id)?;
+            let vm_id = handshake::check_vm_id(h.vm_id.as_deref().unwrap_or(&format!("vm-{pid}")))?;
             registry.check_free(&vm_id)?;
             let layout = handshake::wset_layout(&h, cfg.max_vm_bytes)?;
             let want = if backing == Backing::Anonymous { 1 } else { 2 };
@@ -204,10 +204,10 @@ fn open_snapshot(path: &Path, layout: &Layout) -> Result<std::fs::File, IntakeEr
 }
 
 pub(crate) struct Request {
-    pub(crate) vm_id: String,
+    pub(crate) vm_id: VmId,
     pub(crate) name: String,
     pub(crate) labels: std::collections::BTreeMap<String, String>,
-    pub(crate) pid: i32,
+    pub(crate) pid: libc::pid_t,
     pub(crate) layout: Layout,
     pub(crate) backing: BackingKind,
     pub(crate) uffd: OwnedFd,
@@ -315,7 +315,7 @@ pub(crate) async fn track(
         vm_id: req.vm_id.clone(),
         name: req.name,
         labels: req.labels,
-        vmm_pid: req.pid as u32,
+        vmm_pid: req.pid,
         memory_bytes: req.layout.total_bytes(),
         page_size: req.layout.page_size,
         granule_bytes: granule,
@@ -368,7 +368,7 @@ pub(crate) async fn track(
     );
     Ok(WsetReply {
         ok: true,
-        vm_id: Some(req.vm_id),
+        vm_id: Some(req.vm_id.into_string()),
         methods: methods.iter().map(|m| m.to_string()).collect(),
         granule_bytes: Some(granule),
         notes,

@@ -60,7 +60,7 @@ unsafe impl Send for Custody {}
 pub struct CustodyHeader {
     pub granule: u64,
     pub slots: u32,
-    pub vmm_pid: u32,
+    pub vmm_pid: libc::pid_t,
     /// Device and inode of the memory file the offsets refer to.
     pub memory_dev: u64,
     pub memory_ino: u64,
@@ -309,7 +309,7 @@ pub fn read_held_pages(path: &Path) -> io::Result<(CustodyHeader, Vec<HeldPage>)
     let header = CustodyHeader {
         granule: w(2),
         slots: w(3) as u32,
-        vmm_pid: w(4) as u32,
+        vmm_pid: w(4) as libc::pid_t,
         memory_dev: w(5),
         memory_ino: w(6),
     };

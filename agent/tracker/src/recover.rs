@@ -23,9 +23,9 @@ use crate::uffd::{Resolve, Uffd};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Recovered {
     /// Every held page is back in the guest (or was already there).
-    Restored { pages: usize, vmm_pid: u32 },
+    Restored { pages: usize, vmm_pid: libc::pid_t },
     /// The VMM is gone; nothing can be written back, the file was removed.
-    VmmGone { vmm_pid: u32, pages: usize },
+    VmmGone { vmm_pid: libc::pid_t, pages: usize },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +36,7 @@ pub enum RecoverError {
         "VMM {pid} is alive but holds no file with device {dev} inode {ino} (its guest memory); {pages} pages stay in {path}"
     )]
     NoMemfd {
-        pid: u32,
+        pid: libc::pid_t,
         dev: u64,
         ino: u64,
         pages: usize,
@@ -46,7 +46,7 @@ pub enum RecoverError {
         "VMM {pid} holds no userfaultfd that covers its guest memory ({detail}); {pages} pages stay in {path}"
     )]
     NoUffd {
-        pid: u32,
+        pid: libc::pid_t,
         detail: String,
         pages: usize,
         path: String,
@@ -55,7 +55,7 @@ pub enum RecoverError {
         "copying page at offset {offset:#x} back into VMM {pid} failed: {source}; pages stay in {path}"
     )]
     Copy {
-        pid: u32,
+        pid: libc::pid_t,
         offset: u64,
         source: io::Error,
         path: String,
@@ -72,7 +72,7 @@ struct Vma {
     offset: u64,
 }
 
-fn memfd_vmas(pid: u32, ino: u64) -> io::Result<Vec<Vma>> {
+fn memfd_vmas(pid: libc::pid_t, ino: u64) -> io::Result<Vec<Vma>> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     Ok(text
         .lines()
@@ -102,7 +102,7 @@ pub fn recover_custody_file(path: &Path) -> Result<Recovered, RecoverError> {
     })?;
     let pid = h.vmm_pid;
     let n = pages.len();
-    let Ok(pidfd) = pidfd_open(pid as i32) else {
+    let Ok(pidfd) = pidfd_open(pid) else {
         let _ = std::fs::remove_file(path);
         return Ok(Recovered::VmmGone {
             vmm_pid: pid,

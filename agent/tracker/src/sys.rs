@@ -85,7 +85,7 @@ impl AsRawFd for TimerFd {
 }
 
 /// A pidfd for `pid` (`pidfd_open(2)`).
-pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
     fd_or_error(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd)
 }

@@ -571,7 +571,12 @@ pub fn is_userfaultfd(fd: RawFd) -> bool {
 
 /// Whether `fd_a` in process `pid_a` and `fd_b` in `pid_b` are the same open
 /// file (kcmp(2) `KCMP_FILE`; needs ptrace rights on both, e.g. root).
-pub fn same_file(pid_a: i32, fd_a: RawFd, pid_b: i32, fd_b: RawFd) -> io::Result<bool> {
+pub fn same_file(
+    pid_a: libc::pid_t,
+    fd_a: RawFd,
+    pid_b: libc::pid_t,
+    fd_b: RawFd,
+) -> io::Result<bool> {
     const KCMP_FILE: libc::c_int = 0;
     // SAFETY: kcmp takes five integers and returns 0 (same), 1/2 (ordered) or -1.
     let r = unsafe {
@@ -592,7 +597,7 @@ pub fn same_file(pid_a: i32, fd_a: RawFd, pid_b: i32, fd_b: RawFd) -> io::Result
 }
 
 /// Whether process `pid` holds, in its own fd table, the same uffd as our `fd`.
-pub fn process_holds(pid: i32, fd: RawFd) -> bool {
+pub fn process_holds(pid: libc::pid_t, fd: RawFd) -> bool {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return false;
     };

@@ -35,7 +35,10 @@ pub struct TrackerSpec {
     /// The snapshot memory file MISSING faults are served from.
     pub source: Option<File>,
     /// The VMM's pid, for `/proc/<pid>/pagemap` and its pidfd.
-    pub pid: i32,
+    /// Pids are `libc::pid_t` everywhere (the kernel's type, which syscalls
+    /// and nix take: no casts inside); the wire's `uint32` and
+    /// `std::process::id()` are converted at the edge.
+    pub pid: libc::pid_t,
     pub interval: Duration,
     pub cpu: Option<usize>,
     /// How long the thread busy-polls for the next event after one, before
@@ -82,7 +85,7 @@ pub enum TrackerError {
     #[error(
         "open /proc/{pid}/clear_refs to reset soft-dirty bits: {source} (the agent needs root)"
     )]
-    ClearRefs { pid: i32, source: io::Error },
+    ClearRefs { pid: libc::pid_t, source: io::Error },
     #[error("write-protecting {start:#x}+{len:#x} failed: {source}")]
     Protect {
         start: u64,
@@ -92,7 +95,7 @@ pub enum TrackerError {
     #[error(
         "open /proc/{pid}/pagemap for PAGEMAP_SCAN: {source} (the agent needs root or CAP_SYS_PTRACE)"
     )]
-    Pagemap { pid: i32, source: io::Error },
+    Pagemap { pid: libc::pid_t, source: io::Error },
     #[error("custody: {0}")]
     Custody(io::Error),
     #[error("access tracking needs {0}")]

@@ -56,7 +56,7 @@ struct Tracker {
     map: RegionMap,
     plan: Plan,
     /// The VMM's pid.
-    pid: i32,
+    pid: libc::pid_t,
     shared: Arc<VmShared>,
     cpu: Option<usize>,
     spin_ns: u64,
@@ -115,7 +115,7 @@ impl Tracker {
             let header = CustodyHeader {
                 granule,
                 slots,
-                vmm_pid: spec.pid as u32,
+                vmm_pid: spec.pid,
                 memory_dev: st.dev(),
                 memory_ino: st.ino(),
             };
