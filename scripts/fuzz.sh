@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
+install_packages "${WSET_TEST_PACKAGES[@]}"
 secs=${1:-30}
 targets=(handshake uffd_msg grpc_requests history_blocks)
 

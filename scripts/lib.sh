@@ -1,8 +1,9 @@
 # Shared helpers for wset's scripts: progress lines, clear failures, and
 # installing Debian packages on demand.
 
-# Debian packages the tests need.
-WSET_TEST_PACKAGES=(pkg-config)
+# Debian packages the build and the tests need: libclang-dev for bindgen,
+# which generates the userfaultfd crate's bindings at build time.
+WSET_TEST_PACKAGES=(pkg-config libclang-dev)
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 fail() { printf '\nwset: FAILED: %s\n' "$*" >&2; exit 1; }

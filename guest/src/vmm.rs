@@ -25,8 +25,7 @@ pub enum HandshakeArg {
 /// Create a uffd as Firecracker does: only `EVENT_REMOVE` requested, every
 /// region registered `MODE_MISSING` by the VMM itself.
 pub fn firecracker_uffd(mem: &GuestMemory) -> std::io::Result<Uffd> {
-    let u = Uffd::create()?;
-    u.api(feature::EVENT_REMOVE)?;
+    let u = Uffd::create(feature::EVENT_REMOVE)?;
     u.register(mem.addr(), mem.len() as u64, mode::MISSING)?;
     Ok(u)
 }
@@ -78,9 +77,7 @@ fn backing_name(b: BackingArg) -> &'static str {
 /// Create a uffd with the features the agent recommends.
 pub fn wset_uffd(socket: &Path, backing: BackingArg) -> std::io::Result<Uffd> {
     let want = wset_features(socket, backing)?;
-    let u = Uffd::create()?;
-    u.api(want)?;
-    Ok(u)
+    Uffd::create(want)
 }
 
 /// Register with the wset.v1 handshake; returns the agent's JSON reply.

@@ -68,9 +68,7 @@ fn populated(backing: BackingArg, pages: u32) -> GuestMemory {
 }
 
 fn rwp_uffd(features: u64) -> Uffd {
-    let u = Uffd::create().expect("create uffd");
-    u.api(features).expect("UFFDIO_API with RWP");
-    u
+    Uffd::create(features).expect("a uffd with RWP features (UFFDIO_API)")
 }
 
 /// Async RWP: the kernel resolves accesses itself and PAGEMAP_SCAN reports
@@ -229,8 +227,7 @@ fn soft_dirty_sees_every_write_beside_rwp() {
 fn firecracker_style_uffd_takes_write_protect_but_not_rwp() {
     require_rwp();
     let mem = populated(BackingArg::Anon, 16);
-    let u = Uffd::create().expect("uffd");
-    u.api(feature::EVENT_REMOVE).expect("UFFDIO_API");
+    let u = Uffd::create(feature::EVENT_REMOVE).expect("a uffd (UFFDIO_API)");
     let (a, len) = (mem.addr(), mem.len() as u64);
     u.register(a, len, mode::MISSING).expect("register MISSING");
     let e = u

@@ -101,11 +101,7 @@ pub mod fault_flag {
     pub const RWP: u64 = 1 << 3;
 }
 
-const UFFD_USER_MODE_ONLY: libc::c_int = 1;
-const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
 const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 const UFFDIO_RWPROTECT_MODE_RWP: u64 = 1 << 0;
 
 /// `struct uffd_msg` (packed, 32 bytes). The union is kept as raw words and
@@ -194,15 +190,6 @@ const _: () = assert!(size_of::<UffdioRange>() == 16);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-const _: () = assert!(size_of::<UffdioRegister>() == 32);
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
 struct UffdioCopy {
     dst: u64,
     src: u64,
@@ -211,23 +198,6 @@ struct UffdioCopy {
     copy: i64,
 }
 const _: () = assert!(size_of::<UffdioCopy>() == 40);
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct UffdioZeropage {
-    range: UffdioRange,
-    mode: u64,
-    zeropage: i64,
-}
-const _: () = assert!(size_of::<UffdioZeropage>() == 32);
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct UffdioWriteprotect {
-    range: UffdioRange,
-    mode: u64,
-}
-const _: () = assert!(size_of::<UffdioWriteprotect>() == 24);
 
 /// Linux 7.3+ `struct uffdio_rwprotect`.
 #[repr(C)]
@@ -255,27 +225,7 @@ const IOC_READ: u64 = 2;
 const UFFDIO: u64 = 0xAA;
 
 const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x3F, size_of::<UffdioApi>());
-const UFFDIO_REGISTER: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    UFFDIO,
-    0x00,
-    size_of::<UffdioRegister>(),
-);
-const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, UFFDIO, 0x01, size_of::<UffdioRange>());
-const UFFDIO_WAKE: u64 = ioc(IOC_READ, UFFDIO, 0x02, size_of::<UffdioRange>());
 const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x03, size_of::<UffdioCopy>());
-const UFFDIO_ZEROPAGE: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    UFFDIO,
-    0x04,
-    size_of::<UffdioZeropage>(),
-);
-const UFFDIO_WRITEPROTECT: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    UFFDIO,
-    0x06,
-    size_of::<UffdioWriteprotect>(),
-);
 const UFFDIO_RWPROTECT: u64 = ioc(
     IOC_READ | IOC_WRITE,
     UFFDIO,
@@ -287,10 +237,7 @@ const USERFAULTFD_IOC_NEW: u64 = ioc(0, UFFDIO, 0x00, 0);
 
 // Known values from the kernel headers, as a check on `ioc`.
 const _: () = assert!(UFFDIO_API == 0xc018_aa3f);
-const _: () = assert!(UFFDIO_REGISTER == 0xc020_aa00);
-const _: () = assert!(UFFDIO_UNREGISTER == 0x8010_aa01);
 const _: () = assert!(UFFDIO_COPY == 0xc028_aa03);
-const _: () = assert!(UFFDIO_WRITEPROTECT == 0xc018_aa06);
 
 /// The result of a resolving ioctl that may race with the guest or the VMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -306,9 +253,17 @@ pub enum Resolve {
 }
 
 /// A userfaultfd, created here (test VMMs) or received from a VMM.
+///
+/// The fd is owned by a [`userfaultfd::Uffd`], whose safe calls serve
+/// creation, registration, waking, zero pages, plain copies and
+/// write-protection. Our own ioctls serve what that crate lacks: the
+/// feature probe (it never returns the offered features), copies that
+/// install the page write-protected (`UFFDIO_COPY_MODE_WP`), RWP
+/// (`UFFDIO_RWPROTECT`, `UFFDIO_SET_MODE`) and reading messages with their
+/// raw fault flags (it drops the RWP bit). ARCHITECTURE.md has the figures.
 #[derive(Debug)]
 pub struct Uffd {
-    fd: OwnedFd,
+    inner: userfaultfd::Uffd,
 }
 
 fn check(ret: libc::c_int) -> io::Result<()> {
@@ -319,110 +274,133 @@ fn check(ret: libc::c_int) -> io::Result<()> {
     }
 }
 
-impl Uffd {
-    /// Create a non-blocking, close-on-exec userfaultfd that also sees faults
-    /// taken in kernel mode (KVM's get_user_pages), so without
-    /// `UFFD_USER_MODE_ONLY`. Tries the syscall first, then `/dev/userfaultfd`.
-    pub fn create() -> io::Result<Self> {
-        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-        debug_assert_eq!(flags & UFFD_USER_MODE_ONLY, 0);
-        // SAFETY: userfaultfd(2) takes one int and returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) } as libc::c_int;
-        if fd >= 0 {
-            // SAFETY: the kernel just returned this fd to us; nobody else owns it.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            return Ok(Self { fd });
+/// The errno inside a userfaultfd crate error, as an `io::Error`.
+fn os_error(e: userfaultfd::Error) -> io::Error {
+    use userfaultfd::Error as E;
+    match e {
+        E::CopyFailed(errno) | E::ZeropageFailed(errno) | E::SystemError(errno) => {
+            io::Error::from_raw_os_error(errno as i32)
         }
-        let syscall_err = io::Error::last_os_error();
-        let dev = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/userfaultfd")
+        E::PartiallyCopied(_) => io::Error::from_raw_os_error(libc::EAGAIN),
+        E::OpenDevUserfaultfd(e) => e,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+/// A crate call that resolves a fault, as a [`Resolve`].
+fn resolved<T>(r: userfaultfd::Result<T>) -> io::Result<Resolve> {
+    match r {
+        Ok(_) => Ok(Resolve::Done),
+        Err(e) => classify(os_error(e)),
+    }
+}
+
+impl Uffd {
+    /// Create a non-blocking, close-on-exec userfaultfd with `features`
+    /// (`UFFDIO_API`), seeing faults taken in kernel mode too (KVM's
+    /// get_user_pages), so without `UFFD_USER_MODE_ONLY`. Opens
+    /// `/dev/userfaultfd`, or the syscall where there is no device. Asking
+    /// for a feature the kernel lacks fails with `EINVAL`.
+    pub fn create(features: u64) -> io::Result<Self> {
+        let inner = userfaultfd::UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .require_features(userfaultfd::FeatureFlags::from_bits_retain(features))
+            .create()
             .map_err(|e| {
+                let e = os_error(e);
                 io::Error::new(
                     e.kind(),
                     format!(
-                        "userfaultfd(2) failed ({syscall_err}) and /dev/userfaultfd failed ({e}): \
-                         run as root or set vm.unprivileged_userfaultfd=1"
+                        "creating a userfaultfd with features {}: {e} (run as root, or set \
+                         vm.unprivileged_userfaultfd=1)",
+                        feature::names(features)
                     ),
                 )
             })?;
-        // SAFETY: USERFAULTFD_IOC_NEW takes the open flags by value and returns a new fd.
-        let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: as above, a fresh fd from the kernel.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { fd })
+        Ok(Self { inner })
     }
 
     /// Wrap a received fd. The caller has checked that it is a userfaultfd
     /// (see [`is_userfaultfd`]).
     pub fn from_owned(fd: OwnedFd) -> Self {
-        Self { fd }
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // SAFETY: `fd` is ours alone (an OwnedFd), and ownership moves to the
+        // crate's Uffd, which closes it once on drop.
+        let inner = unsafe { userfaultfd::Uffd::from_raw_fd(fd.into_raw_fd()) };
+        Self { inner }
     }
 
     /// The features the running kernel offers, learned on a throw-away uffd
-    /// (UFFDIO_API can be called once per uffd).
+    /// (UFFDIO_API can be called once per uffd, and its answer is all the
+    /// userfaultfd crate keeps to itself, so this probe is ours).
     pub fn kernel_features() -> io::Result<u64> {
-        let probe = Self::create()?;
-        probe.offered()
-    }
-
-    /// `UFFDIO_API`: fix this uffd's features. Returns the features in force
-    /// (read back from fdinfo: on 6.x the ioctl itself answers with every
-    /// feature the kernel supports, not the ones granted). Asking for a
-    /// feature the kernel lacks fails with `EINVAL`.
-    pub fn api(&self, features: u64) -> io::Result<u64> {
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features,
-            ioctls: 0,
+        let dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/userfaultfd");
+        let raw = match &dev {
+            // SAFETY: USERFAULTFD_IOC_NEW takes the open flags by value and returns a new fd.
+            Ok(dev) => unsafe {
+                libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, libc::O_CLOEXEC)
+            },
+            // SAFETY: userfaultfd(2) takes one int and returns a new fd or -1.
+            Err(_) => unsafe {
+                libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) as libc::c_int
+            },
         };
-        // SAFETY: UFFDIO_API reads and writes one `uffdio_api`, which `api` is.
-        check(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_API as _, &mut api) })?;
-        self.features()
-    }
-
-    /// What the kernel offers, from `UFFDIO_API` with no feature requested.
-    fn offered(&self) -> io::Result<u64> {
+        if raw < 0 {
+            let e = io::Error::last_os_error();
+            let dev = dev
+                .err()
+                .map(|d| format!("/dev/userfaultfd: {d}; "))
+                .unwrap_or_default();
+            return Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "probing userfaultfd: {dev}{e} (run as root, or set vm.unprivileged_userfaultfd=1)"
+                ),
+            ));
+        }
+        // SAFETY: the kernel just returned this fd to us; nobody else owns it.
+        let probe = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut api = UffdioApi {
             api: UFFD_API,
             features: 0,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_API reads and writes one `uffdio_api`, which `api` is.
-        check(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_API as _, &mut api) })?;
+        check(unsafe { libc::ioctl(probe.as_raw_fd(), UFFDIO_API as _, &mut api) })?;
         Ok(api.features)
     }
 
-    /// `UFFDIO_REGISTER` `[start, start+len)` with `mode` bits. Registering a
-    /// range this uffd already holds replaces its mode. Returns the ioctls
-    /// the kernel allows on the range.
+    /// `UFFDIO_REGISTER` `[start, start+len)` with `mode` bits (RWP's bit
+    /// passes through). Registering a range this uffd already holds
+    /// replaces its mode. Returns the ioctls the kernel allows on the range.
     pub fn register(&self, start: u64, len: u64, mode: u64) -> io::Result<u64> {
-        let mut reg = UffdioRegister {
-            range: UffdioRange { start, len },
-            mode,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_REGISTER reads and writes one `uffdio_register`.
-        check(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) })?;
-        Ok(reg.ioctls)
+        self.inner
+            .register_with_mode(
+                start as *mut libc::c_void,
+                len as usize,
+                userfaultfd::RegisterMode::from_bits_retain(mode),
+            )
+            .map(|ioctls| ioctls.bits())
+            .map_err(os_error)
     }
 
     /// `UFFDIO_UNREGISTER`; blocked faults in the range are woken.
     pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
-        let mut range = UffdioRange { start, len };
-        // SAFETY: UFFDIO_UNREGISTER reads one `uffdio_range`.
-        check(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER as _, &mut range) })
+        self.inner
+            .unregister(start as *mut libc::c_void, len as usize)
+            .map_err(os_error)
     }
 
     /// `UFFDIO_WAKE`: wake threads blocked on faults in the range.
     pub fn wake(&self, start: u64, len: u64) -> io::Result<()> {
-        let mut range = UffdioRange { start, len };
-        // SAFETY: UFFDIO_WAKE reads one `uffdio_range`.
-        check(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE as _, &mut range) })
+        self.inner
+            .wake(start as *mut libc::c_void, len as usize)
+            .map_err(os_error)
     }
 
     /// `UFFDIO_COPY` `src` (our memory) to `dst` (the VMM's), write-protected
@@ -430,39 +408,47 @@ impl Uffd {
     /// absent from a registered range (`EEXIST` otherwise), so nothing the
     /// VMM holds is overwritten.
     pub fn copy(&self, dst: u64, src: &[u8], wp: bool) -> io::Result<Resolve> {
-        let mode = if wp { UFFDIO_COPY_MODE_WP } else { 0 };
-        self.copy_mode(dst, src, mode)
+        if wp {
+            // The crate has no UFFDIO_COPY_MODE_WP.
+            return self.copy_wp(dst, src);
+        }
+        self.copy_plain(dst, src, true)
     }
 
     /// `UFFDIO_COPY` without waking (for batches woken with one `wake`).
     pub fn copy_dontwake(&self, dst: u64, src: &[u8]) -> io::Result<Resolve> {
-        self.copy_mode(dst, src, UFFDIO_COPY_MODE_DONTWAKE)
+        self.copy_plain(dst, src, false)
     }
 
-    fn copy_mode(&self, dst: u64, src: &[u8], mode: u64) -> io::Result<Resolve> {
+    fn copy_plain(&self, dst: u64, src: &[u8], wake: bool) -> io::Result<Resolve> {
+        let dst = dst as *mut libc::c_void;
+        // SAFETY: the kernel reads `src.len()` bytes at `src`, which the
+        // slice holds, and fills only absent pages of a registered range.
+        resolved(unsafe { self.inner.copy(src.as_ptr().cast(), dst, src.len(), wake) })
+    }
+
+    fn copy_wp(&self, dst: u64, src: &[u8]) -> io::Result<Resolve> {
         let mut c = UffdioCopy {
             dst,
             src: src.as_ptr() as u64,
             len: src.len() as u64,
-            mode,
+            mode: UFFDIO_COPY_MODE_WP,
             copy: 0,
         };
         // SAFETY: UFFDIO_COPY reads `len` bytes at `src`, which the slice
         // holds, and reads/writes one `uffdio_copy`.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut c) };
+        let ret = unsafe { libc::ioctl(self.as_raw_fd(), UFFDIO_COPY as _, &mut c) };
         resolve(ret)
     }
 
     /// `UFFDIO_ZEROPAGE`: map the zero page at `[start, start+len)` and wake.
     pub fn zeropage(&self, start: u64, len: u64) -> io::Result<Resolve> {
-        let mut z = UffdioZeropage {
-            range: UffdioRange { start, len },
-            mode: 0,
-            zeropage: 0,
-        };
-        // SAFETY: UFFDIO_ZEROPAGE reads and writes one `uffdio_zeropage`.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut z) };
-        resolve(ret)
+        // SAFETY: the kernel maps zero pages only where a registered range
+        // has none (`EEXIST` otherwise); nothing present is overwritten.
+        resolved(unsafe {
+            self.inner
+                .zeropage(start as *mut libc::c_void, len as usize, true)
+        })
     }
 
     /// `UFFDIO_WRITEPROTECT`: protect (`wp`) or un-protect the range. Un-protecting
@@ -475,18 +461,12 @@ impl Uffd {
         wp: bool,
         dontwake: bool,
     ) -> io::Result<Resolve> {
-        let mode = match (wp, dontwake) {
-            (true, _) => UFFDIO_WRITEPROTECT_MODE_WP,
-            (false, true) => UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
-            (false, false) => 0,
-        };
-        let mut w = UffdioWriteprotect {
-            range: UffdioRange { start, len },
-            mode,
-        };
-        // SAFETY: UFFDIO_WRITEPROTECT reads one `uffdio_writeprotect`.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &mut w) };
-        resolve(ret)
+        let (start, len) = (start as *mut libc::c_void, len as usize);
+        if wp {
+            resolved(self.inner.write_protect(start, len))
+        } else {
+            resolved(self.inner.remove_write_protection(start, len, !dontwake))
+        }
     }
 
     /// Linux 7.3+ `UFFDIO_RWPROTECT`: read/write-protect (`protect`) or release the range.
@@ -501,7 +481,7 @@ impl Uffd {
             mode,
         };
         // SAFETY: UFFDIO_RWPROTECT reads one `uffdio_rwprotect`.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_RWPROTECT as _, &mut r) };
+        let ret = unsafe { libc::ioctl(self.as_raw_fd(), UFFDIO_RWPROTECT as _, &mut r) };
         resolve(ret)
     }
 
@@ -509,7 +489,7 @@ impl Uffd {
     pub fn set_mode(&self, enable: u64, disable: u64) -> io::Result<()> {
         let mut m = UffdioSetMode { enable, disable };
         // SAFETY: UFFDIO_SET_MODE reads one `uffdio_set_mode`.
-        check(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_SET_MODE as _, &mut m) })
+        check(unsafe { libc::ioctl(self.as_raw_fd(), UFFDIO_SET_MODE as _, &mut m) })
     }
 
     /// Read up to `buf.len()` messages without blocking. Returns how many were
@@ -518,7 +498,7 @@ impl Uffd {
         let bytes = size_of_val(buf);
         // SAFETY: `buf` is valid for `bytes` bytes of writes, and UffdMsg is
         // plain old data for which every bit pattern is valid.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), bytes) };
+        let n = unsafe { libc::read(self.as_raw_fd(), buf.as_mut_ptr().cast(), bytes) };
         if n < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::WouldBlock {
@@ -533,19 +513,19 @@ impl Uffd {
     /// The raw fd, for poll(2).
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         use std::os::fd::AsFd;
-        self.fd.as_fd()
+        self.inner.as_fd()
     }
 
     /// The features this uffd was given at `UFFDIO_API` time, read from
     /// `/proc/self/fdinfo` (a received uffd's features are fixed by its creator).
     pub fn features(&self) -> io::Result<u64> {
-        fdinfo_features(self.fd.as_raw_fd())
+        fdinfo_features(self.as_raw_fd())
     }
 }
 
 impl AsRawFd for Uffd {
     fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.inner.as_raw_fd()
     }
 }
 
@@ -553,7 +533,11 @@ fn resolve(ret: libc::c_int) -> io::Result<Resolve> {
     if ret >= 0 {
         return Ok(Resolve::Done);
     }
-    let e = io::Error::last_os_error();
+    classify(io::Error::last_os_error())
+}
+
+/// The errors a resolving ioctl may race into, as a [`Resolve`].
+fn classify(e: io::Error) -> io::Result<Resolve> {
     match e.raw_os_error() {
         Some(libc::EEXIST) => Ok(Resolve::Exists),
         Some(libc::EAGAIN) => Ok(Resolve::Again),
@@ -816,14 +800,13 @@ mod tests {
             offered & feature::MISSING_SHMEM != 0,
             "kernel offers {offered:#x}"
         );
-        let u = Uffd::create().unwrap();
         let want = feature::EVENT_REMOVE | feature::MISSING_SHMEM;
-        assert_eq!(u.api(want).unwrap() & want, want);
+        let u = Uffd::create(want).unwrap();
         assert_eq!(u.features().unwrap() & want, want);
         assert!(is_userfaultfd(u.as_raw_fd()));
         let me = std::process::id() as i32;
         assert!(process_holds(me, u.as_raw_fd()));
-        let other = Uffd::create().unwrap();
+        let other = Uffd::create(0).unwrap();
         assert!(!same_file(me, u.as_raw_fd(), me, other.as_raw_fd()).unwrap());
         let f = std::fs::File::open("/proc/self/status").unwrap();
         assert!(!is_userfaultfd(f.as_raw_fd()));

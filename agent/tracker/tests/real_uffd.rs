@@ -162,9 +162,9 @@ fn anonymous_first_touch_and_wp_async_dirty_are_exact() {
 #[test]
 fn firecracker_style_uffd_gets_sync_wp_dirty_tracking() {
     let mem = Arc::new(Mem::anon(64));
-    let uffd = Uffd::create().unwrap();
     // Firecracker requests only EVENT_REMOVE.
-    let features = uffd.api(feature::EVENT_REMOVE).unwrap();
+    let uffd = Uffd::create(feature::EVENT_REMOVE).unwrap();
+    let features = uffd.features().unwrap();
     let p = plan::plan(PlanInput {
         features,
         offered: features,
@@ -443,8 +443,7 @@ fn more_refused_faults_than_the_deferred_queue_holds() {
     let mem = Arc::new(Mem::anon(THREADS + REMOVED));
     // SAFETY: advice on our own test mapping.
     unsafe { libc::madvise(mem.ptr.cast(), mem.len, libc::MADV_NOHUGEPAGE) };
-    let uffd = Uffd::create().unwrap();
-    uffd.api(feature::EVENT_REMOVE).unwrap();
+    let uffd = Uffd::create(feature::EVENT_REMOVE).unwrap();
     // Registered before the tracker exists, so the faults queue up unread.
     uffd.register(mem.addr(), mem.len as u64, mode::MISSING)
         .unwrap();

@@ -130,8 +130,7 @@ fn bad_handshakes_are_refused_and_others_keep_being_served() {
     let rc = unsafe { libc::mprotect(upper, 1 << 20, libc::PROT_NONE) };
     assert_eq!(rc, 0);
     let file_map = GuestMemory::new(BackingArg::Memfd, 1 << 20).unwrap();
-    let uffd = Uffd::create().unwrap();
-    uffd.api(0).unwrap();
+    let uffd = Uffd::create(0).unwrap();
     let u = uffd.as_raw_fd();
     let cases: Vec<(&str, serde_json::Value, &str)> = vec![
         (

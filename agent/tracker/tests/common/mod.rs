@@ -128,10 +128,8 @@ pub fn planned_uffd(
     granules: usize,
 ) -> (Uffd, Plan) {
     let offered = Uffd::kernel_features().expect("userfaultfd unavailable: run the tests as root");
-    let uffd = Uffd::create().unwrap();
-    let features = uffd
-        .api(plan::recommended_features(offered, backing))
-        .unwrap();
+    let uffd = Uffd::create(plan::recommended_features(offered, backing)).unwrap();
+    let features = uffd.features().unwrap();
     let p = plan::plan(PlanInput {
         features,
         offered: features,
