@@ -17,10 +17,10 @@ pub mod service;
 pub mod stream;
 pub mod wire;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use tracing::{info, warn};
 
 pub use config::Config;
@@ -29,25 +29,69 @@ use registry::Registry;
 /// Wall-clock milliseconds since the Unix epoch.
 pub use wset_serve::process::now_ms;
 
+/// Why the agent could not start, or did not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("userfaultfd is not usable: the agent needs root (or vm.unprivileged_userfaultfd=1)")]
+    Userfaultfd(#[source] std::io::Error),
+    #[error("create state directory {}", dir.display())]
+    StateDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("resume the VMs a previous agent tracked (records in {})", dir.display())]
+    Resume {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listen on {}", path.display())]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Serve(Box<wset_serve::ServeError>),
+    #[error(transparent)]
+    Metrics(#[from] wset_serve::metrics::MetricsError),
+    #[error("gRPC server task")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("{pages} pages could not be put back and remain in custody files under {}", dir.display())]
+    PagesInCustody { pages: u32, dir: PathBuf },
+}
+
+impl From<wset_serve::ServeError> for RunError {
+    fn from(e: wset_serve::ServeError) -> Self {
+        Self::Serve(Box::new(e))
+    }
+}
+
 /// Run the agent until `shutdown` resolves; then stop every tracker (each
 /// puts pages in custody back and unregisters) and return.
 pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     let cfg = Arc::new(cfg);
     let registry = Arc::new(Registry::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     // Fail early, with a reason, when the kernel cannot do what we need.
-    let offered = wset_tracker::Uffd::kernel_features().context(
-        "userfaultfd is not usable: the agent needs root (or vm.unprivileged_userfaultfd=1)",
-    )?;
+    let offered = wset_tracker::Uffd::kernel_features().map_err(RunError::Userfaultfd)?;
     info!(features = %wset_tracker::uffd::feature::names(offered), "kernel userfaultfd features");
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("create state directory {}", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| RunError::StateDir {
+        dir: cfg.state_dir.clone(),
+        source,
+    })?;
     // What a previous agent left: pages in custody back, its VMs tracked again.
-    adopt::resume(&cfg, &registry, offered).await?;
+    adopt::resume(&cfg, &registry, offered)
+        .await
+        .map_err(|source| RunError::Resume {
+            dir: cfg.state_dir.clone(),
+            source,
+        })?;
 
     let mut tasks = Vec::new();
     let admission = Arc::new(intake::Admission::new(
@@ -56,8 +100,12 @@ pub async fn run(
         cfg.max_pending_handshakes,
     ));
     for sock in &cfg.sockets {
-        let l = intake::bind(sock, cfg.socket_mode, cfg.socket_group)
-            .with_context(|| format!("listen on {}", sock.path.display()))?;
+        let l = intake::bind(sock, cfg.socket_mode, cfg.socket_group).map_err(|source| {
+            RunError::Listen {
+                path: sock.path.clone(),
+                source,
+            }
+        })?;
         info!(socket = %sock.path.display(), snapshot = ?sock.snapshot, "accepting VMMs");
         tasks.push(tokio::spawn(intake::serve(
             l,
@@ -172,7 +220,7 @@ pub async fn run(
     }
     reaper.abort();
     publisher.abort();
-    grpc.await.context("gRPC server task")??;
+    grpc.await.map_err(RunError::Task)??;
     if let Some(m) = metrics {
         let _ = m.await;
     }
@@ -180,10 +228,10 @@ pub async fn run(
         let _ = std::fs::remove_file(&s.path);
     }
     if left > 0 {
-        anyhow::bail!(
-            "{left} pages could not be put back and remain in custody files under {}",
-            cfg.state_dir.display()
-        );
+        return Err(RunError::PagesInCustody {
+            pages: left,
+            dir: cfg.state_dir.clone(),
+        });
     }
     info!(vms = stopped.len(), "stopped cleanly");
     Ok(())

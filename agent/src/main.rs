@@ -8,7 +8,8 @@ fn main() -> std::process::ExitCode {
         .unwrap_or_else(|e| e.exit());
     let result = process::run("wset-agent", startup.log_json, async move {
         startup.warn_deprecated();
-        wset_agent::run(startup.config, process::shutdown_signal()).await
+        wset_agent::run(startup.config, process::shutdown_signal()).await?;
+        Ok(())
     });
     process::exit("wset-agent", result)
 }
