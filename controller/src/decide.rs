@@ -290,7 +290,7 @@ mod tests {
                 },
             );
             index.hosts().insert(
-                host.into(),
+                host.parse().unwrap(),
                 pb::HostFacts {
                     host_id: host.into(),
                     vm_capacity_bytes: 1 << 30,
@@ -312,7 +312,7 @@ mod tests {
             vm("stale", "up", now - 600_000),
             vm("away", "down", now),
         ] {
-            index.vms_mut().insert(v.vm_id.clone(), v);
+            index.vms_mut().insert(v.vm_id.parse().unwrap(), v);
         }
         store
             .apply(&crate::store::Write {
@@ -366,7 +366,7 @@ mod tests {
             },
         );
         index.hosts().insert(
-            "h".into(),
+            "h".parse().unwrap(),
             pb::HostFacts {
                 host_id: "h".into(),
                 vm_capacity_bytes: 1 << 32,
@@ -375,7 +375,7 @@ mod tests {
         );
         for id in ["good", "bad"] {
             index.vms_mut().insert(
-                id.into(),
+                id.parse().unwrap(),
                 pb::ClusterVm {
                     vm_id: id.into(),
                     host_id: "h".into(),

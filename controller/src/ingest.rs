@@ -235,7 +235,7 @@ fn index_batch(
     for (id, s) in &summaries {
         let point = raw_point(s, now, resolution_ms);
         let mut changed = false;
-        let rec = vms.entry(id.to_string()).or_insert_with(|| {
+        let rec = vms.entry(id.clone()).or_insert_with(|| {
             changed = true;
             pb::ClusterVm {
                 vm_id: id.to_string(),
@@ -540,7 +540,7 @@ async fn take_batch(
     if first {
         let previous = index
             .hosts()
-            .get(&host.host_id)
+            .get(&host_id)
             .map(|h| h.agent_instance_id.clone());
         // Stamped when the agent made the batch, on the clock its points
         // carry: a busy controller takes the batch later, and a gap closed
@@ -597,7 +597,7 @@ async fn take_batch(
     }
     let stored = summaries.len() as u64;
     let resolution_ms = (cfg.sample_interval.as_millis() as u64).max(host.tracking_interval_ms);
-    index.hosts().insert(host.host_id.clone(), host.clone());
+    index.hosts().insert(host_id.clone(), host.clone());
     index.update_agent(endpoint, |a| {
         a.state = pb::AgentConnectionState::Connected as i32;
         if a.connected_since_ms == 0 {

@@ -308,7 +308,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
             .map_err(|e| Status::invalid_argument(format!("{e} (see ListVms)")))?;
         let now = now_ms();
         let q = query(range_of!(r), &self.cfg, now)?;
-        let known = self.index.vms().contains_key(&r.vm_id);
+        let known = self.index.vms().contains_key(r.vm_id.as_str());
         if !known {
             return Err(Status::not_found(format!(
                 "no VM {:?} has been reported by any agent (see ListVms)",
@@ -360,7 +360,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
         check_host_id(&r.host_id)?;
         let now = now_ms();
         let q = query(range_of!(r), &self.cfg, now)?;
-        let known = self.index.hosts().contains_key(&r.host_id);
+        let known = self.index.hosts().contains_key(r.host_id.as_str());
         if !known {
             return Err(Status::not_found(format!(
                 "no agent has reported host {:?} (see ListAgents)",
