@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use wset_proto::ids::HostId;
 use wset_proto::v1 as pb;
 
 use crate::config::Config;
@@ -187,10 +188,9 @@ fn token(p: &Page<impl Mergeable>) -> String {
     p.next.map(|t| t.encode()).unwrap_or_default()
 }
 
-/// A request's host id checked, or the status that says what one is.
-pub(crate) fn check_host_id(h: &str) -> Result<(), Status> {
-    wset_proto::ids::check_host_id("host_id", h)
-        .map_err(|e| Status::invalid_argument(format!("{e} (see ListAgents)")))
+/// A request's host id parsed, or the status that says what one is.
+pub(crate) fn parse_host_id(h: &str) -> Result<HostId, Status> {
+    HostId::parse(h).map_err(|e| Status::invalid_argument(format!("{e} (see ListAgents)")))
 }
 
 #[tonic::async_trait]
@@ -210,7 +210,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
     ) -> Result<Response<pb::ListClusterVmsResponse>, Status> {
         let host = req.into_inner().host_id;
         if !host.is_empty() {
-            check_host_id(&host)?;
+            parse_host_id(&host)?;
         }
         let mut vms: Vec<pb::ClusterVm> = self
             .index
@@ -232,7 +232,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
     ) -> Result<Response<Self::WatchVmsStream>, Status> {
         let r = req.into_inner();
         if !r.host_id.is_empty() {
-            check_host_id(&r.host_id)?;
+            parse_host_id(&r.host_id)?;
         }
         if r.vm_ids.len() > MAX_WATCH_IDS {
             return Err(Status::invalid_argument(format!(
@@ -357,7 +357,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
                 "host_id is required (see ListAgents)",
             ));
         }
-        check_host_id(&r.host_id)?;
+        parse_host_id(&r.host_id)?;
         let now = now_ms();
         let q = query(range_of!(r), &self.cfg, now)?;
         let known = self.index.hosts().contains_key(r.host_id.as_str());
