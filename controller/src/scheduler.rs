@@ -195,11 +195,7 @@ impl pb::scheduler_service_server::SchedulerService for SchedulerService {
         req: Request<pb::GetOvercommitRequest>,
     ) -> Result<Response<pb::GetOvercommitResponse>, Status> {
         let r = req.into_inner();
-        let only = if r.host_id.is_empty() {
-            None
-        } else {
-            Some(crate::service::parse_host_id(&r.host_id)?)
-        };
+        let only = crate::service::host_filter(&r.host_id)?;
         let p = self.plan(r.replan).await?;
         let memory = if r.include_vms {
             self.memory_of_vms()
