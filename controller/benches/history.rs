@@ -17,8 +17,9 @@ use prost::Message;
 use wset_controller::config::default_levels;
 use wset_controller::history::{Query, page, raw_point};
 use wset_controller::index::Index;
-use wset_controller::ingest::{Msg, StoreHealth, flusher, writer};
+use wset_controller::ingest::{Batch, Msg, StoreHealth, flusher, writer};
 use wset_controller::store::{Store, Write};
+use wset_proto::ids::VmId;
 use wset_proto::v1 as pb;
 
 const VMS_PER_HOST: usize = 50;
@@ -88,24 +89,32 @@ fn ingest(total: usize) -> f64 {
         std::thread::spawn(move || flusher(s, ix, h, Duration::from_secs(1), st))
     };
     let hosts = total / VMS_PER_HOST;
-    let batches: Vec<Vec<pb::VmSummary>> = (0..hosts.min(10_000))
-        .map(|h| (0..VMS_PER_HOST).map(|v| summary(h, v)).collect())
+    let batches: Vec<Vec<(VmId, pb::VmSummary)>> = (0..hosts.min(10_000))
+        .map(|h| {
+            (0..VMS_PER_HOST)
+                .map(|v| {
+                    let s = summary(h, v);
+                    (s.vm_id.parse().expect("a VM id"), s)
+                })
+                .collect()
+        })
         .collect();
     let start = Instant::now();
     for i in 0..hosts {
         let b = &batches[i % batches.len()];
-        let msg = Msg::Batch {
+        let msg = Msg::Batch(Box::new(Batch {
             endpoint: format!("10.0.{}.{}:7070", (i % batches.len()) / 256, i % 256),
             received_ms: 1_000_000 + i as u64,
             resolution_ms: 10_000,
-            host: Box::new(pb::HostFacts {
-                host_id: b[0].host_id.clone(),
+            host_id: b[0].1.host_id.parse().expect("a host id"),
+            host: pb::HostFacts {
+                host_id: b[0].1.host_id.clone(),
                 memory_total_bytes: 512 << 30,
                 ..Default::default()
-            }),
+            },
             summaries: b.clone(),
             events: vec![],
-        };
+        }));
         tx.blocking_send(msg).expect("writer alive");
         if i % (hosts / 10).max(1) == 0 {
             eprint!("\r  ingest: {:>3}%", i * 100 / hosts);

@@ -19,6 +19,7 @@
 
 use wset_controller::planner::{Config, Sample, VmInput, demand, normal_quantile};
 use wset_controller::sim::{Rng, pick_shape, trace};
+use wset_proto::ids::{HostId, VmId};
 
 const GIB: u64 = 1 << 30;
 const CAPACITY: u64 = 256 * GIB;
@@ -29,6 +30,14 @@ const HOUR: usize = 60;
 struct Candidate {
     history: Vec<Sample>,
     future: Vec<u64>,
+}
+
+fn vm(id: &str) -> VmId {
+    id.parse().expect("a VM id")
+}
+
+fn host(id: &str) -> HostId {
+    id.parse().expect("a host id")
 }
 
 fn candidate(rng: &mut Rng) -> Candidate {
@@ -78,11 +87,9 @@ fn main() {
             .iter()
             .map(|c| {
                 let v = VmInput {
-                    vm_id: String::new(),
-                    memory_bytes: VM,
                     samples: c.history.clone(),
                     relative_error: 0.01,
-                    ..Default::default()
+                    ..VmInput::new(vm("candidate"), host("h"), VM)
                 };
                 let d = demand(&v, &cfg, now);
                 let mean_hist =

@@ -10,10 +10,19 @@
 use std::time::Instant;
 
 use wset_controller::planner::{Config, HostInput, Input, Sample, VmInput, plan};
+use wset_proto::ids::{HostId, VmId};
 
 const GIB: u64 = 1 << 30;
 const VMS_PER_HOST: usize = 40;
 const NOW: u64 = 10 * 86_400_000;
+
+fn vm(id: &str) -> VmId {
+    id.parse().expect("a VM id")
+}
+
+fn host(id: &str) -> HostId {
+    id.parse().expect("a host id")
+}
 
 /// A cluster where one host in twenty runs hot, with noisy working sets.
 fn cluster(hosts: usize) -> Input {
@@ -31,9 +40,6 @@ fn cluster(hosts: usize) -> Input {
             let mem = 8 * GIB;
             let base = if hot { 5 * GIB } else { 2 * GIB } + next() % GIB;
             vms.push(VmInput {
-                vm_id: format!("vm-{h}-{v}"),
-                host_id: format!("host-{h}"),
-                memory_bytes: mem,
                 samples: (0..60)
                     .map(|i| Sample {
                         t_ms: NOW - 3_600_000 + i * 60_000,
@@ -42,7 +48,7 @@ fn cluster(hosts: usize) -> Input {
                     })
                     .collect(),
                 relative_error: 0.01,
-                ..Default::default()
+                ..VmInput::new(vm(&format!("vm-{h}-{v}")), host(&format!("host-{h}")), mem)
             });
         }
     }
@@ -50,7 +56,7 @@ fn cluster(hosts: usize) -> Input {
         now_ms: NOW,
         hosts: (0..hosts)
             .map(|h| HostInput {
-                host_id: format!("host-{h}"),
+                host_id: host(&format!("host-{h}")),
                 capacity_bytes: 256 * GIB,
                 maintenance: false,
             })

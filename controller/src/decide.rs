@@ -4,13 +4,14 @@
 //! `watch` channel, every `--plan-interval` and whenever a client asks for
 //! a fresh one. The planner itself (`planner.rs`) stays pure.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio::sync::watch;
 use tracing::{debug, warn};
+use wset_proto::ids::{HostId, VmId};
 use wset_proto::v1 as pb;
 
 use crate::config::Config;
@@ -46,13 +47,14 @@ pub struct Built {
     /// demand that overcommits nothing on its account.
     pub unreadable: u32,
     /// The first of them, and why.
-    pub first_unreadable: Option<(String, StoreError)>,
+    pub first_unreadable: Option<(VmId, StoreError)>,
 }
 
 /// The planner's input now: connected hosts, their tracking VMs reported
 /// within the last three sample intervals (and 5 s), and each VM's samples
 /// (its shortest window's working set) over the lookback. One VM's
-/// unreadable history never keeps the others from a plan.
+/// unreadable history never keeps the others from a plan. The ids are the
+/// index's, checked when their agent reported them.
 pub fn build_input(
     store: &Store,
     index: &Index,
@@ -68,10 +70,10 @@ pub fn build_input(
         .collect();
     let hosts: Vec<HostInput> = index
         .hosts()
-        .values()
-        .filter(|h| connected.contains(&h.host_id))
-        .map(|h| HostInput {
-            host_id: h.host_id.clone(),
+        .iter()
+        .filter(|(id, _)| connected.contains(id.as_str()))
+        .map(|(id, h)| HostInput {
+            host_id: id.clone(),
             capacity_bytes: if h.vm_capacity_bytes > 0 {
                 h.vm_capacity_bytes
             } else {
@@ -85,23 +87,31 @@ pub fn build_input(
     // as far as anyone knows: it is left out rather than planned on stale
     // history.
     let fresh_ms = 3 * sample_interval_ms + 5000;
-    let vms: Vec<pb::ClusterVm> = index
+    // Only VMs on a connected host, which always has its facts (the batch
+    // that connected it brought them): each VM takes its host's id.
+    let host_ids: HashMap<&str, &HostId> = hosts
+        .iter()
+        .map(|h| (h.host_id.as_str(), &h.host_id))
+        .collect();
+    let vms: Vec<(VmId, HostId, pb::ClusterVm)> = index
         .vms()
-        .values()
-        .filter(|v| {
+        .iter()
+        .filter(|(_, v)| {
             v.state == pb::VmState::Tracking as i32
-                && connected.contains(&v.host_id)
                 && now_ms.saturating_sub(v.last_seen_ms) <= fresh_ms
         })
-        .cloned()
+        .filter_map(|(id, v)| {
+            let host = host_ids.get(v.host_id.as_str())?;
+            Some((id.clone(), (*host).clone(), v.clone()))
+        })
         .collect();
     // Each VM's samples are read, reduced to its demand and dropped, on
     // all CPUs: an hour of every VM's samples is never in memory at once.
     let from = now_ms.saturating_sub(settings.lookback_ms);
     let none = pb::VmHistoryPoint::default();
-    let read = planner::map_parallel(&vms, |v| {
+    let read = planner::map_parallel(&vms, |(id, host, v)| {
         let latest = v.latest.as_ref().unwrap_or(&none);
-        let (history, read) = match store.vm_plan_points(&v.vm_id, from, now_ms + 1) {
+        let (history, read) = match store.vm_plan_points(id.as_str(), from, now_ms + 1) {
             Ok(points) => (
                 points
                     .iter()
@@ -127,8 +137,8 @@ pub fn build_input(
             ),
         };
         let mut input = VmInput {
-            vm_id: v.vm_id.clone(),
-            host_id: v.host_id.clone(),
+            vm_id: id.clone(),
+            host_id: host.clone(),
             memory_bytes: v.memory_bytes,
             labels: v.labels.clone().into_iter().collect(),
             samples: history,
@@ -290,7 +300,7 @@ mod tests {
                 },
             );
             index.hosts().insert(
-                host.into(),
+                host.parse().unwrap(),
                 pb::HostFacts {
                     host_id: host.into(),
                     vm_capacity_bytes: 1 << 30,
@@ -312,7 +322,7 @@ mod tests {
             vm("stale", "up", now - 600_000),
             vm("away", "down", now),
         ] {
-            index.vms_mut().insert(v.vm_id.clone(), v);
+            index.vms_mut().insert(v.vm_id.parse().unwrap(), v);
         }
         store
             .apply(&crate::store::Write {
@@ -366,7 +376,7 @@ mod tests {
             },
         );
         index.hosts().insert(
-            "h".into(),
+            "h".parse().unwrap(),
             pb::HostFacts {
                 host_id: "h".into(),
                 vm_capacity_bytes: 1 << 32,
@@ -375,7 +385,7 @@ mod tests {
         );
         for id in ["good", "bad"] {
             index.vms_mut().insert(
-                id.into(),
+                id.parse().unwrap(),
                 pb::ClusterVm {
                     vm_id: id.into(),
                     host_id: "h".into(),

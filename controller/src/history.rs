@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use wset_proto::ids::VmId;
 use wset_proto::v1 as pb;
 
 /// Largest guest memory a summary may claim (1 PiB): anything larger is a
@@ -35,10 +36,11 @@ pub enum SummaryError {
     },
 }
 
-/// Check one summary from an agent before anything of it is stored.
-pub fn check_summary(s: &pb::VmSummary) -> Result<(), SummaryError> {
+/// Check one summary from an agent before anything of it is stored; its
+/// VM id, checked, is what the rest of the controller keys it by.
+pub fn check_summary(s: &pb::VmSummary) -> Result<VmId, SummaryError> {
     let vm = || s.vm_id.clone();
-    wset_proto::ids::check_vm_id("vm_id", &s.vm_id)?;
+    let id = VmId::parse_in("vm_id", &s.vm_id)?;
     if s.memory_bytes == 0 || s.memory_bytes > MAX_MEMORY_BYTES {
         return Err(SummaryError::BadMemory {
             vm: vm(),
@@ -82,7 +84,7 @@ pub fn check_summary(s: &pb::VmSummary) -> Result<(), SummaryError> {
             return Err(SummaryError::BadNumber { vm: vm(), what });
         }
     }
-    Ok(())
+    Ok(id)
 }
 
 /// The stored form of one summary that arrived at `received_ms` (controller
@@ -570,7 +572,10 @@ mod tests {
 
     #[test]
     fn summaries_are_checked() {
-        assert_eq!(check_summary(&summary("vm-1", 1 << 30, 1 << 20)), Ok(()));
+        assert_eq!(
+            check_summary(&summary("vm-1", 1 << 30, 1 << 20)),
+            Ok(VmId::parse("vm-1").unwrap())
+        );
         assert!(matches!(
             check_summary(&summary("bad/id", 1 << 30, 1)),
             Err(SummaryError::BadVmId(_))

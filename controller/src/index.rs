@@ -7,13 +7,16 @@
 //! agent's status and its host's facts; the gRPC services, planning,
 //! maintenance and metrics read it. Every lock is taken through the
 //! accessors, which carry on past a poisoned lock: the data is plain
-//! records, never left half-updated by a panic that matters.
+//! records, never left half-updated by a panic that matters. VMs and hosts
+//! are keyed by their checked ids ([`VmId`], [`HostId`]); a lookup by
+//! `&str` works too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::broadcast;
 use tracing::warn;
+use wset_proto::ids::{HostId, VmId};
 use wset_proto::v1 as pb;
 
 use crate::store::{Store, StoreError};
@@ -31,9 +34,9 @@ pub struct Index {
     /// Per agent endpoint: controller time of the last batch applied.
     applied: Mutex<HashMap<String, u64>>,
     /// Every VM seen, with its latest point.
-    vms: RwLock<HashMap<String, pb::ClusterVm>>,
+    vms: RwLock<HashMap<VmId, pb::ClusterVm>>,
     /// Every host's last facts.
-    hosts: Mutex<HashMap<String, pb::HostFacts>>,
+    hosts: Mutex<HashMap<HostId, pb::HostFacts>>,
     /// The VMs of each stored batch, for `WatchVms` (sent only while
     /// someone watches).
     updates: broadcast::Sender<VmUpdate>,
@@ -54,19 +57,40 @@ impl Default for Index {
 impl Index {
     /// Load the VM index and host facts from the store. A damaged record
     /// or latest point is skipped with a warning (the VM's next report
-    /// brings it back): it never keeps the controller from starting.
+    /// brings it back): it never keeps the controller from starting. A
+    /// record whose id is not one (written by a controller that checked
+    /// less, or damaged on disk) counts as damaged too: the index holds
+    /// only checked ids.
     pub fn load(store: &Store) -> Result<Self, StoreError> {
-        let (records, bad_records) = store.load_vms()?;
+        let (records, bad) = store.load_vms()?;
+        let mut bad_records: Vec<String> = bad.iter().map(ToString::to_string).collect();
         let mut vms = HashMap::new();
         let mut bad_latest = Vec::new();
         for mut v in records {
-            match store.last_vm_point(&v.vm_id) {
+            let id = match VmId::parse(&v.vm_id) {
+                Ok(id) => id,
+                Err(e) => {
+                    bad_records.push(format!("VM record: {e}"));
+                    continue;
+                }
+            };
+            match store.last_vm_point(id.as_str()) {
                 Ok(p) => v.latest = p,
-                Err(e) => bad_latest.push((v.vm_id.clone(), e)),
+                Err(e) => bad_latest.push((id.clone(), e)),
             }
-            vms.insert(v.vm_id.clone(), v);
+            vms.insert(id, v);
         }
-        let (hosts, bad_hosts) = store.load_hosts()?;
+        let (records, bad) = store.load_hosts()?;
+        let mut bad_hosts: Vec<String> = bad.iter().map(ToString::to_string).collect();
+        let mut hosts = HashMap::new();
+        for h in records {
+            match HostId::parse(&h.host_id) {
+                Ok(id) => {
+                    hosts.insert(id, h);
+                }
+                Err(e) => bad_hosts.push(format!("host record: {e}")),
+            }
+        }
         for (what, bad) in [("VM records", &bad_records), ("host records", &bad_hosts)] {
             if let Some(e) = bad.first() {
                 warn!(
@@ -84,7 +108,6 @@ impl Index {
                 "latest points unreadable; each comes back with its VM's next report"
             );
         }
-        let hosts = hosts.into_iter().map(|h| (h.host_id.clone(), h)).collect();
         Ok(Self {
             vms: RwLock::new(vms),
             hosts: Mutex::new(hosts),
@@ -110,18 +133,18 @@ impl Index {
     }
 
     /// Every VM seen, by id.
-    pub fn vms(&self) -> RwLockReadGuard<'_, HashMap<String, pb::ClusterVm>> {
+    pub fn vms(&self) -> RwLockReadGuard<'_, HashMap<VmId, pb::ClusterVm>> {
         self.vms.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The VMs, to change (the writer thread, and forgetting VMs after
     /// maintenance).
-    pub fn vms_mut(&self) -> RwLockWriteGuard<'_, HashMap<String, pb::ClusterVm>> {
+    pub fn vms_mut(&self) -> RwLockWriteGuard<'_, HashMap<VmId, pb::ClusterVm>> {
         self.vms.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Every host's last facts, by id.
-    pub fn hosts(&self) -> MutexGuard<'_, HashMap<String, pb::HostFacts>> {
+    pub fn hosts(&self) -> MutexGuard<'_, HashMap<HostId, pb::HostFacts>> {
         self.hosts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -172,11 +195,13 @@ impl Index {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
     use crate::store::Write;
 
-    /// A damaged VM record or latest point is skipped at start-up; the
-    /// rest of the index loads.
+    /// A damaged VM record or latest point, and a VM or host record whose
+    /// id is not one, are skipped at start-up; the rest of the index loads.
     #[test]
     fn load_skips_what_is_damaged() {
         let dir = std::env::temp_dir().join(format!("wset-ingest-load-{}", std::process::id()));
@@ -200,14 +225,31 @@ mod tests {
             .unwrap();
         store.put_raw_point_bytes("b", 20, &[0xff; 3]);
         store.put_vm_record_bytes("c", &[0xff; 3]);
+        store.put_vm_record_bytes("bad/id", &record("bad/id").encode_to_vec());
+        let host = |id: &str| pb::HostFacts {
+            host_id: id.into(),
+            ..Default::default()
+        };
+        for h in ["h", "bad host"] {
+            store
+                .apply(&Write {
+                    host_facts: Some(host(h)),
+                    ..Default::default()
+                })
+                .unwrap();
+        }
         let index = Index::load(&store).unwrap();
         let vms = index.vms();
-        let mut ids: Vec<&str> = vms.keys().map(String::as_str).collect();
+        let mut ids: Vec<&str> = vms.keys().map(VmId::as_str).collect();
         ids.sort();
         assert_eq!(ids, ["a", "b"]);
         assert_eq!(vms["a"].latest, Some(point(10)));
         assert_eq!(vms["b"].latest, None);
         drop(vms);
+        let hosts = index.hosts();
+        let ids: Vec<&str> = hosts.keys().map(HostId::as_str).collect();
+        assert_eq!(ids, ["h"]);
+        drop(hosts);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }

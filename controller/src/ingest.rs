@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
+use wset_proto::ids::{HostId, VmId};
 use wset_proto::v1 as pb;
 use wset_proto::v1::agent_service_client::AgentServiceClient;
 
@@ -103,18 +104,24 @@ impl Complaint {
     }
 }
 
+/// One agent batch, checked, as the writer takes it.
+#[derive(Debug)]
+pub struct Batch {
+    pub endpoint: String,
+    pub received_ms: u64,
+    pub resolution_ms: u64,
+    /// The host's id, checked (its facts carry it as the wire has it).
+    pub host_id: HostId,
+    pub host: pb::HostFacts,
+    /// Checked already, each with its VM's id.
+    pub summaries: Vec<(VmId, pb::VmSummary)>,
+    pub events: Vec<pb::HostEvent>,
+}
+
 /// What the subscription tasks hand the writer.
 #[derive(Debug)]
 pub enum Msg {
-    Batch {
-        endpoint: String,
-        received_ms: u64,
-        resolution_ms: u64,
-        host: Box<pb::HostFacts>,
-        /// Checked already.
-        summaries: Vec<pb::VmSummary>,
-        events: Vec<pb::HostEvent>,
-    },
+    Batch(Box<Batch>),
     Event {
         host_id: String,
         event: pb::HostEvent,
@@ -144,7 +151,7 @@ pub fn writer(
     health: Arc<StoreHealth>,
     mut rx: mpsc::Receiver<Msg>,
 ) {
-    let mut persisted: HashMap<String, u64> = HashMap::new();
+    let mut persisted: HashMap<VmId, u64> = HashMap::new();
     let mut complaint = Complaint::default();
     while let Some(msg) = rx.blocking_recv() {
         let (w, endpoint, received_ms, updated) = match msg {
@@ -157,30 +164,16 @@ pub fn writer(
                 0,
                 Vec::new(),
             ),
-            Msg::Batch {
-                endpoint,
-                received_ms,
-                resolution_ms,
-                host,
-                summaries,
-                events,
-            } => {
+            Msg::Batch(b) => {
                 let span = tracing::info_span!(
                     "ingest",
-                    agent = %endpoint,
-                    host_id = %host.host_id,
-                    summaries = summaries.len()
+                    agent = %b.endpoint,
+                    host_id = %b.host_id,
+                    summaries = b.summaries.len()
                 );
                 let _e = span.enter();
-                let (w, updated) = index_batch(
-                    &index,
-                    &mut persisted,
-                    received_ms,
-                    resolution_ms,
-                    *host,
-                    &summaries,
-                    events,
-                );
+                let (endpoint, received_ms) = (b.endpoint.clone(), b.received_ms);
+                let (w, updated) = index_batch(&index, &mut persisted, *b);
                 (w, Some(endpoint), received_ms, updated)
             }
         };
@@ -218,30 +211,35 @@ pub fn writer(
 /// the updated records when someone watches (`WatchVms`).
 fn index_batch(
     index: &Index,
-    persisted: &mut HashMap<String, u64>,
-    now: u64,
-    resolution_ms: u64,
-    host: pb::HostFacts,
-    summaries: &[pb::VmSummary],
-    events: Vec<pb::HostEvent>,
+    persisted: &mut HashMap<VmId, u64>,
+    b: Batch,
 ) -> (Write, Vec<pb::ClusterVm>) {
-    let h = host.host_id.clone();
+    let Batch {
+        received_ms: now,
+        resolution_ms,
+        host_id,
+        host,
+        summaries,
+        events,
+        ..
+    } = b;
+    let h = host_id.as_str();
     let watched = index.watched();
     let mut updated = Vec::new();
     let mut w = Write {
-        events: events.into_iter().map(|e| (h.clone(), e)).collect(),
+        events: events.into_iter().map(|e| (h.to_owned(), e)).collect(),
         ..Default::default()
     };
     let retired = pb::VmState::Retired as i32;
     let mut vms = index.vms_mut();
-    for s in summaries {
+    for (id, s) in &summaries {
         let point = raw_point(s, now, resolution_ms);
         let mut changed = false;
-        let rec = vms.entry(s.vm_id.clone()).or_insert_with(|| {
+        let rec = vms.entry(id.clone()).or_insert_with(|| {
             changed = true;
             pb::ClusterVm {
-                vm_id: s.vm_id.clone(),
-                host_id: h.clone(),
+                vm_id: id.to_string(),
+                host_id: h.to_owned(),
                 first_seen_ms: now,
                 ..Default::default()
             }
@@ -251,15 +249,15 @@ fn index_batch(
                 // The old host still lists a VM that moved away: not news.
                 continue;
             }
-            info!(vm_id = %s.vm_id, from = %rec.host_id, to = %h, "VM moved between hosts");
+            info!(vm_id = %id, from = %rec.host_id, to = %h, "VM moved between hosts");
             w.events.push((
-                h.clone(),
+                h.to_owned(),
                 event(
                     pb::HostEventKind::VmArrived,
-                    format!("VM {} arrived from host {}", s.vm_id, rec.host_id),
+                    format!("VM {id} arrived from host {}", rec.host_id),
                 ),
             ));
-            rec.previous_host_id = std::mem::replace(&mut rec.host_id, h.clone());
+            rec.previous_host_id = std::mem::replace(&mut rec.host_id, h.to_owned());
             rec.moved_at_ms = now;
             rec.moves += 1;
             changed = true;
@@ -280,20 +278,27 @@ fn index_batch(
         rec.last_seen_ms = now;
         rec.latest = Some(point.clone());
         let due = persisted
-            .get(&s.vm_id)
+            .get(id)
             .is_none_or(|&t| now.saturating_sub(t) >= RECORD_REFRESH_MS);
         if changed || due {
-            persisted.insert(s.vm_id.clone(), now);
+            persisted.insert(id.clone(), now);
             w.vm_records.push(rec.clone());
         }
         if watched {
             updated.push(rec.clone());
         }
-        w.vm_points.push((s.vm_id.clone(), point));
+        w.vm_points.push((id.to_string(), point));
     }
     drop(vms);
-    let tracking: Vec<&pb::VmSummary> = summaries.iter().filter(|s| s.state != retired).collect();
-    w.host_point = Some((h.clone(), host_point(&host, &tracking, now, resolution_ms)));
+    let tracking: Vec<&pb::VmSummary> = summaries
+        .iter()
+        .map(|(_, s)| s)
+        .filter(|s| s.state != retired)
+        .collect();
+    w.host_point = Some((
+        h.to_owned(),
+        host_point(&host, &tracking, now, resolution_ms),
+    ));
     w.host_facts = Some(host);
     (w, updated)
 }
@@ -527,7 +532,7 @@ async fn take_batch(
 ) -> Result<(), BatchError> {
     let received_ms = now_ms();
     let host = batch.host.ok_or(BatchError::NoHostFacts)?;
-    wset_proto::ids::check_host_id("host_id", &host.host_id)?;
+    let host_id = HostId::parse_in("host_id", &host.host_id)?;
     if batch.summaries.len() > MAX_BATCH_VMS {
         return Err(BatchError::TooLarge(batch.summaries.len()));
     }
@@ -535,7 +540,7 @@ async fn take_batch(
     if first {
         let previous = index
             .hosts()
-            .get(&host.host_id)
+            .get(&host_id)
             .map(|h| h.agent_instance_id.clone());
         // Stamped when the agent made the batch, on the clock its points
         // carry: a busy controller takes the batch later, and a gap closed
@@ -562,7 +567,7 @@ async fn take_batch(
         }
     }
     let mut rejected = 0u64;
-    let summaries: Vec<pb::VmSummary> = batch
+    let summaries: Vec<(VmId, pb::VmSummary)> = batch
         .summaries
         .into_iter()
         .filter_map(|mut s| {
@@ -578,7 +583,7 @@ async fn take_batch(
                 ))
             };
             match r {
-                Ok(()) => Some(s),
+                Ok(id) => Some((id, s)),
                 Err(e) => {
                     rejected += 1;
                     debug!(%endpoint, error = %e, "summary refused");
@@ -592,7 +597,7 @@ async fn take_batch(
     }
     let stored = summaries.len() as u64;
     let resolution_ms = (cfg.sample_interval.as_millis() as u64).max(host.tracking_interval_ms);
-    index.hosts().insert(host.host_id.clone(), host.clone());
+    index.hosts().insert(host_id.clone(), host.clone());
     index.update_agent(endpoint, |a| {
         a.state = pb::AgentConnectionState::Connected as i32;
         if a.connected_since_ms == 0 {
@@ -609,14 +614,15 @@ async fn take_batch(
         a.host = Some(host.clone());
         a.last_error.clear();
     });
-    tx.send(Msg::Batch {
+    tx.send(Msg::Batch(Box::new(Batch {
         endpoint: endpoint.to_owned(),
         received_ms,
         resolution_ms,
-        host: Box::new(host),
+        host_id,
+        host,
         summaries,
         events,
-    })
+    })))
     .await
     .map_err(|_| BatchError::ShuttingDown)
 }

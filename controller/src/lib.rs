@@ -271,7 +271,7 @@ async fn maintain(
             .values()
             .map(|v| (v.vm_id.clone(), v.last_seen_ms))
             .collect();
-        let hosts: Vec<String> = index.hosts().keys().cloned().collect();
+        let hosts: Vec<String> = index.hosts().keys().map(|h| h.to_string()).collect();
         let s = store.clone();
         let started = std::time::Instant::now();
         let pass = match tokio::task::spawn_blocking(move || {
@@ -289,7 +289,7 @@ async fn maintain(
         if !pass.forgotten.is_empty() {
             let mut v = index.vms_mut();
             for id in &pass.forgotten {
-                v.remove(id);
+                v.remove(id.as_str());
             }
         }
         if let Some((what, e)) = &pass.first_failure {

@@ -228,7 +228,7 @@ pub fn render(s: &Sources) -> String {
         for (name, help, field) in per_host {
             e.family(name, Kind::Gauge, help);
             for h in &p.plan.hosts {
-                e.sample(name, &[("host_id", &h.host_id)], field(h));
+                e.sample(name, &[("host_id", h.host_id.as_str())], field(h));
             }
         }
     }

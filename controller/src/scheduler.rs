@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use wset_proto::ids::VmId;
 use wset_proto::v1 as pb;
 
 use crate::config::Config;
@@ -65,9 +66,9 @@ pub fn migration_id(m: &planner::Move) -> String {
 fn migration(m: &planner::Move) -> pb::Migration {
     pb::Migration {
         decision_id: migration_id(m),
-        vm_id: m.vm_id.clone(),
-        from_host_id: m.from.clone(),
-        to_host_id: m.to.clone(),
+        vm_id: m.vm_id.to_string(),
+        from_host_id: m.from.to_string(),
+        to_host_id: m.to.to_string(),
         priority: u32::from(m.priority),
         reason: match m.reason {
             MoveReason::Maintenance => pb::MigrationReason::Maintenance,
@@ -83,7 +84,7 @@ fn migration(m: &planner::Move) -> pb::Migration {
 fn vm_demand(v: &planner::VmPlan, memory_bytes: u64, horizon_ms: u64) -> pb::VmDemand {
     let d = &v.demand;
     pb::VmDemand {
-        vm_id: v.vm_id.clone(),
+        vm_id: v.vm_id.to_string(),
         memory_bytes,
         mean_bytes: d.mean_bytes,
         std_bytes: d.std_bytes,
@@ -104,11 +105,11 @@ fn vm_demand(v: &planner::VmPlan, memory_bytes: u64, horizon_ms: u64) -> pb::VmD
 fn host(
     h: &planner::HostPlan,
     include_vms: bool,
-    memory: &BTreeMap<String, u64>,
+    memory: &BTreeMap<VmId, u64>,
     horizon_ms: u64,
 ) -> pb::HostOvercommit {
     pb::HostOvercommit {
-        host_id: h.host_id.clone(),
+        host_id: h.host_id.to_string(),
         capacity_bytes: h.capacity_bytes,
         committed_bytes: h.committed_bytes,
         demand_mean_bytes: h.demand_mean_bytes,
@@ -146,11 +147,11 @@ impl SchedulerService {
         Ok(p)
     }
 
-    fn memory_of_vms(&self) -> BTreeMap<String, u64> {
+    fn memory_of_vms(&self) -> BTreeMap<VmId, u64> {
         self.index
             .vms()
-            .values()
-            .map(|v| (v.vm_id.clone(), v.memory_bytes))
+            .iter()
+            .map(|(id, v)| (id.clone(), v.memory_bytes))
             .collect()
     }
 }
@@ -194,9 +195,7 @@ impl pb::scheduler_service_server::SchedulerService for SchedulerService {
         req: Request<pb::GetOvercommitRequest>,
     ) -> Result<Response<pb::GetOvercommitResponse>, Status> {
         let r = req.into_inner();
-        if !r.host_id.is_empty() {
-            crate::service::check_host_id(&r.host_id)?;
-        }
+        let only = crate::service::host_filter(&r.host_id)?;
         let p = self.plan(r.replan).await?;
         let memory = if r.include_vms {
             self.memory_of_vms()
@@ -207,13 +206,15 @@ impl pb::scheduler_service_server::SchedulerService for SchedulerService {
             .plan
             .hosts
             .iter()
-            .filter(|h| r.host_id.is_empty() || h.host_id == r.host_id)
+            .filter(|h| only.as_ref().is_none_or(|id| h.host_id == *id))
             .map(|h| host(h, r.include_vms, &memory, p.settings.horizon_ms))
             .collect();
-        if !r.host_id.is_empty() && hosts.is_empty() {
+        if let Some(id) = &only
+            && hosts.is_empty()
+        {
             return Err(Status::not_found(format!(
-                "host {:?} is not in plan {} (its agent is not connected, or unknown: see ListAgents)",
-                r.host_id, p.id
+                "host {id:?} is not in plan {} (its agent is not connected, or unknown: see ListAgents)",
+                p.id
             )));
         }
         Ok(Response::new(pb::GetOvercommitResponse {
@@ -332,7 +333,7 @@ impl pb::scheduler_service_server::SchedulerService for SchedulerService {
             hosts: ranked
                 .into_iter()
                 .map(|x| pb::HostRank {
-                    host_id: x.host_id,
+                    host_id: x.host_id.into_string(),
                     fits: x.fits,
                     headroom_bytes: x.headroom_bytes,
                     explanation: x.explanation,
@@ -401,7 +402,11 @@ impl pb::scheduler_service_server::SchedulerService for SchedulerService {
                     .iter()
                     .find(|x| x.host_id == *h)
                     .expect("found");
-                let mut ev: Vec<String> = hp.vms.iter().filter_map(|v| vm_line(&v.vm_id)).collect();
+                let mut ev: Vec<String> = hp
+                    .vms
+                    .iter()
+                    .filter_map(|v| vm_line(v.vm_id.as_str()))
+                    .collect();
                 ev.extend(
                     p.plan
                         .unresolved

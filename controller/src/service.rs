@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use wset_proto::ids::{HostId, VmId};
 use wset_proto::v1 as pb;
 
 use crate::config::Config;
@@ -187,10 +188,14 @@ fn token(p: &Page<impl Mergeable>) -> String {
     p.next.map(|t| t.encode()).unwrap_or_default()
 }
 
-/// A request's host id checked, or the status that says what one is.
-pub(crate) fn check_host_id(h: &str) -> Result<(), Status> {
-    wset_proto::ids::check_host_id("host_id", h)
-        .map_err(|e| Status::invalid_argument(format!("{e} (see ListAgents)")))
+/// A request's host id parsed, or the status that says what one is.
+pub(crate) fn parse_host_id(h: &str) -> Result<HostId, Status> {
+    HostId::parse(h).map_err(|e| Status::invalid_argument(format!("{e} (see ListAgents)")))
+}
+
+/// A request's optional host id (empty: every host), parsed.
+pub(crate) fn host_filter(h: &str) -> Result<Option<HostId>, Status> {
+    (!h.is_empty()).then(|| parse_host_id(h)).transpose()
 }
 
 #[tonic::async_trait]
@@ -208,15 +213,12 @@ impl pb::controller_service_server::ControllerService for ControllerService {
         &self,
         req: Request<pb::ListClusterVmsRequest>,
     ) -> Result<Response<pb::ListClusterVmsResponse>, Status> {
-        let host = req.into_inner().host_id;
-        if !host.is_empty() {
-            check_host_id(&host)?;
-        }
+        let host = host_filter(&req.into_inner().host_id)?;
         let mut vms: Vec<pb::ClusterVm> = self
             .index
             .vms()
             .values()
-            .filter(|v| host.is_empty() || v.host_id == host)
+            .filter(|v| host.as_ref().is_none_or(|h| h == v.host_id.as_str()))
             .cloned()
             .collect();
         vms.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
@@ -231,19 +233,19 @@ impl pb::controller_service_server::ControllerService for ControllerService {
         req: Request<pb::WatchVmsRequest>,
     ) -> Result<Response<Self::WatchVmsStream>, Status> {
         let r = req.into_inner();
-        if !r.host_id.is_empty() {
-            check_host_id(&r.host_id)?;
-        }
+        let host = host_filter(&r.host_id)?;
         if r.vm_ids.len() > MAX_WATCH_IDS {
             return Err(Status::invalid_argument(format!(
                 "vm_ids names {} VMs; at most {MAX_WATCH_IDS} (leave it empty for every VM)",
                 r.vm_ids.len()
             )));
         }
-        for id in &r.vm_ids {
-            wset_proto::ids::check_vm_id("vm_ids", id)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        }
+        let ids = r
+            .vm_ids
+            .iter()
+            .map(|id| VmId::parse_in("vm_ids", id))
+            .collect::<Result<std::collections::HashSet<VmId>, _>>()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "{MAX_STREAMS} WatchVms streams are open already; close one"
@@ -251,8 +253,6 @@ impl pb::controller_service_server::ControllerService for ControllerService {
         })?;
         let mut rx = self.index.subscribe();
         let mut stop = self.stop.clone();
-        let ids: std::collections::HashSet<String> = r.vm_ids.into_iter().collect();
-        let host = r.host_id;
         let (tx, out) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
             let _permit = permit;
@@ -274,8 +274,8 @@ impl pb::controller_service_server::ControllerService for ControllerService {
                 let vms: Vec<pb::ClusterVm> = vms
                     .iter()
                     .filter(|v| {
-                        (host.is_empty() || v.host_id == host)
-                            && (ids.is_empty() || ids.contains(&v.vm_id))
+                        host.as_ref().is_none_or(|h| h == v.host_id.as_str())
+                            && (ids.is_empty() || ids.contains(v.vm_id.as_str()))
                     })
                     .cloned()
                     .collect();
@@ -304,22 +304,20 @@ impl pb::controller_service_server::ControllerService for ControllerService {
         if r.vm_id.is_empty() {
             return Err(Status::invalid_argument("vm_id is required (see ListVms)"));
         }
-        wset_proto::ids::check_vm_id("vm_id", &r.vm_id)
+        let vm = VmId::parse_in("vm_id", &r.vm_id)
             .map_err(|e| Status::invalid_argument(format!("{e} (see ListVms)")))?;
         let now = now_ms();
         let q = query(range_of!(r), &self.cfg, now)?;
-        let known = self.index.vms().contains_key(&r.vm_id);
+        let known = self.index.vms().contains_key(&vm);
         if !known {
             return Err(Status::not_found(format!(
-                "no VM {:?} has been reported by any agent (see ListVms)",
-                r.vm_id
+                "no VM {vm:?} has been reported by any agent (see ListVms)"
             )));
         }
-        let vm = r.vm_id.clone();
         let out = self
             .blocking(move |store| {
                 let p = page(&q, store.levels(), now, |b, s, e, n| {
-                    store.vm_points(&vm, b, s, e, n)
+                    store.vm_points(vm.as_str(), b, s, e, n)
                 })?;
                 // Gap reasons: the events of the hosts the VM was on.
                 let mut hosts: Vec<&str> = p.points.iter().map(|x| x.host_id.as_str()).collect();
@@ -336,7 +334,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
                     }
                 }
                 Ok(pb::GetVmHistoryResponse {
-                    vm_id: vm,
+                    vm_id: vm.into_string(),
                     resolution_ms: p.resolution_ms,
                     gaps: gaps_pb(&p.gaps, &events, slack(&p)),
                     next_page_token: token(&p),
@@ -357,29 +355,27 @@ impl pb::controller_service_server::ControllerService for ControllerService {
                 "host_id is required (see ListAgents)",
             ));
         }
-        check_host_id(&r.host_id)?;
+        let host = parse_host_id(&r.host_id)?;
         let now = now_ms();
         let q = query(range_of!(r), &self.cfg, now)?;
-        let known = self.index.hosts().contains_key(&r.host_id);
+        let known = self.index.hosts().contains_key(&host);
         if !known {
             return Err(Status::not_found(format!(
-                "no agent has reported host {:?} (see ListAgents)",
-                r.host_id
+                "no agent has reported host {host:?} (see ListAgents)"
             )));
         }
-        let host = r.host_id.clone();
         let out = self
             .blocking(move |store| {
                 let p = page(&q, store.levels(), now, |b, s, e, n| {
-                    store.host_points(&host, b, s, e, n)
+                    store.host_points(host.as_str(), b, s, e, n)
                 })?;
                 let events = store.host_events(
-                    &host,
+                    host.as_str(),
                     p.from_ms.saturating_sub(1),
                     p.to_ms.saturating_add(1),
                 )?;
                 Ok(pb::GetHostHistoryResponse {
-                    host_id: host,
+                    host_id: host.into_string(),
                     resolution_ms: p.resolution_ms,
                     gaps: gaps_pb(&p.gaps, &events, slack(&p)),
                     next_page_token: token(&p),

@@ -12,13 +12,19 @@ use wset_controller::planner::{
     Config, HostInput, Input, MoveReason, PlacementRequest, Plan, Sample, VmInput, demand, labels,
     normal_cdf, normal_quantile, place, plan,
 };
+use wset_proto::ids::IdError;
 
 const GIB: u64 = 1 << 30;
 const NOW: u64 = 10 * 86_400_000;
 
+/// A VM or host id, parsed.
+fn parse_id<T: std::str::FromStr<Err = IdError>>(s: &str) -> T {
+    s.parse().expect("an id")
+}
+
 fn host(id: &str, cap_gib: u64) -> HostInput {
     HostInput {
-        host_id: id.into(),
+        host_id: parse_id(id),
         capacity_bytes: cap_gib * GIB,
         maintenance: false,
     }
@@ -38,12 +44,9 @@ fn steady(wss: u64, dirty: f64) -> Vec<Sample> {
 
 fn vm(id: &str, on: &str, mem_gib: u64, wss_mib: u64) -> VmInput {
     VmInput {
-        vm_id: id.into(),
-        host_id: on.into(),
-        memory_bytes: mem_gib * GIB,
         samples: steady(wss_mib << 20, 10e6),
         relative_error: 0.01,
-        ..Default::default()
+        ..VmInput::new(parse_id(id), parse_id(on), mem_gib * GIB)
     }
 }
 
@@ -390,7 +393,7 @@ fn arb_cluster() -> impl Strategy<Value = Input> {
                 .iter()
                 .enumerate()
                 .map(|(i, (cap, maint))| HostInput {
-                    host_id: format!("h{i}"),
+                    host_id: parse_id(&format!("h{i}")),
                     capacity_bytes: cap * GIB,
                     maintenance: *maint,
                 })
@@ -400,13 +403,14 @@ fn arb_cluster() -> impl Strategy<Value = Input> {
                 .enumerate()
                 .map(|(i, (h, mem, used, dirty, ago, grp, pinned))| {
                     let mut v = VmInput {
-                        vm_id: format!("v{i}"),
-                        host_id: format!("h{h}"),
-                        memory_bytes: mem * GIB,
                         samples: steady(((mem * GIB) as f64 * used) as u64, dirty),
                         relative_error: 0.01,
                         last_moved_ms: ago.map(|a| NOW - a),
-                        ..Default::default()
+                        ..VmInput::new(
+                            parse_id(&format!("v{i}")),
+                            parse_id(&format!("h{h}")),
+                            mem * GIB,
+                        )
                     };
                     if let Some(g) = grp {
                         v.labels.insert(labels::ANTI_AFFINITY.into(), g.into());
@@ -461,7 +465,7 @@ proptest! {
             if !p.moves.iter().any(|m| m.to == h.host_id) {
                 continue;
             }
-            let here: Vec<&VmInput> = at.iter().filter(|(_, hh)| **hh == h.host_id).map(|(v, _)| vms[v]).collect();
+            let here: Vec<&VmInput> = at.iter().filter(|(_, hh)| h.host_id == **hh).map(|(v, _)| vms[v]).collect();
             let (mut mean, mut var) = (0.0, 0.0);
             for v in &here {
                 let d = demand(v, &cfg, NOW);
@@ -515,20 +519,20 @@ proptest! {
                 && v.samples[0].dirty_bytes_per_s <= cfg.max_dirty_share * cfg.link_bytes_per_s
         };
         for h in &input.hosts {
-            let here = on(&h.host_id);
+            let here = on(h.host_id.as_str());
             if h.maintenance
-                || !has_budget(&h.host_id)
+                || !has_budget(h.host_id.as_str())
                 || at_risk(&here) <= cfg.high_watermark * h.capacity_bytes as f64
             {
                 continue;
             }
             let one_move = here.iter().filter(|v| movable(v)).find_map(|v| {
                 input.hosts.iter().find(|t| {
-                    let there = on(&t.host_id);
+                    let there = on(t.host_id.as_str());
                     let group = v.labels.get(labels::ANTI_AFFINITY);
                     t.host_id != h.host_id
                         && !t.maintenance
-                        && has_budget(&t.host_id)
+                        && has_budget(t.host_id.as_str())
                         && group.is_none_or(|g| !there.iter().any(|o| o.labels.get(labels::ANTI_AFFINITY) == Some(g)))
                         && at_risk(&[there.as_slice(), &[*v]].concat())
                             <= cfg.high_watermark * t.capacity_bytes as f64

@@ -26,6 +26,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use wset_proto::ids::{HostId, VmId};
+
 /// The labels with a meaning to the planner (anti-affinity, pinned).
 pub use crate::labels;
 
@@ -88,10 +90,10 @@ pub struct Sample {
     pub dirty_bytes_per_s: f64,
 }
 
-#[derive(Clone, Debug, PartialEq, Default)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct VmInput {
-    pub vm_id: String,
-    pub host_id: String,
+    pub vm_id: VmId,
+    pub host_id: HostId,
     pub memory_bytes: u64,
     pub labels: BTreeMap<String, String>,
     /// Time-ordered.
@@ -109,9 +111,28 @@ pub struct VmInput {
     pub last_moved_ms: Option<u64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Default)]
+impl VmInput {
+    /// A VM of `memory_bytes` on `host_id` with nothing else known: no
+    /// labels, samples, idle ages or stated error, never moved.
+    pub fn new(vm_id: VmId, host_id: HostId, memory_bytes: u64) -> Self {
+        Self {
+            vm_id,
+            host_id,
+            memory_bytes,
+            labels: BTreeMap::new(),
+            samples: Vec::new(),
+            demand: None,
+            idle_ages: Vec::new(),
+            relative_error: 0.0,
+            lower_bound: false,
+            last_moved_ms: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
 pub struct HostInput {
-    pub host_id: String,
+    pub host_id: HostId,
     /// Memory VMs may use, bytes.
     pub capacity_bytes: u64,
     pub maintenance: bool,
@@ -186,7 +207,7 @@ impl Demand {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct VmPlan {
-    pub vm_id: String,
+    pub vm_id: VmId,
     pub demand: Demand,
     /// Bytes idle at least `cold_age_ms`.
     pub reclaimable_bytes: u64,
@@ -194,7 +215,7 @@ pub struct VmPlan {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostPlan {
-    pub host_id: String,
+    pub host_id: HostId,
     pub capacity_bytes: u64,
     pub committed_bytes: u64,
     pub demand_mean_bytes: f64,
@@ -225,9 +246,9 @@ pub enum MoveReason {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Move {
-    pub vm_id: String,
-    pub from: String,
-    pub to: String,
+    pub vm_id: VmId,
+    pub from: HostId,
+    pub to: HostId,
     /// 1 (most urgent) to 5.
     pub priority: u8,
     pub reason: MoveReason,

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use wset_proto::ids::HostId;
+
 use super::demand::normal_quantile;
 use super::{Config, Plan, labels};
 
@@ -17,7 +19,7 @@ pub struct PlacementRequest {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Ranked {
-    pub host_id: String,
+    pub host_id: HostId,
     /// Headroom under the watermark the host keeps with the VM, at risk.
     pub headroom_bytes: f64,
     pub fits: bool,

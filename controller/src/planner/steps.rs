@@ -5,6 +5,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use wset_proto::ids::HostId;
+
 use super::demand::{copy_cost, demand, normal_cdf, normal_quantile, reclaimable};
 use super::{Config, Demand, HostPlan, Input, Move, MoveReason, Plan, VmPlan, labels};
 
@@ -125,11 +127,11 @@ impl<'a> Planner<'a> {
     pub fn new(input: &'a Input, cfg: &'a Config) -> Self {
         let z = normal_quantile(1.0 - cfg.risk);
         let vms = &input.vms;
-        let host_ix: HashMap<&str, usize> = input
+        let host_ix: HashMap<&HostId, usize> = input
             .hosts
             .iter()
             .enumerate()
-            .map(|(i, h)| (h.host_id.as_str(), i))
+            .map(|(i, h)| (&h.host_id, i))
             .collect();
         let demands = map_parallel(vms, |v| {
             v.demand
@@ -138,7 +140,7 @@ impl<'a> Planner<'a> {
         });
         let mut on: Vec<Vec<usize>> = vec![Vec::new(); input.hosts.len()];
         for (i, v) in vms.iter().enumerate() {
-            if let Some(&h) = host_ix.get(v.host_id.as_str()) {
+            if let Some(&h) = host_ix.get(&v.host_id) {
                 on[h].push(i);
             }
         }
@@ -216,8 +218,8 @@ impl<'a> Planner<'a> {
         (self.cfg.high_watermark * st.capacity - st.at_risk(self.z)).round() as i64
     }
 
-    fn host_name(&self, h: usize) -> &'a str {
-        self.input.hosts[h].host_id.as_str()
+    fn host_name(&self, h: usize) -> &'a HostId {
+        &self.input.hosts[h].host_id
     }
 
     /// Whether VM `i` may move, and if so the bytes and seconds pre-copy
@@ -395,8 +397,8 @@ impl<'a> Planner<'a> {
             let (from_name, to_name) = (self.host_name(h), self.host_name(to));
             self.moves.push(Move {
                 vm_id: vms[i].vm_id.clone(),
-                from: from_name.to_owned(),
-                to: to_name.to_owned(),
+                from: from_name.clone(),
+                to: to_name.clone(),
                 priority,
                 reason,
                 copy_bytes: bytes,
@@ -433,7 +435,7 @@ impl<'a> Planner<'a> {
                         hw * 100.0
                     )
                 },
-                self.moves.iter().filter(|m| m.from == name).count(),
+                self.moves.iter().filter(|m| m.from == *name).count(),
                 if refused.is_empty() {
                     String::new()
                 } else {
@@ -504,8 +506,8 @@ impl<'a> Planner<'a> {
             let (from_name, to_name) = (self.host_name(h), self.host_name(to));
             self.moves.push(Move {
                 vm_id: self.input.vms[i].vm_id.clone(),
-                from: from_name.to_owned(),
-                to: to_name.to_owned(),
+                from: from_name.clone(),
+                to: to_name.clone(),
                 priority: 5,
                 reason: MoveReason::Consolidation,
                 copy_bytes: bytes,
