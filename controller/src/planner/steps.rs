@@ -324,20 +324,32 @@ impl<'a> Planner<'a> {
     /// over their watermark they are.
     fn relieve(&mut self) {
         let (z, hw) = (self.z, self.cfg.high_watermark);
-        let state = &self.state;
-        let mut hot: Vec<usize> = (0..state.len())
-            .filter(|&h| state[h].maintenance || state[h].hot(z, hw))
-            .collect();
-        hot.sort_by(|&a, &b| {
-            let over = |h: usize| state[h].at_risk(z) / state[h].capacity.max(1.0);
-            state[b]
-                .maintenance
-                .cmp(&state[a].maintenance)
-                .then(over(b).total_cmp(&over(a)))
-        });
-        let no_exclusions = vec![false; state.len()];
-        for h in hot {
-            self.relieve_host(h, &no_exclusions);
+        let no_exclusions = vec![false; self.state.len()];
+        let unresolved_base = self.unresolved.len();
+        // Relieving one host can make room on another that an earlier host
+        // needed, so pass again over the hosts still hot while a pass moves
+        // anything. Every VM moves at most once, so this ends; only the last
+        // pass's unresolved hosts are reported.
+        loop {
+            let state = &self.state;
+            let mut hot: Vec<usize> = (0..state.len())
+                .filter(|&h| state[h].maintenance || state[h].hot(z, hw))
+                .collect();
+            hot.sort_by(|&a, &b| {
+                let over = |h: usize| state[h].at_risk(z) / state[h].capacity.max(1.0);
+                state[b]
+                    .maintenance
+                    .cmp(&state[a].maintenance)
+                    .then(over(b).total_cmp(&over(a)))
+            });
+            let moves_before = self.moves.len();
+            self.unresolved.truncate(unresolved_base);
+            for h in hot {
+                self.relieve_host(h, &no_exclusions);
+            }
+            if self.moves.len() == moves_before {
+                break;
+            }
         }
     }
 
