@@ -17,6 +17,9 @@ use wset_tests::harness::{
 const MIB: u64 = 1 << 20;
 /// Memory each host gives VMs: the watermark (85%) is 68 MiB.
 const CAPACITY: u64 = 80 * MIB;
+/// How long h1's guests stay small, then grown, in seconds.
+const SMALL_S: u64 = 20;
+const GROWN_S: u64 = 30;
 
 fn agent(host: &str, addr: &str) -> Agent {
     Agent::start(AgentOpts {
@@ -84,15 +87,17 @@ fn growth_on_one_host_moves_vms_away_and_shrinking_withdraws_it() {
         .zip(&addrs)
         .map(|(h, a)| agent(h, a))
         .collect();
-    // h1: three guests that grow together for 12 s; h2 and h3: one small one.
+    let started = Instant::now();
+    // h1: three guests, small for 20 s, that grow together for 30 s; h2 and
+    // h3: one small one. The phases are long so that a loaded machine still
+    // sees each one: the test waits for conditions, the guests keep time.
     let _g: Vec<Guest> = vec![
-        guest(&agents[0], "web-1", 8, 12),
-        guest(&agents[0], "web-2", 8, 12),
-        guest(&agents[0], "web-3", 8, 12),
+        guest(&agents[0], "web-1", SMALL_S, GROWN_S),
+        guest(&agents[0], "web-2", SMALL_S, GROWN_S),
+        guest(&agents[0], "web-3", SMALL_S, GROWN_S),
         guest(&agents[1], "db-1", 600, 0),
         guest(&agents[2], "db-2", 600, 0),
     ];
-    let started = Instant::now();
     let data = TempDir::new("decisions");
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let ctl = Controller::start(
@@ -121,11 +126,24 @@ fn growth_on_one_host_moves_vms_away_and_shrinking_withdraws_it() {
             .into_inner()
     });
 
-    // While small: nothing to move.
-    std::thread::sleep(Duration::from_secs(4));
+    // While small: a plan over all five VMs, and nothing to move.
+    let small = wait_for(
+        Duration::from_secs(SMALL_S),
+        "a plan that has seen all five VMs while they are small",
+        || {
+            let o = overcommit(&url, "", false);
+            let seen: usize = o.hosts.iter().map(|h| h.vms.len()).sum();
+            (seen == 5).then_some(o)
+        },
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(SMALL_S),
+        "the machine is too slow for this test: the guests' small phase ({SMALL_S} s) \
+         ended before a plan saw them all"
+    );
     assert!(
         migrations(&ctl).is_empty(),
-        "moves while every host is small: {:#?}",
+        "moves while every host is small: {:#?}; {small:#?}",
         migrations(&ctl)
     );
 
@@ -155,25 +173,36 @@ fn growth_on_one_host_moves_vms_away_and_shrinking_withdraws_it() {
         text.contains("MIGRATION_REASON_OVERLOAD") && text.contains("h1"),
         "{text}"
     );
-    let explain = Command::new("grpcurl")
-        .args([
-            "--plaintext",
-            "-d",
-            &format!(r#"{{"decision_id":"{}"}}"#, moves[0].decision_id),
-            &ctl.grpc_addr,
-            "wset.v1.SchedulerService/ExplainDecision",
-        ])
-        .output()
-        .expect("grpcurl");
-    let text = String::from_utf8_lossy(&explain.stdout);
-    assert!(
-        text.contains("evidence") && text.contains("host h1"),
-        "{text}"
+    // Each plan names its decisions afresh, so explain one of the latest.
+    let mut last = String::new();
+    wait_for(
+        Duration::from_secs(GROWN_S),
+        "ExplainDecision (grpcurl) on a move of the latest plan",
+        || {
+            let m = migrations(&ctl).into_iter().next()?;
+            let explain = Command::new("grpcurl")
+                .args([
+                    "--plaintext",
+                    "-d",
+                    &format!(r#"{{"decision_id":"{}"}}"#, m.decision_id),
+                    &ctl.grpc_addr,
+                    "wset.v1.SchedulerService/ExplainDecision",
+                ])
+                .output()
+                .expect("grpcurl");
+            last = format!(
+                "{}{}",
+                String::from_utf8_lossy(&explain.stdout),
+                String::from_utf8_lossy(&explain.stderr)
+            );
+            (last.contains("evidence") && last.contains("host h1")).then_some(())
+        },
     );
+    assert!(!last.contains("NotFound"), "{last}");
 
     // They shrink: the recommendation is withdrawn, and the stream says so.
     let withdrawn = rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(40), async {
+        tokio::time::timeout(Duration::from_secs(GROWN_S + 60), async {
             loop {
                 let u = watch.message().await.expect("stream").expect("update");
                 if !u.withdrawn.is_empty() && u.current.is_empty() {
@@ -182,7 +211,7 @@ fn growth_on_one_host_moves_vms_away_and_shrinking_withdraws_it() {
             }
         })
         .await
-        .expect("a withdrawal within 40 s")
+        .expect("a withdrawal within a minute of the guests' shrinking")
     });
     println!(
         "after {:?}: withdrawn {:#?}",
@@ -190,22 +219,47 @@ fn growth_on_one_host_moves_vms_away_and_shrinking_withdraws_it() {
         withdrawn.withdrawn
     );
     assert!(migrations(&ctl).is_empty());
-    // The overcommit view: h1's demand is back under its watermark.
-    let o = rt.block_on(async {
-        SchedulerServiceClient::connect(url)
-            .await
-            .unwrap()
-            .get_overcommit(pb::GetOvercommitRequest {
-                host_id: "h1".into(),
-                include_vms: true,
-                replan: true,
-            })
-            .await
-            .expect("GetOvercommit")
-            .into_inner()
-    });
-    let h1 = &o.hosts[0];
+    // The overcommit view: h1's demand is back under its watermark, and
+    // every one of its VMs shows its shrink as a phase change (the last one
+    // may be seen a little after the withdrawal).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let h1 = loop {
+        let h1 = overcommit(&url, "h1", true)
+            .hosts
+            .into_iter()
+            .next()
+            .expect("GetOvercommit names h1");
+        if h1.demand_at_risk_bytes < 0.85 * CAPACITY as f64
+            && h1.vms.iter().all(|v| v.phase_change_at_ms > 0)
+        {
+            break h1;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "h1 under its watermark with a phase change on every VM: not within 60 s: {h1:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
     assert_eq!((h1.capacity_bytes, h1.vms.len()), (CAPACITY, 3), "{h1:#?}");
-    assert!(h1.demand_at_risk_bytes < 0.85 * CAPACITY as f64, "{h1:#?}");
-    assert!(h1.vms.iter().all(|v| v.phase_change_at_ms > 0), "{h1:#?}");
+}
+
+/// GetOvercommit for `host_id` (all hosts when empty).
+fn overcommit(url: &str, host_id: &str, replan: bool) -> pb::GetOvercommitResponse {
+    let url = url.to_owned();
+    let host_id = host_id.to_owned();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            SchedulerServiceClient::connect(url)
+                .await
+                .expect("connect")
+                .get_overcommit(pb::GetOvercommitRequest {
+                    host_id,
+                    include_vms: true,
+                    replan,
+                })
+                .await
+                .expect("GetOvercommit")
+                .into_inner()
+        })
 }
