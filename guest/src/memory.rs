@@ -1,5 +1,6 @@
-//! Guest memory for the test VMMs: anonymous or memfd-backed, with a known
-//! fill pattern and the checksum the KVM guest program computes.
+//! Guest memory for the test VMMs and the tracker's real-kernel tests:
+//! anonymous or memfd-backed, with a known fill pattern, the checksum the
+//! KVM guest program computes, and the expected contents to compare with.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -22,6 +23,18 @@ pub enum BackingArg {
 
 /// The 2 MiB huge page size.
 pub const HUGE_2M: u64 = 2 << 20;
+
+/// The command-line spelling (`memfd`, ...).
+impl std::fmt::Display for BackingArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackingArg::Anon => "anon",
+            BackingArg::Memfd => "memfd",
+            BackingArg::Hugetlb => "hugetlb",
+            BackingArg::Thp => "thp",
+        })
+    }
+}
 
 impl BackingArg {
     pub fn page_size(self) -> u64 {
@@ -192,6 +205,14 @@ impl GuestMemory {
         for w in (from as u64 * PAGE / 4)..(to as u64 * PAGE / 4) {
             self.write_u32(w * 4, fill_word(seed, w));
         }
+    }
+
+    /// How many dwords of the whole mapping differ from `expected` (reads go
+    /// through whatever serves this memory's faults).
+    pub fn mismatches(&self, expected: &Expected) -> usize {
+        (0..self.len as u64 / 4)
+            .filter(|&w| self.read_u32(w * 4) != expected.word(w))
+            .count()
     }
 
     /// The checksum of pages `[from, to)`, one dword every `stride` bytes,

@@ -22,6 +22,17 @@ pub enum HandshakeArg {
     None,
 }
 
+/// The command-line spelling (`wset`, ...).
+impl std::fmt::Display for HandshakeArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HandshakeArg::Firecracker => "firecracker",
+            HandshakeArg::Wset => "wset",
+            HandshakeArg::None => "none",
+        })
+    }
+}
+
 /// Create a uffd as Firecracker does: only `EVENT_REMOVE` requested, every
 /// region registered `MODE_MISSING` by the VMM itself.
 pub fn firecracker_uffd(mem: &GuestMemory) -> std::io::Result<Uffd> {

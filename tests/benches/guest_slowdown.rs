@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use wset_guest::script::{Op, Phase, Script, Touch};
-use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts};
+use wset_tests::harness::{Agent, AgentOpts, Backing, Guest, GuestKind, Handshake};
 
 fn secs() -> u64 {
     std::env::var("WSET_BENCH_SECS")
@@ -56,7 +56,7 @@ fn default_agent(arm: Arm) -> Agent {
 }
 
 /// Work done (periods of the script) in one round.
-fn round(kind: &'static str, backing: &'static str, arm: Arm) -> f64 {
+fn round(kind: GuestKind, backing: Backing, arm: Arm) -> f64 {
     let p = Phase {
         name: "work".into(),
         touches: vec![
@@ -74,26 +74,26 @@ fn round(kind: &'static str, backing: &'static str, arm: Arm) -> f64 {
         duration_ms: secs() * 1000,
         period_ms: 0,
     };
-    let mut o = GuestOpts::new(
+    let o = Guest::builder(
         &format!("bench-{kind}-{backing}"),
         Script {
             phases: vec![p],
             checksum_every: 0,
         },
-    );
-    o.kind = kind;
-    o.backing = backing;
-    o.mem_mib = 256;
-    o.fill_seed = Some(1);
+    )
+    .kind(kind)
+    .backing(backing)
+    .memory_mib(256)
+    .fill_seed(1);
     let (agent, mut g) = if arm != Arm::Untracked {
         let a = default_agent(arm);
-        let g = Guest::start(&a, o);
+        let g = o.start(&a);
         (Some(a), g)
     } else {
-        o.handshake = "none";
         (
             None,
-            Guest::start_at(std::path::Path::new("/nonexistent"), o),
+            o.handshake(Handshake::None)
+                .start_at(std::path::Path::new("/nonexistent")),
         )
     };
     let done = g.wait_event("done", Duration::from_secs(secs() + 120));
@@ -115,13 +115,13 @@ fn main() {
         secs()
     );
     for (kind, backing) in [
-        ("kvm", "memfd"),
-        ("kvm", "anon"),
-        ("process", "memfd"),
-        ("process", "anon"),
+        (GuestKind::Kvm, Backing::Memfd),
+        (GuestKind::Kvm, Backing::Anon),
+        (GuestKind::Process, Backing::Memfd),
+        (GuestKind::Process, Backing::Anon),
     ] {
         let mut arms = vec![Arm::Untracked, Arm::Defaults];
-        if backing == "memfd" {
+        if backing == Backing::Memfd {
             arms.push(Arm::NoBudget);
         }
         let mut results: Vec<Vec<f64>> = vec![Vec::new(); arms.len()];

@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use wset_guest::script::{Op, Phase, Script, Touch};
-use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts};
+use wset_tests::harness::{Agent, AgentOpts, Backing, Guest, GuestKind};
 
 const INTERVAL_MS: u64 = 1000;
 const MEASURED_INTERVALS: u64 = 6;
@@ -64,18 +64,18 @@ fn run(rwp: &str, touched_pages: u32) -> Figures {
         duration_ms: 600_000,
         period_ms: 200,
     };
-    let mut o = GuestOpts::new(
+    let mut g = Guest::builder(
         &format!("harvest-{rwp}-{touched_pages}"),
         Script {
             phases: vec![p],
             checksum_every: 0,
         },
-    );
-    o.kind = "process";
-    o.backing = "anon";
-    o.mem_mib = mib();
-    o.fill_seed = Some(1);
-    let mut g = Guest::start(&agent, o);
+    )
+    .kind(GuestKind::Process)
+    .backing(Backing::Anon)
+    .memory_mib(mib())
+    .fill_seed(1)
+    .start(&agent);
     g.wait_event("phase", Duration::from_secs(300));
     let e0 = agent.summary(&g.vm_id).expect("summary").epoch;
     let s1 = agent.wait_summary(&g.vm_id, Duration::from_secs(120), "warm", |s| {

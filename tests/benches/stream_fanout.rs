@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
 use wset_proto::v1::agent_service_client::AgentServiceClient;
-use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts};
+use wset_tests::harness::{Agent, AgentOpts, Guest, GuestKind};
 
 const GUESTS: usize = 20;
 const READERS: [usize; 4] = [0, 1, 8, 32];
@@ -47,10 +47,10 @@ fn main() {
                 vec![Touch::read(16, 2000), Touch::write(4000, 500)],
                 3_600_000,
             );
-            let mut o = GuestOpts::new(&format!("fan-{i}"), script);
-            o.kind = "process";
-            o.mem_mib = 64;
-            Guest::start(&agent, o)
+            Guest::builder(&format!("fan-{i}"), script)
+                .kind(GuestKind::Process)
+                .memory_mib(64)
+                .start(&agent)
         })
         .collect();
     let rt = tokio::runtime::Builder::new_multi_thread()

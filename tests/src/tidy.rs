@@ -20,7 +20,6 @@ const UNSAFE_ALLOWED: &[&str] = &[
     "controller/src/main.rs",
     // Test VMMs, guests and fixtures: mappings, KVM memory slots, raw fds.
     "agent/tracker/benches/fault_path.rs",
-    "agent/tracker/tests/common/mod.rs",
     "agent/tracker/tests/no_alloc.rs",
     "agent/tracker/tests/real_uffd.rs",
     "guest/src/kvm.rs",

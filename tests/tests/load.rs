@@ -18,7 +18,7 @@ use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
 use wset_serve::metrics::ProcessStats;
 use wset_tests::harness::{
-    Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, http_get, metric, wait_for,
+    Agent, AgentOpts, Backing, Controller, Guest, GuestKind, TempDir, http_get, metric, wait_for,
 };
 use wset_tests::simagent::serve_fleet;
 
@@ -87,12 +87,16 @@ fn one_agent_with_100_guests_and_a_controller_with_1000_agents() {
     let t0 = Instant::now();
     let guests: Vec<Guest> = (0..GUESTS)
         .map(|i| {
-            let mut o = GuestOpts::new(&format!("load-{i:03}"), script(i));
-            o.kind = "process";
-            o.backing = if i % 2 == 0 { "memfd" } else { "anon" };
-            o.mem_mib = 8;
-            o.fill_seed = Some(i as u32 + 1);
-            Guest::start(&agent, o)
+            Guest::builder(&format!("load-{i:03}"), script(i))
+                .kind(GuestKind::Process)
+                .backing(if i % 2 == 0 {
+                    Backing::Memfd
+                } else {
+                    Backing::Anon
+                })
+                .memory_mib(8)
+                .fill_seed(i as u32 + 1)
+                .start(&agent)
         })
         .collect();
     eprintln!("{GUESTS} guests registered in {:?}", t0.elapsed());

@@ -12,7 +12,7 @@ use std::time::Duration;
 use wset_guest::memory::{BackingArg, GuestMemory, PAGE};
 use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
-use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, methods, window};
+use wset_tests::harness::{Agent, AgentOpts, Backing, Guest, GuestKind, methods, window};
 use wset_tracker::Uffd;
 use wset_tracker::uffd::{Event, UffdMsg, fault_flag, feature, mode, pagemap};
 
@@ -297,14 +297,14 @@ fn agent_opts(extra: &[&str]) -> AgentOpts {
 /// Long enough that the guest still runs when the slowest test's window
 /// ends: under software emulation the agent's intervals stretch, and a
 /// guest that finished early would leave intervals without accesses.
-fn steady_guest(agent: &Agent, vm_id: &str, backing: &'static str) -> Guest {
+fn steady_guest(agent: &Agent, vm_id: &str, backing: Backing) -> Guest {
     let script = Script::steady(vec![Touch::read(16, 300), Touch::write(1000, 100)], 40_000);
-    let mut o = GuestOpts::new(vm_id, script);
-    o.kind = "process";
-    o.backing = backing;
-    o.mem_mib = 16;
-    o.fill_seed = Some(9);
-    Guest::start(agent, o)
+    Guest::builder(vm_id, script)
+        .kind(GuestKind::Process)
+        .backing(backing)
+        .memory_mib(16)
+        .fill_seed(9)
+        .start(agent)
 }
 
 /// The agent in sync mode: every first access per interval is a fault
@@ -319,7 +319,7 @@ fn steady_guest(agent: &Agent, vm_id: &str, backing: &'static str) -> Guest {
 fn agent_sync_mode_classifies_every_read_and_write() {
     require_rwp();
     let agent = Agent::start(agent_opts(&["--rwp", "sync"]));
-    let mut g = steady_guest(&agent, "rwp-sync", "anon");
+    let mut g = steady_guest(&agent, "rwp-sync", Backing::Anon);
     g.wait_event("phase", Duration::from_secs(30));
     let e0 = agent.summary(&g.vm_id).expect("summary").epoch;
     // The 4 s window holds only the steady phase once 16 intervals passed.
@@ -381,7 +381,7 @@ fn agent_sync_mode_classifies_every_read_and_write() {
 fn agent_async_mode_takes_no_fault_messages() {
     require_rwp();
     let agent = Agent::start(agent_opts(&[]));
-    let mut g = steady_guest(&agent, "rwp-async", "memfd");
+    let mut g = steady_guest(&agent, "rwp-async", Backing::Memfd);
     g.wait_event("phase", Duration::from_secs(30));
     let e0 = agent.summary(&g.vm_id).expect("summary").epoch;
     let need = e0 + 10;
@@ -461,12 +461,12 @@ fn killed_agent_is_replaced_and_rwp_vms_are_readopted() {
         let mut agent = Agent::start(opts.clone());
         // Long enough for three restarts under software emulation.
         let script = Script::steady(vec![Touch::read(16, 300), Touch::write(1000, 100)], 180_000);
-        let mut o = GuestOpts::new(&format!("rwp-kill-{mode}"), script);
-        o.kind = "process";
-        o.backing = "anon";
-        o.mem_mib = 16;
-        o.fill_seed = Some(9);
-        let mut g = Guest::start(&agent, o);
+        let mut g = Guest::builder(&format!("rwp-kill-{mode}"), script)
+            .kind(GuestKind::Process)
+            .backing(Backing::Anon)
+            .memory_mib(16)
+            .fill_seed(9)
+            .start(&agent);
         g.wait_event("phase", Duration::from_secs(30));
         for (round, wait_ms) in [700u64, 1300, 400].into_iter().enumerate() {
             std::thread::sleep(Duration::from_millis(wait_ms));
@@ -533,12 +533,12 @@ fn rwp_async_on_transparent_huge_pages() {
         Touch::write(2560 + 9, 1),
     ];
     let script = Script::steady(touches, 120_000);
-    let mut o = GuestOpts::new("rwp-thp", script);
-    o.kind = "process";
-    o.backing = "thp";
-    o.mem_mib = 16;
-    o.fill_seed = Some(5);
-    let mut g = Guest::start(&agent, o);
+    let mut g = Guest::builder("rwp-thp", script)
+        .kind(GuestKind::Process)
+        .backing(Backing::Thp)
+        .memory_mib(16)
+        .fill_seed(5)
+        .start(&agent);
     let notes = g.registered["reply"]["notes"].to_string();
     eprintln!("rwp-thp registration notes: {notes}");
     g.wait_event("phase", Duration::from_secs(30));
@@ -609,12 +609,12 @@ fn rwp_evicts_cold_pages_and_brings_them_back() {
         opts.state_dir = Some(state.0.clone());
         let mut agent = Agent::start(opts.clone());
         let script = Script::steady(vec![Touch::read(16, 300), Touch::write(1000, 100)], 240_000);
-        let mut o = GuestOpts::new(&format!("rwp-evict-{mode}"), script);
-        o.kind = "process";
-        o.backing = "memfd";
-        o.mem_mib = 16;
-        o.fill_seed = Some(9);
-        let mut g = Guest::start(&agent, o);
+        let mut g = Guest::builder(&format!("rwp-evict-{mode}"), script)
+            .kind(GuestKind::Process)
+            .backing(Backing::Memfd)
+            .memory_mib(16)
+            .fill_seed(9)
+            .start(&agent);
         let notes = g.registered["reply"]["notes"].to_string();
         assert!(
             notes.contains("cold pages evicted: a page not accessed for 4 intervals"),

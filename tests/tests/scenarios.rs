@@ -8,7 +8,9 @@ use std::time::Duration;
 use wset_guest::memory::PAGE;
 use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
-use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, methods, rel_err, window};
+use wset_tests::harness::{
+    Agent, AgentOpts, Backing, Guest, GuestKind, Handshake, methods, rel_err, window,
+};
 use wset_tracker::uffd::feature;
 
 const INTERVAL_MS: u64 = 250;
@@ -48,13 +50,13 @@ fn settled(agent: &Agent, g: &Guest, epoch0: u64) -> pb::VmSummary {
     })
 }
 
-fn start_guest(agent: &Agent, vm_id: &str, backing: &'static str, script: Script) -> Guest {
-    let mut o = GuestOpts::new(vm_id, script);
-    o.kind = "process";
-    o.backing = backing;
-    o.mem_mib = 16;
-    o.fill_seed = Some(21);
-    Guest::start(agent, o)
+fn start_guest(agent: &Agent, vm_id: &str, backing: Backing, script: Script) -> Guest {
+    Guest::builder(vm_id, script)
+        .kind(GuestKind::Process)
+        .backing(backing)
+        .memory_mib(16)
+        .fill_seed(21)
+        .start(agent)
 }
 
 /// Working set and dirty bytes against the truth; returns the summary.
@@ -94,7 +96,7 @@ fn memfd_guest_working_set_within_one_percent() {
     let mut g = start_guest(
         &agent,
         "sc-memfd",
-        "memfd",
+        Backing::Memfd,
         steady((16, 300), (1000, 100), 12_000),
     );
     let s = measure(&agent, &mut g, 400 * PAGE, 100 * PAGE);
@@ -138,7 +140,7 @@ fn anonymous_guest_exact_with_rwp_lower_bound_without() {
     let mut g = start_guest(
         &agent,
         "sc-anon",
-        "anon",
+        Backing::Anon,
         steady((16, 300), (1000, 100), 12_000),
     );
     let s = measure(&agent, &mut g, 400 * PAGE, 100 * PAGE);
@@ -179,13 +181,13 @@ fn anonymous_guest_exact_with_rwp_lower_bound_without() {
 fn firecracker_uffd_tracked_as_far_as_its_features_allow() {
     let rwp = kernel_has_rwp();
     let agent = Agent::start(opts(&[]));
-    let mut o = GuestOpts::new("fc", steady((16, 300), (1000, 100), 12_000));
-    o.kind = "process";
-    o.backing = "anon";
-    o.handshake = "firecracker";
-    o.mem_mib = 16;
-    o.fill_seed = Some(21);
-    let mut g = Guest::start(&agent, o);
+    let mut g = Guest::builder("fc", steady((16, 300), (1000, 100), 12_000))
+        .kind(GuestKind::Process)
+        .backing(Backing::Anon)
+        .handshake(Handshake::Firecracker)
+        .memory_mib(16)
+        .fill_seed(21)
+        .start(&agent);
     let s = measure(&agent, &mut g, 400 * PAGE, 100 * PAGE);
     assert_eq!(
         methods(&s),
@@ -219,13 +221,13 @@ fn firecracker_uffd_tracked_as_far_as_its_features_allow() {
 #[test]
 fn guest_runs_on_intact_after_its_uffd_closes_mid_tracking() {
     let mut agent = Agent::start(opts(&["--rwp", "sync"]));
-    let mut o = GuestOpts::new("sc-closed", steady((16, 300), (1000, 100), 8_000));
-    o.kind = "process";
-    o.backing = "anon";
-    o.mem_mib = 16;
-    o.fill_seed = Some(21);
-    o.extra = vec!["--drop-uffd".into()];
-    let mut g = Guest::start(&agent, o);
+    let mut g = Guest::builder("sc-closed", steady((16, 300), (1000, 100), 8_000))
+        .kind(GuestKind::Process)
+        .backing(Backing::Anon)
+        .memory_mib(16)
+        .fill_seed(21)
+        .drop_uffd()
+        .start(&agent);
     g.wait_event("phase", Duration::from_secs(30));
     // Let tracking protect and harvest a few times, then kill the agent.
     let e0 = agent.summary(&g.vm_id).expect("summary").epoch;
@@ -260,7 +262,7 @@ fn hugetlbfs_guest_tracked_at_2mib() {
         ],
         12_000,
     );
-    let mut g = start_guest(&agent, "sc-huge", "hugetlb", script);
+    let mut g = start_guest(&agent, "sc-huge", Backing::Hugetlb, script);
     let s = measure(&agent, &mut g, 3 * huge, huge);
     assert_eq!(s.granule_bytes, huge);
     let w = window(&s, SHORT_MS);

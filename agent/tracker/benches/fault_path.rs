@@ -22,10 +22,10 @@ const ROUNDS: usize = 7;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::Mem;
+use common::GuestMemory;
 
-fn new_mem() -> Mem {
-    Mem::memfd(PAGES)
+fn new_mem() -> GuestMemory {
+    common::memfd(PAGES)
 }
 
 fn uffd() -> Uffd {
@@ -106,7 +106,7 @@ fn handler_round(
 ) -> (Duration, Vec<u32>) {
     let mem = new_mem();
     let u = uffd();
-    u.register(mem.addr(), mem.len as u64, register_mode)
+    u.register(mem.addr(), mem.len() as u64, register_mode)
         .unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let s2 = stop.clone();
@@ -133,7 +133,7 @@ fn handler_round(
             }
         }
     });
-    let out = touch_all(mem.ptr as usize);
+    let out = touch_all(mem.addr() as usize);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     handler.join().unwrap();
     out
@@ -156,7 +156,7 @@ fn tracker_round_with(spin: Duration) -> (Duration, Vec<u32>) {
         uffd: uffd(),
         regions: vec![Region {
             host_addr: mem.addr(),
-            len: mem.len as u64,
+            len: mem.len() as u64,
             file_offset: 0,
         }],
         granule_bytes: 4096,
@@ -176,7 +176,7 @@ fn tracker_round_with(spin: Duration) -> (Duration, Vec<u32>) {
         wake_waiters: false,
     })
     .unwrap();
-    let out = touch_all(mem.ptr as usize);
+    let out = touch_all(mem.addr() as usize);
     h.stop();
     out
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 mod common;
-use common::Mem;
+use common::GuestMemory;
 use wset_tracker::plan::{AccessMode, BackingKind};
 use wset_tracker::{TrackerHandle, TrackerSpec};
 
@@ -40,9 +40,9 @@ static GLOBAL: Counting = Counting;
 #[test]
 fn serving_faults_and_ticks_allocates_nothing() {
     const PAGES: usize = 1024;
-    let mem = Mem::memfd(PAGES);
-    let memfd = mem.memfd.as_ref().expect("memfd");
-    let base = mem.ptr as usize;
+    let mem: GuestMemory = common::memfd(PAGES);
+    let memfd = mem.memfd().expect("memfd");
+    let base = mem.addr() as usize;
     for i in 0..PAGES {
         // SAFETY: in bounds of the mapping.
         unsafe { *((base + i * 4096) as *mut u64) = i as u64 };

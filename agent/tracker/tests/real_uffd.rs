@@ -14,55 +14,7 @@ use wset_tracker::{TrackerHandle, TrackerState, Uffd};
 const INTERVAL: Duration = Duration::from_millis(100);
 
 mod common;
-use common::{Mem, PAGE};
-
-impl Mem {
-    fn read(&self, page: usize) -> u64 {
-        // SAFETY: in bounds; volatile so the access really happens.
-        unsafe { std::ptr::read_volatile(self.ptr.add(page * PAGE as usize).cast::<u64>()) }
-    }
-
-    fn write(&self, page: usize, v: u64) {
-        // SAFETY: in bounds.
-        unsafe { std::ptr::write_volatile(self.ptr.add(page * PAGE as usize).cast::<u64>(), v) }
-    }
-
-    fn fill(&self, seed: u64) {
-        for p in 0..self.len / PAGE as usize {
-            for w in 0..(PAGE as usize / 8) {
-                // SAFETY: in bounds.
-                unsafe {
-                    *self.ptr.add(p * PAGE as usize + w * 8).cast::<u64>() = pattern(seed, p, w)
-                };
-            }
-        }
-    }
-
-    /// Compare every word with the pattern (faults go through the tracker).
-    fn check(&self, seed: u64, overrides: &[(usize, u64)]) -> usize {
-        let mut bad = 0;
-        for p in 0..self.len / PAGE as usize {
-            for w in 0..(PAGE as usize / 8) {
-                // SAFETY: in bounds.
-                let v = unsafe {
-                    std::ptr::read_volatile(self.ptr.add(p * PAGE as usize + w * 8).cast::<u64>())
-                };
-                let want = match overrides.iter().find(|(op, _)| *op == p) {
-                    Some((_, ov)) if w == 0 => *ov,
-                    _ => pattern(seed, p, w),
-                };
-                if v != want {
-                    bad += 1;
-                }
-            }
-        }
-        bad
-    }
-}
-
-fn pattern(seed: u64, page: usize, word: usize) -> u64 {
-    seed ^ ((page as u64) << 20) ^ word as u64 ^ 0x5bd1_e995
-}
+use common::{GuestMemory, PAGE};
 
 fn cfg() -> SummaryConfig {
     // Windows of 2 and 5 intervals.
@@ -88,18 +40,18 @@ fn wait_epochs(h: &TrackerHandle, n: u32) {
 
 /// Keep touching `pages` (reads, or writes of `v`) until told to stop.
 fn toucher(
-    mem: Arc<Mem>,
+    mem: Arc<GuestMemory>,
     pages: std::ops::Range<usize>,
-    write: Option<u64>,
+    write: Option<u32>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
             for p in pages.clone() {
                 match write {
-                    Some(v) => mem.write(p, v),
+                    Some(v) => mem.write_u32(p as u64 * PAGE, v),
                     None => {
-                        std::hint::black_box(mem.read(p));
+                        std::hint::black_box(mem.read_u32(p as u64 * PAGE));
                     }
                 }
             }
@@ -121,17 +73,17 @@ fn anonymous_first_touch_and_wp_async_dirty_are_exact() {
         offered & feature::WP_ASYNC != 0,
         "kernel lacks WP_ASYNC (6.7+): {offered:#x}"
     );
-    let mem = Arc::new(Mem::anon(256));
+    let mem = Arc::new(common::anon(256));
     let (uffd, p) = common::planned_uffd(BackingKind::Anonymous, AccessMode::Off, 256);
     assert_eq!(p.dirty, wset_tracker::Dirty::WpAsync);
     let h =
         TrackerHandle::spawn(common::spec(uffd, &mem, p.clone(), INTERVAL, None, None)).unwrap();
     // Phase 1: read pages 0..100, write 100..150 (first touches).
     for pg in 0..100 {
-        assert_eq!(mem.read(pg), 0);
+        assert_eq!(mem.read_u32(pg as u64 * PAGE), 0);
     }
     for pg in 100..150 {
-        mem.write(pg, 0xAA);
+        mem.write_u32(pg as u64 * PAGE, 0xAA);
     }
     wait_epochs(&h, 2);
     let s = summarize(h.shared(), &p, &cfg(), 0);
@@ -152,16 +104,16 @@ fn anonymous_first_touch_and_wp_async_dirty_are_exact() {
     assert_eq!(r.state, TrackerState::Stopped);
     // After release the memory is ordinary again, and intact.
     for pg in 0..10 {
-        assert_eq!(mem.read(pg), 0xBB);
+        assert_eq!(mem.read_u32(pg as u64 * PAGE), 0xBB);
     }
     for pg in 100..150 {
-        assert_eq!(mem.read(pg), 0xAA);
+        assert_eq!(mem.read_u32(pg as u64 * PAGE), 0xAA);
     }
 }
 
 #[test]
 fn firecracker_style_uffd_gets_sync_wp_dirty_tracking() {
-    let mem = Arc::new(Mem::anon(64));
+    let mem = Arc::new(common::anon(64));
     // Firecracker requests only EVENT_REMOVE.
     let uffd = Uffd::create(feature::EVENT_REMOVE).unwrap();
     let features = uffd.features().unwrap();
@@ -182,7 +134,7 @@ fn firecracker_style_uffd_gets_sync_wp_dirty_tracking() {
     let h =
         TrackerHandle::spawn(common::spec(uffd, &mem, p.clone(), INTERVAL, None, None)).unwrap();
     for pg in 0..64 {
-        mem.write(pg, pg as u64);
+        mem.write_u32(pg as u64 * PAGE, pg as u32);
     }
     wait_epochs(&h, 6);
     let stop = Arc::new(AtomicBool::new(false));
@@ -194,20 +146,25 @@ fn firecracker_style_uffd_gets_sync_wp_dirty_tracking() {
     assert_eq!(s.windows[0].dirty_bytes, 10 * PAGE, "{s:#?}");
     assert!(h.shared().counters.wp_faults.load(Ordering::Relaxed) >= 10);
     h.stop();
-    assert_eq!(mem.read(25), 7);
-    assert_eq!(mem.read(63), 63);
+    assert_eq!(mem.read_u32(25 * PAGE), 7);
+    assert_eq!(mem.read_u32(63 * PAGE), 63);
 }
 
 fn shmem_tracker(
     pages: usize,
     mode: AccessMode,
     name: &str,
-) -> (Arc<Mem>, TrackerHandle, plan::Plan, std::path::PathBuf) {
-    let mem = Arc::new(Mem::memfd(pages));
-    mem.fill(0x1234);
+) -> (
+    Arc<GuestMemory>,
+    TrackerHandle,
+    plan::Plan,
+    std::path::PathBuf,
+) {
+    let mem = Arc::new(common::memfd(pages));
+    mem.fill(0x1234, 0, mem.pages());
     let (uffd, p) = common::planned_uffd(BackingKind::Shmem, mode, pages);
     let dir = custody_dir(name);
-    let memfd = mem.memfd.as_ref().unwrap().try_clone().unwrap();
+    let memfd = mem.memfd().unwrap().try_clone().unwrap();
     let custody = Some(dir.join("vm.custody"));
     let h = TrackerHandle::spawn(common::spec(
         uffd,
@@ -240,14 +197,14 @@ fn shmem_exhaustive_sees_reads_and_writes_and_loses_nothing() {
     assert_eq!(s.windows[0].dirty_bytes, 32 * PAGE, "{s:#?}");
     assert_eq!(s.error.relative_error, 0.0);
     // Every byte is intact while pages are still in custody...
-    let overrides: Vec<(usize, u64)> = (64..96).map(|p| (p, 0xD1D1)).collect();
-    assert_eq!(mem.check(0x1234, &overrides), 0);
+    let expected = common::filled(0x1234, (64..96).map(|p| (p, 0xD1D1)));
+    assert_eq!(mem.mismatches(&expected), 0);
     // ...and after stop every page is back in the memfd, not in custody.
     wait_epochs(&h, 2);
     let r = h.stop();
     assert_eq!(r.pages_left_in_custody, 0);
     assert!(!dir.join("vm.custody").exists());
-    assert_eq!(mem.check(0x1234, &overrides), 0);
+    assert_eq!(mem.mismatches(&expected), 0);
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -272,7 +229,7 @@ fn shmem_sampled_estimates_within_its_error() {
         s.error.relative_error
     );
     h.stop();
-    assert_eq!(mem.check(0x1234, &[]), 0);
+    assert_eq!(mem.mismatches(&common::filled(0x1234, [])), 0);
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -286,15 +243,15 @@ fn sampled_hot_guest(
     name: &str,
 ) -> (wset_tracker::summary::Summary, u32, f64) {
     let pages = 4096;
-    let mem = Arc::new(Mem::memfd(pages));
-    mem.fill(0x1234);
+    let mem = Arc::new(common::memfd(pages));
+    mem.fill(0x1234, 0, mem.pages());
     let (uffd, p) = common::planned_uffd(
         BackingKind::Shmem,
         AccessMode::Sampled { granules: 1024 },
         pages,
     );
     let dir = custody_dir(name);
-    let memfd = mem.memfd.as_ref().unwrap().try_clone().unwrap();
+    let memfd = mem.memfd().unwrap().try_clone().unwrap();
     let spec = common::spec(
         uffd,
         &mem,
@@ -332,8 +289,8 @@ fn sampled_hot_guest(
     readers.join().unwrap();
     writers.join().unwrap();
     h.stop();
-    let overrides: Vec<(usize, u64)> = (1024..1536).map(|p| (p, 0xD1D1)).collect();
-    assert_eq!(mem.check(0x1234, &overrides), 0, "guest memory damaged");
+    let expected = common::filled(0x1234, (1024..1536).map(|p| (p, 0xD1D1)));
+    assert_eq!(mem.mismatches(&expected), 0, "guest memory damaged");
     std::fs::remove_dir_all(dir).unwrap();
     (s, stride, faults as f64 / epochs as f64)
 }
@@ -440,12 +397,10 @@ fn wait_blocked(tids: &[AtomicI32], what: &str, timeout: Duration) {
 fn more_refused_faults_than_the_deferred_queue_holds() {
     const THREADS: usize = wset_tracker::tracker::DEFERRED_CAP + 300;
     const REMOVED: usize = 16;
-    let mem = Arc::new(Mem::anon(THREADS + REMOVED));
-    // SAFETY: advice on our own test mapping.
-    unsafe { libc::madvise(mem.ptr.cast(), mem.len, libc::MADV_NOHUGEPAGE) };
+    let mem = Arc::new(common::anon(THREADS + REMOVED));
     let uffd = Uffd::create(feature::EVENT_REMOVE).unwrap();
     // Registered before the tracker exists, so the faults queue up unread.
-    uffd.register(mem.addr(), mem.len as u64, mode::MISSING)
+    uffd.register(mem.addr(), mem.len() as u64, mode::MISSING)
         .unwrap();
     let tids: Arc<Vec<AtomicI32>> = Arc::new((0..THREADS).map(|_| AtomicI32::new(0)).collect());
     let done = Arc::new(AtomicUsize::new(0));
@@ -457,7 +412,7 @@ fn more_refused_faults_than_the_deferred_queue_holds() {
                 .spawn(move || {
                     // SAFETY: gettid has no preconditions.
                     tids[i].store(unsafe { libc::gettid() }, Ordering::Release);
-                    let v = mem.read(i);
+                    let v = mem.read_u32(i as u64 * PAGE);
                     done.fetch_add(1, Ordering::Release);
                     v
                 })
@@ -472,14 +427,9 @@ fn more_refused_faults_than_the_deferred_queue_holds() {
         std::thread::spawn(move || {
             // SAFETY: gettid has no preconditions.
             tid[0].store(unsafe { libc::gettid() }, Ordering::Release);
-            // SAFETY: dropping pages of our own test mapping.
-            unsafe {
-                libc::madvise(
-                    mem.ptr.add(THREADS * PAGE as usize).cast(),
-                    REMOVED * PAGE as usize,
-                    libc::MADV_DONTNEED,
-                )
-            }
+            // 0 on success, as madvise returns.
+            mem.discard(THREADS as u32, (THREADS + REMOVED) as u32)
+                .map_or(-1, |()| 0)
         })
     };
     wait_blocked(&remover_tid[..], "userfaultfd", Duration::from_secs(60));

@@ -8,16 +8,19 @@ use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use serde_json::json;
 use wset_guest::memory::{BackingArg, GuestMemory};
 use wset_guest::script::{Op, Phase, Script, Touch};
 use wset_proto::v1 as pb;
-use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, bin};
+use wset_tests::harness::{Agent, AgentOpts, Guest, GuestKind, Shared, bin};
 use wset_tracker::Uffd;
 
-fn good_guest(agent: &Agent) -> Guest {
+/// A well-behaved KVM guest reading 100 pages every 100 ms for
+/// `duration_ms`, checksumming its memory every tenth period.
+fn good_guest(agent: &Agent, duration_ms: u64) -> Guest {
     let p = Phase {
         name: "steady".into(),
         touches: vec![Touch {
@@ -25,29 +28,46 @@ fn good_guest(agent: &Agent) -> Guest {
             start: 16,
             pages: 100,
         }],
-        duration_ms: 120_000,
+        duration_ms,
         period_ms: 100,
     };
-    let mut o = GuestOpts::new(
+    Guest::builder(
         "good",
         Script {
             phases: vec![p],
             checksum_every: 10,
         },
-    );
-    o.mem_mib = 16;
-    o.fill_seed = Some(3);
-    Guest::start(agent, o)
+    )
+    .memory_mib(16)
+    .fill_seed(3)
+    .start(agent)
 }
 
-/// The good VM is still tracked and its tracker still advancing.
-fn assert_unaffected(agent: &Agent, good: &Guest, after: &str) {
+/// One agent and its good guest (VM "good", for the binary's life), shared
+/// by the tests that need a well-behaved VM beside the misbehaving ones
+/// they bring themselves.
+struct Served {
+    agent: Agent,
+    good: Mutex<Guest>,
+}
+
+static SERVED: Shared<Served> = Shared::new(|| {
+    let agent = Agent::start(AgentOpts {
+        access: "exhaustive".into(),
+        ..Default::default()
+    });
+    let good = Mutex::new(good_guest(&agent, 3_600_000));
+    Served { agent, good }
+});
+
+/// The good VM (its id) is still tracked and its tracker still advancing.
+fn assert_unaffected(agent: &Agent, good: &str, after: &str) {
     let e = agent
-        .summary(&good.vm_id)
+        .summary(good)
         .unwrap_or_else(|s| panic!("after {after}: good VM gone: {s}"))
         .epoch;
     let s = agent.wait_summary(
-        &good.vm_id,
+        good,
         Duration::from_secs(10),
         &format!("epoch advancing after {after}"),
         |s| s.epoch >= e + 2,
@@ -86,7 +106,7 @@ fn hello(mem: &GuestMemory, regions: serde_json::Value) -> Vec<u8> {
 
 fn expect_refusal(
     agent: &Agent,
-    good: &Guest,
+    good: &str,
     case: &str,
     reply: Option<serde_json::Value>,
     want: &str,
@@ -104,23 +124,21 @@ fn expect_refusal(
 
 #[test]
 fn bad_handshakes_are_refused_and_others_keep_being_served() {
-    let agent = Agent::start(AgentOpts {
-        access: "exhaustive".into(),
-        ..Default::default()
-    });
-    let mut good = good_guest(&agent);
+    let served = SERVED.get();
+    let agent = &served.agent;
+    let good = "good";
     let mem = GuestMemory::new(BackingArg::Anon, 1 << 20).unwrap();
     let (a, len) = (mem.addr(), mem.len() as u64);
     let status = std::fs::File::open("/proc/self/status").unwrap();
 
     // Not a uffd.
     let r = raw(
-        &agent,
+        agent,
         &hello(&mem, json!([{"host_addr": a, "size": len}])),
         &[status.as_raw_fd()],
         false,
     );
-    expect_refusal(&agent, &good, "not a uffd", r, "is not a userfaultfd");
+    expect_refusal(agent, good, "not a uffd", r, "is not a userfaultfd");
 
     // 2 MiB whose upper half is PROT_NONE, and a shared memfd mapping that an
     // "anonymous" registration must not cover.
@@ -166,74 +184,78 @@ fn bad_handshakes_are_refused_and_others_keep_being_served() {
         ("no regions", json!([]), "no regions"),
     ];
     for (case, regions, want) in cases {
-        let r = raw(&agent, &hello(&mem, regions), &[u], false);
-        expect_refusal(&agent, &good, case, r, want);
+        let r = raw(agent, &hello(&mem, regions), &[u], false);
+        expect_refusal(agent, good, case, r, want);
     }
 
     // Garbage that looks like wset.v1 JSON gets a reply; other garbage a log line.
-    let r = raw(&agent, b"{\"version\": bogus}\n", &[], false);
-    expect_refusal(&agent, &good, "garbage JSON", r, "not valid JSON");
-    assert!(raw(&agent, b"hello agent\n", &[], true).is_none());
+    let r = raw(agent, b"{\"version\": bogus}\n", &[], false);
+    expect_refusal(agent, good, "garbage JSON", r, "not valid JSON");
+    assert!(raw(agent, b"hello agent\n", &[], true).is_none());
     agent.wait_log(
         "expected a JSON array (Firecracker) or object (wset.v1)",
         Duration::from_secs(5),
     );
-    assert_unaffected(&agent, &good, "garbage bytes");
+    assert_unaffected(agent, good, "garbage bytes");
 
     // Truncated: the peer closes its side before the JSON is complete.
     let r = raw(
-        &agent,
+        agent,
         b"{\"version\":\"wset.v1\",\"vm_id\":\"x\"",
         &[],
         true,
     );
     expect_refusal(
-        &agent,
-        &good,
+        agent,
+        good,
         "truncated message",
         r,
         "ended before its JSON was complete",
     );
-    assert!(raw(&agent, b"[{\"base_host_virt_addr\":", &[u], true).is_none());
-    assert_unaffected(&agent, &good, "truncated Firecracker message");
+    assert!(raw(agent, b"[{\"base_host_virt_addr\":", &[u], true).is_none());
+    assert_unaffected(agent, good, "truncated Firecracker message");
 
     // A peer that connects and disconnects without a word.
     drop(UnixStream::connect(&agent.socket).unwrap());
     agent.wait_log("empty handshake", Duration::from_secs(5));
-    assert_unaffected(&agent, &good, "silent disconnect");
+    assert_unaffected(agent, good, "silent disconnect");
 
     // Wrong version, wrong fd count, duplicate id.
-    let r = raw(&agent, b"{\"version\":\"wset.v9\"}\n", &[], false);
+    let r = raw(agent, b"{\"version\":\"wset.v9\"}\n", &[], false);
     expect_refusal(
-        &agent,
-        &good,
+        agent,
+        good,
         "wrong version",
         r,
         "unsupported handshake version",
     );
     let memfd_hello = json!({"version": "wset.v1", "vm_id": "m", "backing": "memfd", "regions": [{"host_addr": a, "size": len}]});
-    let r = raw(&agent, format!("{memfd_hello}\n").as_bytes(), &[u], false);
-    expect_refusal(&agent, &good, "memfd without its fd", r, "expected 2 fd(s)");
+    let r = raw(agent, format!("{memfd_hello}\n").as_bytes(), &[u], false);
+    expect_refusal(agent, good, "memfd without its fd", r, "expected 2 fd(s)");
     let dup = json!({"version": "wset.v1", "vm_id": "good", "backing": "anonymous", "regions": [{"host_addr": a, "size": len}]});
-    let r = raw(&agent, format!("{dup}\n").as_bytes(), &[u], false);
-    expect_refusal(&agent, &good, "duplicate vm_id", r, "already registered");
-    let r = raw(&agent, b"{\"version\":\"wset.v1\",\"vm_id\":\"../../etc\",\"backing\":\"anonymous\",\"regions\":[]}\n", &[u], false);
+    let r = raw(agent, format!("{dup}\n").as_bytes(), &[u], false);
+    expect_refusal(agent, good, "duplicate vm_id", r, "already registered");
+    let r = raw(agent, b"{\"version\":\"wset.v1\",\"vm_id\":\"../../etc\",\"backing\":\"anonymous\",\"regions\":[]}\n", &[u], false);
     expect_refusal(
-        &agent,
-        &good,
+        agent,
+        good,
         "path-like vm_id",
         r,
         "must be 1 to 64 characters",
     );
 
     // The good guest's memory is intact after all of that.
-    let v = good.verify_now();
+    let v = served
+        .good
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .verify_now();
     assert_eq!(v["ok"], true, "{v}");
 }
 
 #[test]
 fn bogus_grpc_arguments_get_clear_statuses() {
-    let agent = Agent::start(AgentOpts::default());
+    let agent = &SERVED.get().agent;
     let e = agent.summary("").unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("vm_id is required"), "{}", e.message());
@@ -246,11 +268,8 @@ fn bogus_grpc_arguments_get_clear_statuses() {
 
 #[test]
 fn a_vmm_that_dies_is_retired_and_others_continue() {
-    let agent = Agent::start(AgentOpts {
-        access: "exhaustive".into(),
-        ..Default::default()
-    });
-    let good = good_guest(&agent);
+    let agent = &SERVED.get().agent;
+    let good = "good";
     let p = Phase {
         name: "p".into(),
         touches: vec![Touch {
@@ -261,16 +280,16 @@ fn a_vmm_that_dies_is_retired_and_others_continue() {
         duration_ms: 60_000,
         period_ms: 50,
     };
-    let mut o = GuestOpts::new(
+    let mut doomed = Guest::builder(
         "doomed",
         Script {
             phases: vec![p],
             checksum_every: 0,
         },
-    );
-    o.mem_mib = 8;
-    o.fill_seed = Some(1);
-    let mut doomed = Guest::start(&agent, o);
+    )
+    .memory_mib(8)
+    .fill_seed(1)
+    .start(agent);
     agent.wait_summary("doomed", Duration::from_secs(10), "pages in custody", |s| {
         s.counters.as_ref().is_some_and(|c| c.pages_in_custody > 0)
     });
@@ -295,7 +314,7 @@ fn a_vmm_that_dies_is_retired_and_others_continue() {
     );
     let custody = agent.dir.0.join("state/custody/doomed.custody");
     assert!(!custody.exists(), "{} left behind", custody.display());
-    assert_unaffected(&agent, &good, "a VMM died");
+    assert_unaffected(agent, good, "a VMM died");
 }
 
 /// Run a test VMM as uid/gid 65534 against the agent; (succeeded, its stdout).
@@ -331,7 +350,7 @@ fn register_as_nobody(agent: &Agent) -> (bool, String) {
 #[test]
 fn peers_outside_the_uid_allow_list_cannot_register() {
     let agent = Agent::start(AgentOpts::default());
-    let good = good_guest(&agent);
+    let good = good_guest(&agent, 120_000);
     // 0660 root:root: another uid cannot even connect.
     let (ok, text) = register_as_nobody(&agent);
     assert!(!ok && text.contains("Permission denied"), "{text}");
@@ -344,18 +363,15 @@ fn peers_outside_the_uid_allow_list_cannot_register() {
     let (ok, text) = register_as_nobody(&agent);
     assert!(!ok && text.contains("uid 65534"), "{text}");
     agent.wait_log("peer uid 65534", Duration::from_secs(5));
-    assert_unaffected(&agent, &good, "a refused uid");
+    assert_unaffected(&agent, &good.vm_id, "a refused uid");
 }
 
 /// A VMM that unmaps its guest memory while staying alive: the agent hears
 /// of it through UFFD_EVENT_UNMAP (not the pidfd) and retires the VM.
 #[test]
 fn a_vmm_that_unmaps_its_memory_is_retired() {
-    let agent = Agent::start(AgentOpts {
-        access: "exhaustive".into(),
-        ..Default::default()
-    });
-    let good = good_guest(&agent);
+    let agent = &SERVED.get().agent;
+    let good = "good";
     let script = Script {
         phases: vec![
             Phase {
@@ -381,10 +397,10 @@ fn a_vmm_that_unmaps_its_memory_is_retired() {
         ],
         checksum_every: 0,
     };
-    let mut o = GuestOpts::new("unmapper", script);
-    o.kind = "process";
-    o.mem_mib = 8;
-    let mut g = Guest::start(&agent, o);
+    let mut g = Guest::builder("unmapper", script)
+        .kind(GuestKind::Process)
+        .memory_mib(8)
+        .start(agent);
     g.wait_event("done", Duration::from_secs(30));
     agent.wait_summary("unmapper", Duration::from_secs(10), "retired", |s| {
         s.state == pb::VmState::Retired as i32
@@ -403,5 +419,5 @@ fn a_vmm_that_unmaps_its_memory_is_retired() {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(g.pid() as i32), None).is_ok(),
         "the VMM must still be alive"
     );
-    assert_unaffected(&agent, &good, "a VMM unmapped its memory");
+    assert_unaffected(agent, good, "a VMM unmapped its memory");
 }

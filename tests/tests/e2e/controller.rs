@@ -11,7 +11,7 @@ use wset_guest::memory::PAGE;
 use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
 use wset_tests::harness::{
-    Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, free_loopback_addr, wait_for, window,
+    Agent, AgentOpts, Controller, Guest, TempDir, free_loopback_addr, wait_for, window,
 };
 
 const WINDOW_MS: u64 = 1000;
@@ -30,7 +30,7 @@ fn agent(host: &str, addr: &str) -> Agent {
 /// A KVM guest reading `pages` pages for a minute.
 fn guest(agent: &Agent, vm_id: &str, pages: u32) -> Guest {
     let script = Script::steady(vec![Touch::read(16, pages)], 60_000);
-    Guest::start(agent, GuestOpts::new(vm_id, script))
+    Guest::builder(vm_id, script).start(agent)
 }
 
 fn history(c: &Controller, vm: &str) -> pb::GetVmHistoryResponse {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use wset_guest::script::{Op, Phase, Script, Touch};
 use wset_proto::v1 as pb;
-use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, TempDir};
+use wset_tests::harness::{Agent, AgentOpts, Backing, Guest, GuestKind, Handshake, TempDir};
 
 #[test]
 fn killed_agent_loses_no_page_and_a_restarted_one_puts_them_back() {
@@ -37,17 +37,17 @@ fn killed_agent_loses_no_page_and_a_restarted_one_puts_them_back() {
         duration_ms: 8000,
         period_ms: 50,
     };
-    let mut o = GuestOpts::new(
+    let mut g = Guest::builder(
         "crash",
         Script {
             phases: vec![p],
             checksum_every: 0,
         },
-    );
-    o.kind = "process";
-    o.mem_mib = 16;
-    o.fill_seed = Some(77);
-    let mut g = Guest::start(&agent, o);
+    )
+    .kind(GuestKind::Process)
+    .memory_mib(16)
+    .fill_seed(77)
+    .start(&agent);
     let s = agent.wait_summary(
         "crash",
         Duration::from_secs(10),
@@ -168,25 +168,46 @@ fn twenty_kills_at_random_moments_lose_nothing_and_tracking_resumes() {
         checksum_every: 10,
     };
     let mut guests: Vec<Guest> = [
-        ("kills-kvm-memfd", "kvm", "memfd", "wset"),
-        ("kills-proc-memfd", "process", "memfd", "wset"),
-        ("kills-proc-anon", "process", "anon", "wset"),
+        (
+            "kills-kvm-memfd",
+            GuestKind::Kvm,
+            Backing::Memfd,
+            Handshake::Wset,
+        ),
+        (
+            "kills-proc-memfd",
+            GuestKind::Process,
+            Backing::Memfd,
+            Handshake::Wset,
+        ),
+        (
+            "kills-proc-anon",
+            GuestKind::Process,
+            Backing::Anon,
+            Handshake::Wset,
+        ),
         // Untouched pages come from the snapshot file, before and after
         // every restart.
-        ("kills-fc", "process", "anon", "firecracker"),
+        (
+            "kills-fc",
+            GuestKind::Process,
+            Backing::Anon,
+            Handshake::Firecracker,
+        ),
     ]
     .iter()
     .map(|&(id, kind, backing, handshake)| {
-        let mut o = GuestOpts::new(id, churn(600_000));
-        o.kind = kind;
-        o.backing = backing;
-        o.handshake = handshake;
-        o.mem_mib = 16;
-        o.fill_seed = Some(0xD15EA5E);
-        if handshake == "firecracker" {
-            o.snapshot = Some(snapshot.clone());
+        let g = Guest::builder(id, churn(600_000))
+            .kind(kind)
+            .backing(backing)
+            .handshake(handshake)
+            .memory_mib(16)
+            .fill_seed(0xD15EA5E);
+        if handshake == Handshake::Firecracker {
+            g.snapshot(&snapshot).start(&agent)
+        } else {
+            g.start(&agent)
         }
-        Guest::start(&agent, o)
     })
     .collect();
     let mut recoveries = Vec::new();

@@ -11,7 +11,7 @@ use wset_guest::script::{Phase, Script, Touch};
 use wset_proto::v1 as pb;
 use wset_proto::v1::scheduler_service_client::SchedulerServiceClient;
 use wset_tests::harness::{
-    Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, free_loopback_addr, wait_for,
+    Agent, AgentOpts, Backing, Controller, Guest, TempDir, free_loopback_addr, wait_for,
 };
 
 const MIB: u64 = 1 << 20;
@@ -58,9 +58,7 @@ fn guest(a: &Agent, vm: &str, small_s: u64, grown_s: u64) -> Guest {
         ],
         checksum_every: 0,
     };
-    let mut o = GuestOpts::new(vm, script);
-    o.backing = "anon";
-    Guest::start(a, o)
+    Guest::builder(vm, script).backing(Backing::Anon).start(a)
 }
 
 fn migrations(c: &Controller) -> Vec<pb::Migration> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
-use wset_tests::harness::{Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, bin, wait_for};
+use wset_tests::harness::{Agent, AgentOpts, Controller, Guest, GuestKind, TempDir, bin, wait_for};
 
 const NAME: &str = "agents.wset.test";
 
@@ -22,9 +22,9 @@ fn agent(host: &str, addr: &str) -> Agent {
 }
 
 fn guest(a: &Agent) -> Guest {
-    let mut o = GuestOpts::new("mover", Script::steady(vec![Touch::read(16, 40)], 60_000));
-    o.kind = "process";
-    Guest::start(a, o)
+    Guest::builder("mover", Script::steady(vec![Touch::read(16, 40)], 60_000))
+        .kind(GuestKind::Process)
+        .start(a)
 }
 
 fn endpoints(c: &Controller) -> Vec<(String, String, i32)> {

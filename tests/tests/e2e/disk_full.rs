@@ -21,7 +21,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
 use wset_tests::harness::{
-    Agent, AgentOpts, Controller, Guest, GuestOpts, SmallDisk, TempDir, grpc_health, http_get,
+    Agent, AgentOpts, Controller, Guest, GuestKind, SmallDisk, TempDir, grpc_health, http_get,
     metric, wait_for,
 };
 use wset_tests::simagent::serve_fleet;
@@ -189,11 +189,11 @@ fn custody_on_a_full_state_dir_costs_neither_the_agent_nor_a_guest() {
     // 16 MiB of memfd memory and a small hot set: exhaustive tracking
     // would hold about 3,900 pages (15 MiB) in custody; the disk has 4 MiB.
     let script = Script::steady(vec![Touch::read(16, 100), Touch::write(200, 50)], 8_000);
-    let mut o = GuestOpts::new("squeezed", script);
-    o.kind = "process";
-    o.mem_mib = 16;
-    o.fill_seed = Some(91);
-    let mut g = Guest::start(&agent, o);
+    let mut g = Guest::builder("squeezed", script)
+        .kind(GuestKind::Process)
+        .memory_mib(16)
+        .fill_seed(91)
+        .start(&agent);
     let s = agent.wait_summary("squeezed", Duration::from_secs(20), "custody full", |s| {
         s.counters.as_ref().is_some_and(|c| c.custody_full > 0)
     });
@@ -229,10 +229,10 @@ fn custody_on_a_full_state_dir_costs_neither_the_agent_nor_a_guest() {
 
     // A second guest needing custody: refused, with the reason; the first
     // is still tracked.
-    let mut o = GuestOpts::new("no-room", Script::steady(vec![Touch::read(0, 8)], 2_000));
-    o.kind = "process";
-    o.mem_mib = 16;
-    let why = Guest::refused(&agent, o);
+    let why = Guest::builder("no-room", Script::steady(vec![Touch::read(0, 8)], 2_000))
+        .kind(GuestKind::Process)
+        .memory_mib(16)
+        .refused(&agent);
     assert!(
         why.contains("reserve space for custody file") && why.contains("No space left on device"),
         "{why}"

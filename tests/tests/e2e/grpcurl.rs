@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use wset_guest::script::{Script, Touch};
-use wset_tests::harness::{Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, wait_for};
+use wset_tests::harness::{Agent, AgentOpts, Controller, Guest, GuestKind, TempDir, wait_for};
 
 fn grpcurl(args: &[&str]) -> (bool, String, String) {
     let out = Command::new("grpcurl")
@@ -62,9 +62,9 @@ fn grpcurl_against_agent_and_controller() {
         ..Default::default()
     });
     let script = Script::steady(vec![Touch::read(16, 50)], 30_000);
-    let mut o = GuestOpts::new("web-1", script);
-    o.kind = "process";
-    let _g = Guest::start(&agent, o);
+    let _g = Guest::builder("web-1", script)
+        .kind(GuestKind::Process)
+        .start(&agent);
     let data = TempDir::new("grpcurl");
     let ctl = Controller::start(&data.0, &[&agent.grpc_addr], &[]);
     let (a, c) = (agent.grpc_addr.as_str(), ctl.grpc_addr.as_str());

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use wset_guest::script::{Op, Phase, Script, Touch};
-use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts};
+use wset_tests::harness::{Agent, AgentOpts, Guest, GuestKind};
 
 fn secs() -> u64 {
     std::env::var("WSET_INTEGRITY_SECS")
@@ -19,7 +19,7 @@ fn secs() -> u64 {
         .unwrap_or(120)
 }
 
-fn run(kind: &'static str, access: &str, mem_mib: u64, checksum_every: u32) {
+fn run(kind: GuestKind, access: &str, mem_mib: u64, checksum_every: u32) {
     let mut agent = Agent::start(AgentOpts {
         interval_ms: 100,
         access: access.into(),
@@ -43,17 +43,17 @@ fn run(kind: &'static str, access: &str, mem_mib: u64, checksum_every: u32) {
         duration_ms: dur,
         period_ms: 50,
     };
-    let mut o = GuestOpts::new(
+    let mut g = Guest::builder(
         &format!("integrity-{kind}"),
         Script {
             phases: vec![p],
             checksum_every,
         },
-    );
-    o.kind = kind;
-    o.mem_mib = mem_mib;
-    o.fill_seed = Some(0xC0FFEE);
-    let mut g = Guest::start(&agent, o);
+    )
+    .kind(kind)
+    .memory_mib(mem_mib)
+    .fill_seed(0xC0FFEE)
+    .start(&agent);
     let v = g.wait_event(
         "verify",
         Duration::from_millis(dur) + Duration::from_secs(120),
@@ -81,10 +81,10 @@ fn run(kind: &'static str, access: &str, mem_mib: u64, checksum_every: u32) {
 
 #[test]
 fn kvm_guest_checksums_hold_while_sampled_for_minutes() {
-    run("kvm", "4096", 32, 5);
+    run(GuestKind::Kvm, "4096", 32, 5);
 }
 
 #[test]
 fn process_guest_checksums_hold_while_tracked_exhaustively_for_minutes() {
-    run("process", "exhaustive", 32, 1);
+    run(GuestKind::Process, "exhaustive", 32, 1);
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use wset_guest::script::{Script, Touch};
 use wset_tests::harness::{
-    Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, free_loopback_addr, grpc_health,
+    Agent, AgentOpts, Controller, Guest, GuestKind, TempDir, free_loopback_addr, grpc_health,
     http_get, wait_for,
 };
 
@@ -140,9 +140,9 @@ fn prometheus_scrapes_agent_and_controller() {
     });
     // Reads of 32 pages and writes of 16, forever: faults keep coming.
     let script = Script::steady(vec![Touch::read(0, 32), Touch::write(64, 16)], 60_000);
-    let mut o = GuestOpts::new("metrics-1", script);
-    o.kind = "process";
-    let _g = Guest::start(&agent, o);
+    let _g = Guest::builder("metrics-1", script)
+        .kind(GuestKind::Process)
+        .start(&agent);
     let data = TempDir::new("metrics-ctl");
     let ctl = Controller::start(
         &data.0,

@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use wset_guest::script::{Script, Touch};
-use wset_tests::harness::{Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, bin, wait_for};
+use wset_tests::harness::{Agent, AgentOpts, Controller, Guest, GuestKind, TempDir, bin, wait_for};
 
 /// `(service.name, span name)` of every span received.
 #[derive(Clone, Default)]
@@ -89,9 +89,9 @@ fn spans_reach_a_real_otlp_receiver() {
         ..Default::default()
     });
     let script = Script::steady(vec![Touch::read(0, 16)], 30_000);
-    let mut o = GuestOpts::new("otlp-1", script);
-    o.kind = "process";
-    let _g = Guest::start(&agent, o);
+    let _g = Guest::builder("otlp-1", script)
+        .kind(GuestKind::Process)
+        .start(&agent);
     // One gRPC call of our own on the agent.
     let _ = agent.list();
 

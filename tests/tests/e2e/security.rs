@@ -14,7 +14,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType}
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
-use wset_tests::harness::{Agent, AgentOpts, Controller, Guest, GuestOpts, TempDir, bin, wait_for};
+use wset_tests::harness::{Agent, AgentOpts, Controller, Guest, GuestKind, TempDir, bin, wait_for};
 
 /// A certificate authority of the test.
 struct Ca {
@@ -165,9 +165,9 @@ fn mutual_tls_and_authorization_on_both_servers() {
     });
     agent.wait_log("mutual TLS with authorization", Duration::from_secs(5));
     let script = Script::steady(vec![Touch::read(0, 16)], 120_000);
-    let mut o = GuestOpts::new("secure-vm", script);
-    o.kind = "process";
-    let _g = Guest::start(&agent, o);
+    let _g = Guest::builder("secure-vm", script)
+        .kind(GuestKind::Process)
+        .start(&agent);
     let a = agent.grpc_addr.clone();
     let ca_pem = ca.pem();
 
@@ -426,10 +426,10 @@ fn peers_outside_the_cgroup_allow_list_cannot_register() {
     assert!(text.contains("none under an allowed cgroup"), "{text}");
     agent.wait_log("none under an allowed cgroup", Duration::from_secs(5));
     // Inside: registered and tracked.
-    let mut o = GuestOpts::new("insider", script);
-    o.kind = "process";
-    o.cgroup = Some(allowed.0.clone());
-    let g = Guest::start(&agent, o);
+    let g = Guest::builder("insider", script)
+        .kind(GuestKind::Process)
+        .cgroup(allowed.0.clone())
+        .start(&agent);
     agent.wait_summary("insider", Duration::from_secs(10), "a summary", |s| {
         s.windows[0].wss_bytes > 0
     });
@@ -446,9 +446,9 @@ fn a_registration_flood_is_limited_without_hurting_registered_vms() {
         ..Default::default()
     });
     let script = Script::steady(vec![Touch::read(0, 16), Touch::write(32, 8)], 120_000);
-    let mut o = GuestOpts::new("steady", script.clone());
-    o.kind = "process";
-    let g = Guest::start(&agent, o);
+    let g = Guest::builder("steady", script.clone())
+        .kind(GuestKind::Process)
+        .start(&agent);
     let before = agent.summary("steady").unwrap().epoch;
 
     // 8 threads hammer the socket with garbage handshakes for 3 s, and 32
@@ -511,9 +511,9 @@ fn a_registration_flood_is_limited_without_hurting_registered_vms() {
     assert!(s.windows[0].wss_bytes > 0);
     // And a VMM arriving after the flood registers (the bucket refills).
     std::thread::sleep(Duration::from_secs(1));
-    let mut o = GuestOpts::new("after-flood", script);
-    o.kind = "process";
-    let g2 = Guest::start(&agent, o);
+    let g2 = Guest::builder("after-flood", script)
+        .kind(GuestKind::Process)
+        .start(&agent);
     drop(g2);
     drop(g);
 }

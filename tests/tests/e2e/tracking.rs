@@ -7,7 +7,10 @@ use std::time::Duration;
 use wset_guest::memory::PAGE;
 use wset_guest::script::{Op, Phase, Script, Touch};
 use wset_proto::v1 as pb;
-use wset_tests::harness::{Agent, AgentOpts, Guest, GuestOpts, TempDir, methods, rel_err, window};
+use wset_tests::harness::{
+    Agent, AgentOpts, Backing, Guest, GuestKind, Handshake, Shared, TempDir, methods, rel_err,
+    window,
+};
 
 const INTERVAL_MS: u64 = 250;
 const SHORT_MS: u64 = 1000;
@@ -30,6 +33,11 @@ fn opts(access: &str) -> AgentOpts {
         env: vec![],
     }
 }
+
+/// Agents shared by the tests whose guests only need tracking side by side
+/// (each test has VM ids of its own and looks at its own VMs only).
+static EXHAUSTIVE: Shared<Agent> = Shared::new(|| Agent::start(opts("exhaustive")));
+static SAMPLED: Shared<Agent> = Shared::new(|| Agent::start(opts("4096")));
 
 fn touch(op: Op, start: u32, pages: u32) -> Touch {
     Touch { op, start, pages }
@@ -69,7 +77,7 @@ fn epoch_now(agent: &Agent, g: &Guest) -> u64 {
 /// Reads and writes on shmem, tracked exhaustively: working set and dirty
 /// bytes within 2% of the truth, a phase change visible within two
 /// intervals, and every byte intact through custody and after SIGTERM.
-fn exhaustive_scenario(kind: &'static str) {
+fn exhaustive_scenario(kind: GuestKind) {
     let mut agent = Agent::start(opts("exhaustive"));
     let warm = phase(
         "warm",
@@ -78,17 +86,17 @@ fn exhaustive_scenario(kind: &'static str) {
     );
     let shift = phase("shift", vec![touch(Op::Read, 1000, 250)], 4000);
     let idle = phase("idle", vec![], 3000);
-    let mut o = GuestOpts::new(
+    let mut g = Guest::builder(
         &format!("exh-{kind}"),
         Script {
             phases: vec![warm, shift, idle],
             checksum_every: 0,
         },
-    );
-    o.kind = kind;
-    o.mem_mib = 16;
-    o.fill_seed = Some(11);
-    let mut g = Guest::start(&agent, o);
+    )
+    .kind(kind)
+    .memory_mib(16)
+    .fill_seed(11)
+    .start(&agent);
     let oh = overhead(&g);
     // The KVM guest program also reads its code page and the VMM writes the
     // command page every command.
@@ -204,42 +212,42 @@ fn exhaustive_scenario(kind: &'static str) {
 
 #[test]
 fn kvm_guest_exhaustive_shmem_matches_truth() {
-    exhaustive_scenario("kvm");
+    exhaustive_scenario(GuestKind::Kvm);
 }
 
 #[test]
 fn process_guest_exhaustive_shmem_matches_truth() {
-    exhaustive_scenario("process");
+    exhaustive_scenario(GuestKind::Process);
 }
 
 /// ESX-style sampling at the default sample size: the estimate falls within
 /// the interval the summary states (95% confidence).
 /// A 64 MiB guest reading 3000 pages and writing 1000, steadily.
-fn start_sampled_guest(agent: &Agent, vm_id: &str, kind: &'static str) -> Guest {
+fn start_sampled_guest(agent: &Agent, vm_id: &str, kind: GuestKind) -> Guest {
     let hot = phase(
         "hot",
         vec![touch(Op::Read, 16, 3000), touch(Op::Write, 5000, 1000)],
         60_000,
     );
-    let mut o = GuestOpts::new(
+    Guest::builder(
         vm_id,
         Script {
             phases: vec![hot],
             checksum_every: 0,
         },
-    );
-    o.kind = kind;
-    o.mem_mib = 64;
-    o.fill_seed = Some(5);
-    Guest::start(agent, o)
+    )
+    .kind(kind)
+    .memory_mib(64)
+    .fill_seed(5)
+    .start(agent)
 }
 
-fn sampled_scenario(kind: &'static str) {
-    let agent = Agent::start(opts("4096"));
-    let g = start_sampled_guest(&agent, &format!("smp-{kind}"), kind);
+fn sampled_scenario(kind: GuestKind) {
+    let agent = SAMPLED.get();
+    let g = start_sampled_guest(agent, &format!("smp-{kind}"), kind);
     let oh = overhead(&g);
-    let e0 = epoch_now(&agent, &g);
-    let s = settle(&agent, &g, e0);
+    let e0 = epoch_now(agent, &g);
+    let s = settle(agent, &g, e0);
     assert_eq!(
         methods(&s),
         vec![
@@ -292,7 +300,7 @@ fn process_guest_sampled_reads_with_exact_dirty() {
     let mut o = opts("4096");
     o.extra.extend(["--dirty".into(), "exact".into()]);
     let agent = Agent::start(o);
-    let g = start_sampled_guest(&agent, "smp-exact", "process");
+    let g = start_sampled_guest(&agent, "smp-exact", GuestKind::Process);
     let e0 = epoch_now(&agent, &g);
     let s = settle(&agent, &g, e0);
     assert_eq!(
@@ -309,36 +317,36 @@ fn process_guest_sampled_reads_with_exact_dirty() {
 
 #[test]
 fn kvm_guest_sampled_shmem_within_stated_error() {
-    sampled_scenario("kvm");
+    sampled_scenario(GuestKind::Kvm);
 }
 
 #[test]
 fn process_guest_sampled_shmem_within_stated_error() {
-    sampled_scenario("process");
+    sampled_scenario(GuestKind::Process);
 }
 
 /// Anonymous memory with WP_ASYNC: first touches and writes are exact; the
 /// working set is flagged as a lower bound (reads of present pages unseen).
-fn anonymous_scenario(kind: &'static str) {
-    let agent = Agent::start(opts("exhaustive"));
+fn anonymous_scenario(kind: GuestKind) {
+    let agent = EXHAUSTIVE.get();
     let p = phase(
         "p",
         vec![touch(Op::Read, 16, 300), touch(Op::Write, 400, 100)],
         60_000,
     );
-    let mut o = GuestOpts::new(
+    let g = Guest::builder(
         &format!("anon-{kind}"),
         Script {
             phases: vec![p],
             checksum_every: 0,
         },
-    );
-    o.kind = kind;
-    o.backing = "anon";
-    let g = Guest::start(&agent, o);
+    )
+    .kind(kind)
+    .backing(Backing::Anon)
+    .start(agent);
     let oh = overhead(&g);
-    let e0 = epoch_now(&agent, &g);
-    let s = settle(&agent, &g, e0);
+    let e0 = epoch_now(agent, &g);
+    let s = settle(agent, &g, e0);
     assert_eq!(
         methods(&s),
         vec![pb::TrackingMethod::FirstTouch, pb::TrackingMethod::WpAsync]
@@ -367,12 +375,12 @@ fn anonymous_scenario(kind: &'static str) {
 
 #[test]
 fn kvm_guest_anonymous_first_touch_and_dirty_exact() {
-    anonymous_scenario("kvm");
+    anonymous_scenario(GuestKind::Kvm);
 }
 
 #[test]
 fn process_guest_anonymous_first_touch_and_dirty_exact() {
-    anonymous_scenario("process");
+    anonymous_scenario(GuestKind::Process);
 }
 
 /// An agent serving Firecracker MISSING faults from a snapshot memory file,
@@ -381,7 +389,7 @@ fn process_guest_anonymous_first_touch_and_dirty_exact() {
 fn firecracker_restore(
     tag: &str,
     script: Script,
-    kind: &'static str,
+    kind: GuestKind,
     mem_mib: u64,
     fill_seed: u32,
 ) -> (TempDir, Agent, Guest) {
@@ -391,14 +399,14 @@ fn firecracker_restore(
         snapshot: Some(snapshot.clone()),
         ..opts("exhaustive")
     });
-    let mut o = GuestOpts::new(tag, script);
-    o.kind = kind;
-    o.handshake = "firecracker";
-    o.backing = "anon";
-    o.mem_mib = mem_mib;
-    o.fill_seed = Some(fill_seed);
-    o.snapshot = Some(snapshot);
-    let g = Guest::start(&agent, o);
+    let g = Guest::builder(tag, script)
+        .kind(kind)
+        .handshake(Handshake::Firecracker)
+        .backing(Backing::Anon)
+        .memory_mib(mem_mib)
+        .fill_seed(fill_seed)
+        .snapshot(snapshot)
+        .start(&agent);
     (dir, agent, g)
 }
 
@@ -417,7 +425,7 @@ fn firecracker_snapshot_restore_served_from_memory_file() {
         phases: vec![p],
         checksum_every: 0,
     };
-    let (_dir, mut agent, mut g) = firecracker_restore("fc", script, "kvm", 16, 99);
+    let (_dir, mut agent, mut g) = firecracker_restore("fc", script, GuestKind::Kvm, 16, 99);
     assert!(g.vm_id.starts_with("fc-"));
     let oh = overhead(&g);
     let e0 = epoch_now(&agent, &g);
@@ -458,16 +466,16 @@ fn twenty_kvm_guests_on_one_agent() {
     let guests: Vec<Guest> = (0..20)
         .map(|i| {
             let p = phase("p", vec![touch(Op::Read, 16, 20 + 10 * i)], 60_000);
-            let mut o = GuestOpts::new(
+            Guest::builder(
                 &format!("many-{i}"),
                 Script {
                     phases: vec![p],
                     checksum_every: 0,
                 },
-            );
-            o.mem_mib = 8;
-            o.fill_seed = Some(i);
-            Guest::start(&agent, o)
+            )
+            .memory_mib(8)
+            .fill_seed(i)
+            .start(&agent)
         })
         .collect();
     assert_eq!(agent.list().len(), 20);
@@ -487,9 +495,9 @@ fn twenty_kvm_guests_on_one_agent() {
 
 /// hugetlbfs guests are tracked at the kernel's granularity (2 MiB): the
 /// summary says so, and the working set counts whole huge pages.
-fn hugetlb_scenario(kind: &'static str) {
+fn hugetlb_scenario(kind: GuestKind) {
     wset_tests::harness::ensure_hugepages(16);
-    let agent = Agent::start(opts("exhaustive"));
+    let agent = EXHAUSTIVE.get();
     const HP: u32 = 512; // 4 KiB pages per 2 MiB page
     let p = phase(
         "p",
@@ -500,20 +508,20 @@ fn hugetlb_scenario(kind: &'static str) {
         ],
         60_000,
     );
-    let mut o = GuestOpts::new(
+    let g = Guest::builder(
         &format!("huge-{kind}"),
         Script {
             phases: vec![p],
             checksum_every: 0,
         },
-    );
-    o.kind = kind;
-    o.backing = "hugetlb";
-    o.mem_mib = 16;
-    o.fill_seed = Some(8);
-    let g = Guest::start(&agent, o);
-    let e0 = epoch_now(&agent, &g);
-    let s = settle(&agent, &g, e0);
+    )
+    .kind(kind)
+    .backing(Backing::Hugetlb)
+    .memory_mib(16)
+    .fill_seed(8)
+    .start(agent);
+    let e0 = epoch_now(agent, &g);
+    let s = settle(agent, &g, e0);
     let huge = 2 * 1024 * 1024;
     assert_eq!(s.granule_bytes, huge);
     let vm = agent
@@ -523,7 +531,7 @@ fn hugetlb_scenario(kind: &'static str) {
         .unwrap();
     assert_eq!((vm.page_size_bytes, vm.granule_bytes), (huge, huge));
     // Huge pages 2, 5 and 7, plus 0 for the KVM program and command pages.
-    let kvm = u64::from(kind == "kvm");
+    let kvm = u64::from(kind == GuestKind::Kvm);
     let w = window(&s, SHORT_MS);
     assert_eq!(w.wss_bytes, (3 + kvm) * huge, "{s:#?}");
     assert_eq!(w.dirty_bytes, (1 + kvm) * huge, "{s:#?}");
@@ -531,12 +539,12 @@ fn hugetlb_scenario(kind: &'static str) {
 
 #[test]
 fn kvm_guest_on_hugetlbfs_tracked_at_2mib() {
-    hugetlb_scenario("kvm");
+    hugetlb_scenario(GuestKind::Kvm);
 }
 
 #[test]
 fn process_guest_on_hugetlbfs_tracked_at_2mib() {
-    hugetlb_scenario("process");
+    hugetlb_scenario(GuestKind::Process);
 }
 
 /// Balloon: the VMM drops pages with MADV_DONTNEED (UFFD_EVENT_REMOVE). On a
@@ -557,7 +565,7 @@ fn firecracker_balloon_removal_reads_back_zeros() {
         ],
         checksum_every: 0,
     };
-    let (_dir, agent, mut g) = firecracker_restore("fc-balloon", script, "process", 8, 41);
+    let (_dir, agent, mut g) = firecracker_restore("fc-balloon", script, GuestKind::Process, 8, 41);
     let v = g.wait_event("verify", Duration::from_secs(60));
     assert_eq!(
         v["ok"], true,
@@ -576,32 +584,32 @@ fn firecracker_balloon_removal_reads_back_zeros() {
 /// written; a write it reported per 2 MiB would show in huge_written_bytes).
 #[test]
 fn process_guest_on_transparent_huge_pages() {
-    let agent = Agent::start(opts("exhaustive"));
+    let agent = EXHAUSTIVE.get();
     let writes = vec![
         touch(Op::Write, 1029, 1),
         touch(Op::Write, 2057, 1),
         touch(Op::Write, 3080, 1),
     ];
-    let mut o = GuestOpts::new(
+    let g = Guest::builder(
         "thp",
         Script {
             phases: vec![phase("p", writes, 60_000)],
             checksum_every: 0,
         },
-    );
-    o.kind = "process";
-    o.backing = "thp";
-    o.mem_mib = 16;
-    o.fill_seed = Some(3);
-    let g = Guest::start(&agent, o);
+    )
+    .kind(GuestKind::Process)
+    .backing(Backing::Thp)
+    .memory_mib(16)
+    .fill_seed(3)
+    .start(agent);
     let notes = g.registered["reply"]["notes"].to_string();
     assert!(
         notes.contains("transparent huge pages"),
         "no THP noted at registration (could the kernel give this guest huge pages? \
          /sys/kernel/mm/transparent_hugepage/enabled must be madvise or always): {notes}"
     );
-    let e0 = epoch_now(&agent, &g);
-    let s = settle(&agent, &g, e0);
+    let e0 = epoch_now(agent, &g);
+    let s = settle(agent, &g, e0);
     assert_eq!(s.granule_bytes, PAGE);
     let w = window(&s, SHORT_MS);
     let huge = s.counters.as_ref().unwrap().huge_written_bytes;

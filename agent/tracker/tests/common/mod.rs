@@ -1,86 +1,36 @@
-//! Test memory shared by the tracker's real-kernel tests and benchmarks:
-//! anonymous or memfd-backed mappings that unmap themselves.
+//! What the tracker's real-kernel tests and benchmarks share: their memory
+//! (`wset_guest::memory`, the one helper the end-to-end guests use too),
+//! a tracker spec over it, and a uffd made as the agent makes it.
 
 #![allow(dead_code)]
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use wset_tracker::plan::{self, AccessMode, BackingKind, PlanInput};
 use wset_tracker::{Plan, Region, TrackerSpec, Uffd};
 
-pub const PAGE: u64 = 4096;
+pub use wset_guest::memory::{BackingArg, Expected, GuestMemory, PAGE};
 
-/// A mapping of `len` bytes, private anonymous or shared over a memfd.
-pub struct Mem {
-    pub ptr: *mut u8,
-    pub len: usize,
-    pub memfd: Option<OwnedFd>,
+/// `pages` pages of private anonymous memory (the guest crate's memory,
+/// as the test VMMs map it).
+pub fn anon(pages: usize) -> GuestMemory {
+    GuestMemory::new(BackingArg::Anon, pages * PAGE as usize).expect("map anonymous memory")
 }
 
-// SAFETY: test memory shared between toucher threads and checks; every
-// access is a volatile load or store of plain bytes.
-unsafe impl Send for Mem {}
-// SAFETY: as above.
-unsafe impl Sync for Mem {}
-
-impl Mem {
-    pub fn anon(pages: usize) -> Self {
-        Self::map(pages, None)
-    }
-
-    pub fn memfd(pages: usize) -> Self {
-        let len = pages * PAGE as usize;
-        // SAFETY: memfd_create with a static name.
-        let fd = unsafe { libc::memfd_create(c"wset-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: a fresh fd that nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sizing our own memfd.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }, 0);
-        Self::map(pages, Some(fd))
-    }
-
-    fn map(pages: usize, fd: Option<OwnedFd>) -> Self {
-        let len = pages * PAGE as usize;
-        let (flags, raw) = match &fd {
-            Some(f) => (libc::MAP_SHARED, f.as_raw_fd()),
-            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
-        };
-        // SAFETY: a fresh mapping, anonymous or of our own memfd.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                raw,
-                0,
-            )
-        };
-        assert_ne!(
-            p,
-            libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
-        Self {
-            ptr: p.cast(),
-            len,
-            memfd: fd,
-        }
-    }
-
-    pub fn addr(&self) -> u64 {
-        self.ptr as u64
-    }
+/// `pages` pages of memory shared over a memfd.
+pub fn memfd(pages: usize) -> GuestMemory {
+    GuestMemory::new(BackingArg::Memfd, pages * PAGE as usize).expect("map memfd memory")
 }
 
-impl Drop for Mem {
-    fn drop(&mut self) {
-        // SAFETY: unmapping our own mapping.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+/// What memory filled with `seed` holds once each `(page, value)` of
+/// `written` has had its first dword set to `value`.
+pub fn filled(seed: u32, written: impl IntoIterator<Item = (u32, u32)>) -> Expected {
+    Expected {
+        fill_seed: Some(seed),
+        overrides: written.into_iter().collect(),
+        ..Default::default()
     }
 }
 
@@ -88,7 +38,7 @@ impl Drop for Mem {
 /// agent's default busy-poll; tests override fields with struct update.
 pub fn spec(
     uffd: Uffd,
-    mem: &Mem,
+    mem: &GuestMemory,
     plan: Plan,
     interval: Duration,
     memory_fd: Option<OwnedFd>,
@@ -99,7 +49,7 @@ pub fn spec(
         uffd,
         regions: vec![Region {
             host_addr: mem.addr(),
-            len: mem.len as u64,
+            len: mem.len() as u64,
             file_offset: 0,
         }],
         granule_bytes: PAGE,
@@ -111,7 +61,7 @@ pub fn spec(
         cpu: Some(0),
         spin: Duration::from_micros(200),
         custody_path: custody,
-        custody_granules: (mem.len as u64 / PAGE) as u32,
+        custody_granules: (mem.len() as u64 / PAGE) as u32,
         seed: 7,
         started_ms: 0,
         fault_budget: 0,
