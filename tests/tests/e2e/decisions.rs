@@ -7,6 +7,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tonic::transport::Channel;
 use wset_guest::script::{Phase, Script, Touch};
 use wset_proto::v1 as pb;
 use wset_proto::v1::scheduler_service_client::SchedulerServiceClient;
@@ -61,20 +62,27 @@ fn guest(a: &Agent, vm: &str, small_s: u64, grown_s: u64) -> Guest {
     Guest::builder(vm, script).backing(Backing::Anon).start(a)
 }
 
-fn migrations(c: &Controller) -> Vec<pb::Migration> {
-    let url = format!("http://{}", c.grpc_addr);
+/// One call to the controller's SchedulerService at `url`.
+fn scheduler<T, F>(url: &str, call: impl FnOnce(SchedulerServiceClient<Channel>) -> F) -> T
+where
+    F: std::future::Future<Output = T>,
+{
+    let url = url.to_owned();
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(async move {
-            SchedulerServiceClient::connect(url)
-                .await
-                .expect("connect")
-                .list_migrations(pb::ListMigrationsRequest::default())
-                .await
-                .expect("ListMigrations")
-                .into_inner()
-                .migrations
+            call(SchedulerServiceClient::connect(url).await.expect("connect")).await
         })
+}
+
+fn migrations(c: &Controller) -> Vec<pb::Migration> {
+    scheduler(&format!("http://{}", c.grpc_addr), |mut c| async move {
+        c.list_migrations(pb::ListMigrationsRequest::default())
+            .await
+            .expect("ListMigrations")
+            .into_inner()
+            .migrations
+    })
 }
 
 #[test]
@@ -220,44 +228,34 @@ fn growth_on_one_host_moves_vms_away_and_shrinking_withdraws_it() {
     // The overcommit view: h1's demand is back under its watermark, and
     // every one of its VMs shows its shrink as a phase change (the last one
     // may be seen a little after the withdrawal).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let h1 = loop {
-        let h1 = overcommit(&url, "h1", true)
-            .hosts
-            .into_iter()
-            .next()
-            .expect("GetOvercommit names h1");
-        if h1.demand_at_risk_bytes < 0.85 * CAPACITY as f64
-            && h1.vms.iter().all(|v| v.phase_change_at_ms > 0)
-        {
-            break h1;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "h1 under its watermark with a phase change on every VM: not within 60 s: {h1:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let h1 = wait_for(
+        Duration::from_secs(60),
+        "h1 under its watermark with a phase change on every VM",
+        || {
+            let h1 = overcommit(&url, "h1", true)
+                .hosts
+                .into_iter()
+                .next()
+                .expect("GetOvercommit names h1");
+            (h1.demand_at_risk_bytes < 0.85 * CAPACITY as f64
+                && h1.vms.iter().all(|v| v.phase_change_at_ms > 0))
+            .then_some(h1)
+        },
+    );
     assert_eq!((h1.capacity_bytes, h1.vms.len()), (CAPACITY, 3), "{h1:#?}");
 }
 
 /// GetOvercommit for `host_id` (all hosts when empty).
 fn overcommit(url: &str, host_id: &str, replan: bool) -> pb::GetOvercommitResponse {
-    let url = url.to_owned();
     let host_id = host_id.to_owned();
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(async move {
-            SchedulerServiceClient::connect(url)
-                .await
-                .expect("connect")
-                .get_overcommit(pb::GetOvercommitRequest {
-                    host_id,
-                    include_vms: true,
-                    replan,
-                })
-                .await
-                .expect("GetOvercommit")
-                .into_inner()
+    scheduler(url, |mut c| async move {
+        c.get_overcommit(pb::GetOvercommitRequest {
+            host_id,
+            include_vms: true,
+            replan,
         })
+        .await
+        .expect("GetOvercommit")
+        .into_inner()
+    })
 }
