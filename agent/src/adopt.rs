@@ -145,21 +145,32 @@ pub fn remove(state_dir: &Path, vm_id: &VmId) {
     let _ = std::fs::remove_file(path(state_dir, vm_id));
 }
 
+/// Why a VM record could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("read {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("parse {}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
 /// Every record, with the ones that cannot be read named.
-pub fn load_all(state_dir: &Path) -> Vec<Result<Record, String>> {
+pub fn load_all(state_dir: &Path) -> Vec<Result<Record, RecordError>> {
     let Ok(rd) = std::fs::read_dir(dir(state_dir)) else {
         return Vec::new();
     };
-    let mut out: Vec<Result<Record, String>> = rd
+    let mut out: Vec<Result<Record, RecordError>> = rd
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .map(|p| {
-            std::fs::read(&p)
-                .map_err(|e| format!("read {}: {e}", p.display()))
-                .and_then(|b| {
-                    serde_json::from_slice(&b).map_err(|e| format!("parse {}: {e}", p.display()))
-                })
+        .map(|path| match std::fs::read(&path) {
+            Err(source) => Err(RecordError::Read { path, source }),
+            Ok(b) => {
+                serde_json::from_slice(&b).map_err(|source| RecordError::Parse { path, source })
+            }
         })
         .collect();
     out.sort_by(|a, b| match (a, b) {
@@ -426,10 +437,9 @@ mod tests {
         let all = load_all(&d);
         assert_eq!(all.len(), 2);
         assert!(all.iter().any(|x| x.as_ref().is_ok_and(|x| *x == r)));
-        assert!(
-            all.iter()
-                .any(|x| x.as_ref().is_err_and(|e| e.contains("broken.json")))
-        );
+        assert!(all.iter().any(|x| x.as_ref().is_err_and(
+            |e| matches!(e, RecordError::Parse { path, .. } if path.ends_with("broken.json"))
+        )));
         assert_eq!(r.layout().total_bytes(), 1 << 20);
         remove(&d, &VmId::parse("web-1").unwrap());
         assert_eq!(load_all(&d).len(), 1);

@@ -469,6 +469,57 @@ pub fn thp_bytes(smaps: &str, layout: &Layout) -> u64 {
     total
 }
 
+/// Why a region does not match the VMM's mappings.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MappingError {
+    #[error("region {index} ({addr:#x}+{len:#x}): {at:#x} is not mapped in the VMM process")]
+    NotMapped {
+        index: usize,
+        addr: u64,
+        len: u64,
+        at: u64,
+    },
+    #[error(
+        "region {index} ({addr:#x}+{len:#x}): {at:#x} is mapped {perms} in the VMM process, \
+         not readable and writable"
+    )]
+    NotWritable {
+        index: usize,
+        addr: u64,
+        len: u64,
+        at: u64,
+        perms: String,
+    },
+    #[error(
+        "region {index} ({addr:#x}+{len:#x}): {at:#x} maps the file {path:?}, not anonymous memory"
+    )]
+    FileBacked {
+        index: usize,
+        addr: u64,
+        len: u64,
+        at: u64,
+        path: String,
+    },
+    #[error(
+        "region {index} ({addr:#x}+{len:#x}): {at:#x} does not map the passed memfd shared at \
+         offset {want_offset:#x} (maps: inode {inode} offset {} {} {path:?})",
+        got_offset.map_or_else(|| "beyond 2^64".to_owned(), |o| format!("{o:#x}")),
+        if *shared { "shared" } else { "private" }
+    )]
+    WrongFile {
+        index: usize,
+        addr: u64,
+        len: u64,
+        at: u64,
+        want_offset: u64,
+        inode: u64,
+        /// `None` when the maps text's offset would pass 2^64.
+        got_offset: Option<u64>,
+        shared: bool,
+        path: String,
+    },
+}
+
 /// Check that every region is mapped in the peer, contiguously, readable and
 /// writable; for file-backed memory, that it maps `memory_ino` shared at the
 /// stated offsets; for anonymous memory, that it maps no file.
@@ -476,45 +527,55 @@ pub fn check_mapped(
     layout: &Layout,
     maps: &[MapsEntry],
     memory_ino: Option<u64>,
-) -> Result<(), String> {
-    for (i, r) in layout.regions.iter().enumerate() {
-        let end = r.host_addr + r.len;
-        let mut at = r.host_addr;
+) -> Result<(), MappingError> {
+    for (index, r) in layout.regions.iter().enumerate() {
+        let (addr, len) = (r.host_addr, r.len);
+        let end = addr + len;
+        let mut at = addr;
         while at < end {
             let Some(m) = maps.iter().find(|m| m.start <= at && at < m.end) else {
-                return Err(format!(
-                    "region {i} ({:#x}+{:#x}): {at:#x} is not mapped in the VMM process",
-                    r.host_addr, r.len
-                ));
+                return Err(MappingError::NotMapped {
+                    index,
+                    addr,
+                    len,
+                    at,
+                });
             };
             if !m.perms.starts_with("rw") {
-                return Err(format!(
-                    "region {i} ({:#x}+{:#x}): {at:#x} is mapped {} in the VMM process, not readable and writable",
-                    r.host_addr, r.len, m.perms
-                ));
+                return Err(MappingError::NotWritable {
+                    index,
+                    addr,
+                    len,
+                    at,
+                    perms: m.perms.clone(),
+                });
             }
             if memory_ino.is_none() && m.inode != 0 {
-                return Err(format!(
-                    "region {i} ({:#x}+{:#x}): {at:#x} maps the file {:?}, not anonymous memory",
-                    r.host_addr, r.len, m.path
-                ));
+                return Err(MappingError::FileBacked {
+                    index,
+                    addr,
+                    len,
+                    at,
+                    path: m.path.clone(),
+                });
             }
             if let Some(ino) = memory_ino {
                 // The layout was checked not to overflow; the maps text is
                 // not trusted to, and an offset past 2^64 matches nothing.
-                let want_off = r.file_offset + (at - r.host_addr);
-                let got_off = m.offset.checked_add(at - m.start);
-                if m.inode != ino || !m.shared || got_off != Some(want_off) {
-                    return Err(format!(
-                        "region {i} ({:#x}+{:#x}): {at:#x} does not map the passed memfd shared at \
-                         offset {want_off:#x} (maps: inode {} offset {} {} {:?})",
-                        r.host_addr,
-                        r.len,
-                        m.inode,
-                        got_off.map_or_else(|| "beyond 2^64".to_owned(), |o| format!("{o:#x}")),
-                        if m.shared { "shared" } else { "private" },
-                        m.path
-                    ));
+                let want_offset = r.file_offset + (at - addr);
+                let got_offset = m.offset.checked_add(at - m.start);
+                if m.inode != ino || !m.shared || got_offset != Some(want_offset) {
+                    return Err(MappingError::WrongFile {
+                        index,
+                        addr,
+                        len,
+                        at,
+                        want_offset,
+                        inode: m.inode,
+                        got_offset,
+                        shared: m.shared,
+                        path: m.path.clone(),
+                    });
                 }
             }
             at = m.end;
@@ -688,22 +749,35 @@ mod tests {
         };
         assert!(check_mapped(&l(0x7f00_0000_0000, 0x4000, 0), &maps, Some(1234)).is_ok());
         let e = check_mapped(&l(0x7f00_0000_0000, 0x5000, 0), &maps, Some(1234)).unwrap_err();
-        assert!(e.contains("not mapped"), "{e}");
+        assert!(
+            matches!(
+                e,
+                MappingError::NotMapped {
+                    at: 0x7f00_0000_4000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("not mapped"), "{e}");
         let e = check_mapped(&l(0x7f00_0000_0000, 0x4000, 0x1000), &maps, Some(1234)).unwrap_err();
-        assert!(e.contains("does not map the passed memfd"), "{e}");
+        assert!(
+            e.to_string().contains("does not map the passed memfd"),
+            "{e}"
+        );
         let e = check_mapped(&l(0x7f10_0000_0000, 0x1000, 0), &maps, Some(1234)).unwrap_err();
-        assert!(e.contains("private"), "{e}");
+        assert!(e.to_string().contains("private"), "{e}");
         assert!(check_mapped(&l(0x7f10_0000_0000, 0x1000, 0), &maps, None).is_ok());
         let e = check_mapped(&l(0x7f10_0000_0000, 0x2000, 0), &maps, None).unwrap_err();
-        assert!(e.contains("not readable and writable"), "{e}");
+        assert!(e.to_string().contains("not readable and writable"), "{e}");
         let e = check_mapped(&l(0x7f00_0000_0000, 0x1000, 0), &maps, None).unwrap_err();
-        assert!(e.contains("not anonymous memory"), "{e}");
+        assert!(e.to_string().contains("not anonymous memory"), "{e}");
         // A maps offset near 2^64 (found by the handshake fuzz target) is a
         // mismatch, not an overflow.
         let wild =
             parse_maps("7f0000000000-7f0004000000 rw-s fffffffffffff000 00:01 1234 /memfd:guest\n");
         let e = check_mapped(&l(0x7f00_0300_0000, 0x1000, 0), &wild, Some(1234)).unwrap_err();
-        assert!(e.contains("offset beyond 2^64"), "{e}");
+        assert!(e.to_string().contains("offset beyond 2^64"), "{e}");
         let huge = "7f0000000000-7f0000200000 rw-p 00000000 00:00 0\n\
                     AnonHugePages: 18446744073709551615 kB\n\
                     7f0000200000-7f0000400000 rw-p 00000000 00:00 0\n\

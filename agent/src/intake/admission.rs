@@ -4,6 +4,15 @@
 
 use std::sync::Arc;
 
+/// Why a registration was refused at the door.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum Refused {
+    #[error("too many handshakes in progress; try again shortly")]
+    Busy,
+    #[error("registration rate limit ({rate}/s, burst {burst}) reached; try again shortly")]
+    RateLimit { rate: f64, burst: f64 },
+}
+
 /// How many registrations are admitted: a token bucket (rate and burst)
 /// shared by every socket, and a cap on handshakes in progress. A flood is
 /// refused at the door, before its handshake is read, so registered VMs
@@ -30,21 +39,21 @@ impl Admission {
     }
 
     /// Take one token, or say why not.
-    pub(super) fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, String> {
+    pub(super) fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Refused> {
         let permit = self
             .pending
             .clone()
             .try_acquire_owned()
-            .map_err(|_| "too many handshakes in progress; try again shortly".to_owned())?;
+            .map_err(|_| Refused::Busy)?;
         let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
         b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * self.rate).min(self.burst);
         b.1 = now;
         if b.0 < 1.0 {
-            return Err(format!(
-                "registration rate limit ({}/s, burst {}) reached; try again shortly",
-                self.rate, self.burst
-            ));
+            return Err(Refused::RateLimit {
+                rate: self.rate,
+                burst: self.burst,
+            });
         }
         b.0 -= 1.0;
         Ok(permit)
@@ -98,12 +107,18 @@ mod tests {
         let held: Vec<_> = (0..3)
             .map(|_| a.admit().expect("within the burst"))
             .collect();
-        assert!(a.admit().unwrap_err().contains("rate limit"));
+        assert_eq!(
+            a.admit().unwrap_err(),
+            Refused::RateLimit {
+                rate: 1000.0,
+                burst: 3.0
+            }
+        );
         std::thread::sleep(Duration::from_millis(5));
         assert!(a.admit().is_ok());
         drop(held);
         let b = Admission::new(1000.0, 10, 1);
         let _one = b.admit().unwrap();
-        assert!(b.admit().unwrap_err().contains("in progress"));
+        assert_eq!(b.admit().unwrap_err(), Refused::Busy);
     }
 }

@@ -66,7 +66,9 @@ pub enum IntakeError {
     #[error("the memfd is {size} bytes but region {index} ends at offset {end}")]
     MemfdTooSmall { size: u64, index: usize, end: u64 },
     #[error("memory regions do not match the VMM's mappings: {0}")]
-    NotMapped(String),
+    NotMapped(#[from] handshake::MappingError),
+    #[error("cannot read /proc/{pid}/maps to check the regions: {source}")]
+    Maps { pid: libc::pid_t, source: io::Error },
     #[error("snapshot memory file {path}: {reason}")]
     Snapshot { path: String, reason: String },
     #[error("{0}")]
@@ -140,7 +142,8 @@ async fn connection(
                 warn!(peer_pid = pid, peer_uid = uid, socket = %sock.path.display(), suppressed, "registration refused: {why}");
             }
             let mut stream = stream;
-            let mut line = serde_json::to_vec(&WsetReply::error(why)).expect("reply serializes");
+            let mut line =
+                serde_json::to_vec(&WsetReply::error(why.to_string())).expect("reply serializes");
             line.push(b'\n');
             let _ = tokio::time::timeout(Duration::from_millis(100), stream.write_all(&line)).await;
             return;

@@ -29,7 +29,7 @@ fn describe_fd(fd: &OwnedFd) -> String {
 
 fn read_maps(pid: libc::pid_t) -> Result<Vec<handshake::MapsEntry>, IntakeError> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map_err(|e| IntakeError::NotMapped(format!("cannot read /proc/{pid}/maps: {e}")))?;
+        .map_err(|source| IntakeError::Maps { pid, source })?;
     Ok(handshake::parse_maps(&text))
 }
 
@@ -63,8 +63,7 @@ pub(super) async fn register(
                         what: "the uffd",
                     })?;
             check_uffd(&uffd_fd)?;
-            handshake::check_mapped(&layout, &read_maps(pid)?, None)
-                .map_err(IntakeError::NotMapped)?;
+            handshake::check_mapped(&layout, &read_maps(pid)?, None)?;
             let source = match &sock.snapshot {
                 Some(path) => Some(open_snapshot(path, &layout)?),
                 None => None,
@@ -128,8 +127,7 @@ pub(super) async fn register(
                 Some(m) => Some(check_memfd(m, &layout)?),
                 None => None,
             };
-            handshake::check_mapped(&layout, &read_maps(pid)?, ino)
-                .map_err(IntakeError::NotMapped)?;
+            handshake::check_mapped(&layout, &read_maps(pid)?, ino)?;
             let req = Request {
                 vm_id,
                 name: h.name.clone().unwrap_or_default(),
