@@ -133,6 +133,12 @@ pub struct Args {
     /// faults) or "exact" (every page, sync write-protect).
     #[arg(long, default_value = "sampled", value_parser = ["sampled", "exact"])]
     dirty: String,
+    /// Track writes by synchronous write-protect on uffds without WP_ASYNC
+    /// (Firecracker's), instead of soft-dirty bits: exact to the fault, but
+    /// every first write to a page per interval waits for the agent, so the
+    /// guest stops while no agent runs.
+    #[arg(long)]
+    sync_write_protect: bool,
     /// How long a tracker busy-polls for its next fault before sleeping
     /// (0: never). Spinning spares the guest the wake-up of a halted CPU per fault.
     #[arg(long, value_name = "DURATION", default_value = "200us", value_parser = cli::duration())]
@@ -219,6 +225,16 @@ impl cli::Flags for Args {
             }
             None => hostname(),
         };
+        for sock in &self.sockets {
+            if let Some(file) = &sock.snapshot {
+                check_snapshot(file).map_err(|problem| {
+                    FlagError::new(
+                        "--socket",
+                        format!("{}={}: {problem}", sock.path.display(), file.display()),
+                    )
+                })?;
+            }
+        }
         let mut age_buckets_ms: Vec<u64> = self.age_buckets.iter().map(millis).collect();
         age_buckets_ms.push(0);
         age_buckets_ms.sort_unstable();
@@ -253,6 +269,7 @@ impl cli::Flags for Args {
             host_name,
             sample_seed: self.sample_seed,
             exact_dirty: self.dirty == "exact",
+            sync_write_protect: self.sync_write_protect,
             spin: self.spin,
             sample_fault_budget: self.sample_fault_budget,
             max_streams: self.max_streams,
@@ -261,6 +278,42 @@ impl cli::Flags for Args {
             vm_capacity_bytes: self.vm_capacity_bytes,
             host_labels: self.host_labels.into_iter().collect(),
         })
+    }
+}
+
+/// A snapshot memory file must be there, a regular file, and readable by
+/// the agent, or Firecracker's first fault would find out too late.
+fn check_snapshot(file: &std::path::Path) -> Result<(), String> {
+    let meta = std::fs::metadata(file).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "the snapshot memory file does not exist".to_owned(),
+        _ => format!("the snapshot memory file cannot be examined: {e}"),
+    })?;
+    if !meta.is_file() {
+        return Err(format!(
+            "the snapshot memory file is not a regular file (it is a {})",
+            file_kind(&meta)
+        ));
+    }
+    std::fs::File::open(file)
+        .map_err(|e| format!("the snapshot memory file cannot be opened for reading: {e}"))?;
+    Ok(())
+}
+
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_char_device() {
+        "character device"
+    } else {
+        "special file"
     }
 }
 
@@ -367,6 +420,8 @@ pub struct Config {
     /// On sampled memfd guests, track writes on every page (sync WP, one
     /// fault per first write per page per interval) instead of sampling them.
     pub exact_dirty: bool,
+    /// Sync write-protect where the uffd lacks WP_ASYNC (`--sync-write-protect`).
+    pub sync_write_protect: bool,
     /// How long a tracker busy-polls for its next fault before sleeping.
     pub spin: Duration,
     /// Sampled memfd guests: faults per second per VM spent re-confirming

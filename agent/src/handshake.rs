@@ -149,7 +149,11 @@ pub enum Hello {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
     pub page_size: u64,
-    /// Sorted by host address: the tracker's own region type, so a
+    /// In the guest's own order, which is the order of granule indices and
+    /// so of per-region heat: by offset in the memory file when there is
+    /// one (Firecracker's snapshot, a memfd), else as the VMM listed them.
+    /// VMMs map regions top-down as often as not, so host addresses say
+    /// nothing of the guest's layout. The tracker's own region type, so a
     /// validated layout is what the tracker is given.
     pub regions: Vec<Region>,
 }
@@ -327,11 +331,13 @@ pub fn wset_layout(h: &WsetHello, max_bytes: u64) -> Result<Layout, HandshakeErr
     validate(page_size, rs, max_bytes, file_backed)
 }
 
+/// Check a layout; with `file_backed`, also that no two regions share bytes
+/// of the file, and order the regions by file offset.
 fn validate(
     page_size: u64,
     mut rs: Vec<Region>,
     max_bytes: u64,
-    check_file_overlap: bool,
+    file_backed: bool,
 ) -> Result<Layout, HandshakeError> {
     if ![4096, HUGE_2M, HUGE_1G].contains(&page_size) {
         return Err(HandshakeError::PageSize(page_size));
@@ -388,7 +394,7 @@ fn validate(
             });
         }
     }
-    if check_file_overlap {
+    if file_backed {
         let mut by_off: Vec<usize> = (0..rs.len()).collect();
         by_off.sort_by_key(|&i| rs[i].file_offset);
         for w in by_off.windows(2) {
@@ -400,7 +406,9 @@ fn validate(
             }
         }
     }
-    rs.sort_by_key(|r| r.host_addr);
+    if file_backed {
+        rs.sort_by_key(|r| r.file_offset);
+    }
     Ok(Layout {
         page_size,
         regions: rs,
@@ -678,9 +686,37 @@ mod tests {
                 .to_string();
             assert!(err.contains(want), "{name}: {err}");
         }
-        let ok =
-            firecracker_layout(&regions(&[(0x20000, 0x1000), (0x10000, 0x2000)]), 1 << 40).unwrap();
-        assert_eq!(ok.regions[0].host_addr, 0x10000, "sorted by address");
+        // Mapped top-down: the second region in the file lies lower in
+        // the VMM. The layout follows the file (the guest's order).
+        let top_down = [
+            FirecrackerRegion {
+                base_host_virt_addr: 0x30000,
+                size: 0x2000,
+                offset: 0,
+                page_size: Some(4096),
+                page_size_kib: None,
+            },
+            FirecrackerRegion {
+                base_host_virt_addr: 0x10000,
+                size: 0x1000,
+                offset: 0x2000,
+                page_size: Some(4096),
+                page_size_kib: None,
+            },
+        ];
+        let ok = firecracker_layout(&top_down, 1 << 40).unwrap();
+        let order: Vec<(u64, u64)> = ok
+            .regions
+            .iter()
+            .map(|r| (r.file_offset, r.host_addr))
+            .collect();
+        assert_eq!(order, [(0, 0x30000), (0x2000, 0x10000)], "in file order");
+        let swapped = [top_down[1].clone(), top_down[0].clone()];
+        assert_eq!(
+            firecracker_layout(&swapped, 1 << 40).unwrap(),
+            ok,
+            "whatever order they came in"
+        );
         let many: Vec<(u64, u64)> = (0..65).map(|i| (0x1000 * (2 * i + 1), 0x1000)).collect();
         assert!(
             firecracker_layout(&regions(&many), 1 << 40)

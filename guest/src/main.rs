@@ -69,6 +69,13 @@ struct Args {
     drop_uffd: bool,
 }
 
+/// Wall-clock time, so a test can order the guest's events against its own.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn emit(v: serde_json::Value) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{v}");
@@ -305,7 +312,7 @@ fn run(a: Args) -> anyhow::Result<()> {
     let mut checks = 0u64;
     for (i, phase) in script.phases.iter().enumerate() {
         emit(
-            json!({"event": "phase", "index": i, "name": phase.name, "elapsed_ms": start.elapsed().as_millis() as u64}),
+            json!({"event": "phase", "index": i, "name": phase.name, "elapsed_ms": start.elapsed().as_millis() as u64, "unix_ms": unix_ms()}),
         );
         let end = Instant::now() + Duration::from_millis(phase.duration_ms);
         let mut period = 0u32;

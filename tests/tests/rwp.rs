@@ -245,6 +245,115 @@ fn firecracker_style_uffd_takes_write_protect_but_not_rwp() {
         .expect("re-register MISSING|RWP");
 }
 
+/// A Firecracker-style uffd (no WP_ASYNC, features fixed) on a kernel with
+/// soft-dirty bits, as Debian's are: the tracker takes writes from the bits,
+/// registers no write-protect, and no write ever waits for it. A page the
+/// kernel fills for a read reads soft-dirty from the fill; it does not count
+/// as written.
+#[test]
+fn soft_dirty_tracks_a_firecracker_uffd_without_write_protect() {
+    use wset_tracker::plan::{self, AccessMode, BackingKind, PlanInput};
+    assert!(
+        wset_tracker::sys::soft_dirty_supported(),
+        "the lane's kernel keeps no soft-dirty bits (CONFIG_MEM_SOFT_DIRTY)"
+    );
+    const INTERVAL: Duration = Duration::from_millis(100);
+    let mem = Arc::new(GuestMemory::new(BackingArg::Anon, 64 * PAGE as usize).expect("map"));
+    let uffd = Uffd::create(feature::EVENT_REMOVE).expect("a uffd (UFFDIO_API)");
+    let features = uffd.features().expect("features");
+    let p = plan::plan(PlanInput {
+        features,
+        offered: features,
+        rwp: wset_tracker::RwpMode::Async,
+        backing: BackingKind::Anonymous,
+        access_mode: AccessMode::Sampled { granules: 16 },
+        vmm_holds_uffd: true,
+        have_memory_fd: false,
+        granules: 64,
+        custody_granules: 64,
+        exact_dirty: false,
+        evict_after: 0,
+        soft_dirty: true,
+        sync_write_protect: false,
+    });
+    assert_eq!(p.dirty, wset_tracker::Dirty::SoftDirty, "{:?}", p.notes);
+    assert_eq!(
+        p.register_mode,
+        mode::MISSING,
+        "no write-protect registered"
+    );
+    let h = wset_tracker::TrackerHandle::spawn(wset_tracker::TrackerSpec {
+        name: "wset-sd".into(),
+        uffd,
+        regions: vec![wset_tracker::Region {
+            host_addr: mem.addr(),
+            len: mem.len() as u64,
+            file_offset: 0,
+        }],
+        granule_bytes: PAGE,
+        plan: p.clone(),
+        memory_fd: None,
+        source: None,
+        pid: std::process::id() as i32,
+        interval: INTERVAL,
+        cpu: None,
+        spin: Duration::from_micros(200),
+        custody_path: None,
+        custody_granules: 64,
+        seed: 7,
+        started_ms: 0,
+        fault_budget: 0,
+        max_stride: 1,
+        wake_waiters: false,
+    })
+    .expect("spawn the tracker");
+    let wait_epochs = |n: u32| {
+        let target = h.shared().epoch() + n;
+        wset_tests::harness::wait_for(Duration::from_secs(30), "tracker epochs", || {
+            (h.shared().epoch() >= target).then_some(())
+        });
+    };
+    let cfg = wset_tracker::summary::SummaryConfig {
+        windows_ms: vec![200, 500],
+        age_buckets_ms: vec![0],
+        heat_slices: 1,
+    };
+    // First touches: reads bring 0..32 in, writes 32..64.
+    for pg in 0..32 {
+        assert_eq!(mem.read_u32(pg * PAGE), 0);
+    }
+    for pg in 32..64 {
+        mem.write_u32(pg * PAGE, pg as u32);
+    }
+    wait_epochs(3);
+    let s = wset_tracker::summary::summarize(h.shared(), &p, &cfg, 0);
+    assert_eq!(s.touched_bytes, 64 * PAGE, "{s:#?}");
+    assert_eq!(s.windows[1].dirty_bytes, 32 * PAGE, "{s:#?}");
+    // Then writes of present pages, every 10 ms: seen each interval.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (mem, stop) = (mem.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for pg in 20..30 {
+                    mem.write_u32(pg * PAGE, 7);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    wait_epochs(3);
+    let s = wset_tracker::summary::summarize(h.shared(), &p, &cfg, 0);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_eq!(s.windows[0].dirty_bytes, 10 * PAGE, "{s:#?}");
+    let wp = h.shared().counters.wp_faults.load(Ordering::Relaxed);
+    assert_eq!(wp, 0, "no write waited for the tracker");
+    h.stop();
+    assert_eq!(mem.read_u32(25 * PAGE), 7);
+    assert_eq!(mem.read_u32(63 * PAGE), 63);
+}
+
 /// Protection is never left behind: closing the last copy of a uffd whose
 /// pages are protected in sync mode (so every access would wait for a
 /// handler) restores every PTE, and the memory reads back intact.

@@ -175,12 +175,20 @@ fn anonymous_guest_exact_with_rwp_lower_bound_without() {
 
 /// A Firecracker-created uffd (only EVENT_REMOVE requested, regions
 /// registered MISSING by the VMM): its features are fixed, so RWP is out of
-/// reach even on 7.3; the agent tracks first touches and writes (sync
-/// write-protect) and says what the VMM should request.
+/// reach even on 7.3; the agent tracks first touches and writes (soft-dirty
+/// bits, so no write waits for it; sync write-protect where the kernel has
+/// none) and says what the VMM should request.
 #[test]
 fn firecracker_uffd_tracked_as_far_as_its_features_allow() {
     let rwp = kernel_has_rwp();
-    let agent = Agent::start(opts(&[]));
+    // Writes by soft-dirty bits where the kernel keeps them (the lane's
+    // does), else by sync write-protect, asked for.
+    let soft_dirty = wset_tracker::sys::soft_dirty_supported();
+    let agent = Agent::start(opts(if soft_dirty {
+        &[]
+    } else {
+        &["--sync-write-protect"]
+    }));
     let mut g = Guest::builder("fc", steady((16, 300), (1000, 100), 12_000))
         .kind(GuestKind::Process)
         .backing(Backing::Anon)
@@ -189,10 +197,12 @@ fn firecracker_uffd_tracked_as_far_as_its_features_allow() {
         .fill_seed(21)
         .start(&agent);
     let s = measure(&agent, &mut g, 400 * PAGE, 100 * PAGE);
-    assert_eq!(
-        methods(&s),
-        vec![pb::TrackingMethod::FirstTouch, pb::TrackingMethod::WpSync]
-    );
+    let dirty = if soft_dirty {
+        pb::TrackingMethod::SoftDirty
+    } else {
+        pb::TrackingMethod::WpSync
+    };
+    assert_eq!(methods(&s), vec![pb::TrackingMethod::FirstTouch, dirty]);
     assert!(s.error.as_ref().unwrap().wss_is_lower_bound);
     let w = window(&s, SHORT_MS);
     assert!(rel_err(w.dirty_bytes, 100 * PAGE) <= 0.01, "{s:#?}");

@@ -243,6 +243,8 @@ pub(crate) async fn track(
         custody_granules: (cfg.custody_max_bytes / granule).min(u32::MAX as u64) as u32,
         exact_dirty: cfg.exact_dirty,
         evict_after: cfg.evict_cold_after,
+        soft_dirty: wset_tracker::sys::soft_dirty_supported(),
+        sync_write_protect: cfg.sync_write_protect,
     });
     let custody_dir = cfg.state_dir.join("custody");
     std::fs::create_dir_all(&custody_dir)

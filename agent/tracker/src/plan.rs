@@ -172,6 +172,14 @@ pub struct PlanInput {
     /// Evict pages not accessed for this many intervals (0: never); done
     /// only under RWP, on memory the agent can save and punch.
     pub evict_after: u32,
+    /// The kernel keeps soft-dirty bits (`CONFIG_MEM_SOFT_DIRTY`; see
+    /// [`crate::sys::soft_dirty_supported`]).
+    pub soft_dirty: bool,
+    /// Where the uffd lacks WP_ASYNC, track writes by synchronous
+    /// write-protect even though soft-dirty bits could: exact to the fault,
+    /// but every first write per interval waits for the agent, so a dead
+    /// agent stops the guest at its next such write.
+    pub sync_write_protect: bool,
 }
 
 /// Features a VMM should request at `UFFDIO_API` time for the best tracking
@@ -369,12 +377,47 @@ pub fn plan(input: PlanInput) -> Plan {
         }
     } else if f & feature::WP_ASYNC != 0 {
         Dirty::WpAsync
-    } else {
-        notes.push("dirty tracking by sync write-protect: the uffd lacks WP_ASYNC".into());
+    } else if input.sync_write_protect {
+        notes.push(
+            "writes by sync write-protect (asked for; the uffd lacks WP_ASYNC): every first \
+             write to a page per interval waits for the agent, so while no agent runs the \
+             guest stops at its next such write"
+                .into(),
+        );
         Dirty::WpSync
+    } else if input.soft_dirty && input.backing != BackingKind::Hugetlb {
+        notes.push(
+            "writes by soft-dirty bits (the uffd lacks WP_ASYNC): no write waits for the agent; \
+             the agent resets them through /proc/<pid>/clear_refs, for the VMM's whole address \
+             space. In the interval a page arrives, a write after the read that brought it is \
+             not seen (the kernel marks every page it fills dirty)"
+                .into(),
+        );
+        Dirty::SoftDirty
+    } else {
+        notes.push(
+            if input.backing == BackingKind::Hugetlb {
+                "writes not tracked, so no write waits for the agent: the uffd lacks WP_ASYNC and \
+             the kernel keeps no soft-dirty bits on hugetlbfs; --sync-write-protect tracks them \
+             exactly, but then every first write to a page per interval waits for the agent, \
+             and the guest stops while none runs"
+            } else {
+                "writes not tracked, so no write waits for the agent: the uffd lacks WP_ASYNC and \
+             the kernel keeps no soft-dirty bits (CONFIG_MEM_SOFT_DIRTY); --sync-write-protect \
+             tracks them exactly, but then every first write to a page per interval waits for \
+             the agent, and the guest stops while none runs"
+            }
+            .into(),
+        );
+        Dirty::None
     };
 
-    let mut register_mode = mode::WP;
+    // Write-protect is registered only for the methods that use it: a
+    // range registered for it alone never makes a guest wait.
+    let mut register_mode = match dirty {
+        Dirty::WpAsync | Dirty::WpSync | Dirty::Watched => mode::WP,
+        Dirty::SoftDirty | Dirty::None => 0,
+    };
     if missing_ok {
         register_mode |= mode::MISSING;
     }
@@ -426,6 +469,8 @@ mod tests {
             custody_granules: 16384,
             exact_dirty: false,
             evict_after: 0,
+            soft_dirty: true,
+            sync_write_protect: false,
         }
     }
 
@@ -534,7 +579,7 @@ mod tests {
                 "firecracker uffd",
                 input(fc, Anonymous),
                 true,
-                Dirty::WpSync,
+                Dirty::SoftDirty,
                 None,
             ),
             (
@@ -587,7 +632,7 @@ mod tests {
                 "shmem without MISSING_SHMEM",
                 input(feature::EVENT_REMOVE, Shmem),
                 false,
-                Dirty::WpSync,
+                Dirty::SoftDirty,
                 None,
             ),
             (
@@ -597,7 +642,7 @@ mod tests {
                     ..input(shmem, Shmem)
                 },
                 true,
-                Dirty::WpSync,
+                Dirty::SoftDirty,
                 None,
             ),
             // A uffd with WP_ASYNC cannot freeze pages: never sampled.
@@ -698,7 +743,39 @@ mod tests {
                     ..input(fc, Anonymous)
                 },
                 true,
+                Dirty::SoftDirty,
+                None,
+            ),
+            // Sync write-protect makes a dead agent stop the guest: only
+            // when asked for.
+            (
+                "firecracker uffd, sync write-protect asked for",
+                PlanInput {
+                    sync_write_protect: true,
+                    ..input(fc, Anonymous)
+                },
+                true,
                 Dirty::WpSync,
+                None,
+            ),
+            (
+                "firecracker uffd, no soft-dirty bits in the kernel",
+                PlanInput {
+                    soft_dirty: false,
+                    ..input(fc, Anonymous)
+                },
+                true,
+                Dirty::None,
+                None,
+            ),
+            (
+                "firecracker uffd on hugetlbfs (no soft-dirty bits there)",
+                PlanInput {
+                    have_memory_fd: false,
+                    ..input(fc | feature::MISSING_HUGETLBFS, Hugetlb)
+                },
+                true,
+                Dirty::None,
                 None,
             ),
         ];
@@ -711,10 +788,12 @@ mod tests {
                 p.notes
             );
             assert_eq!(p.register_mode & mode::MISSING != 0, first_touch, "{name}");
-            // A VMA is write-tracked or access-tracked, never both.
+            // A VMA is write-tracked or access-tracked, never both, and
+            // write-protect is registered only where a method uses it.
             let rwp_access = matches!(access, Rwp { .. });
             assert_eq!(p.register_mode & mode::RWP != 0, rwp_access, "{name}");
-            assert_eq!(p.register_mode & mode::WP != 0, !rwp_access, "{name}");
+            let uses_wp = matches!(dirty, Dirty::WpAsync | Dirty::WpSync | Dirty::Watched);
+            assert_eq!(p.register_mode & mode::WP != 0, uses_wp, "{name}");
         }
     }
 

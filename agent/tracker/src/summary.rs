@@ -282,7 +282,14 @@ fn error_estimate(
             "writes exact (seen on every page as it is re-armed)"
         }
         Dirty::Watched => "writes sampled on the same granules as reads",
-        Dirty::SoftDirty => "writes exact (soft-dirty bits, harvested with the accesses)",
+        Dirty::SoftDirty if matches!(plan.access, Access::Rwp { .. }) => {
+            "writes exact (soft-dirty bits, harvested with the accesses)"
+        }
+        Dirty::SoftDirty => {
+            "writes by soft-dirty bits, exact but for a write in the moment between an \
+             interval's scan and its reset, and a write after the read that brought a page in \
+             the interval it arrived"
+        }
         Dirty::None => "writes not tracked",
     };
     match plan.access {

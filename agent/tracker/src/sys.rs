@@ -177,6 +177,28 @@ pub fn seek_data(file: &File, off: u64) -> Option<u64> {
     (data >= 0).then_some(data as u64)
 }
 
+/// Whether the kernel keeps soft-dirty bits (`CONFIG_MEM_SOFT_DIRTY`):
+/// a page this process just wrote reads soft-dirty in its own pagemap
+/// (bit 55) only then. Probed once.
+pub fn soft_dirty_supported() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        use std::os::unix::fs::FileExt as _;
+        let page = 4096usize;
+        let mut buf = vec![0u8; 2 * page];
+        // A whole page inside the buffer, written just now.
+        let at = buf.as_ptr() as usize;
+        let start = at.next_multiple_of(page) - at;
+        buf[start] = 1;
+        std::hint::black_box(&buf);
+        let addr = (at + start) as u64;
+        let mut entry = [0u8; 8];
+        let read = File::open("/proc/self/pagemap")
+            .and_then(|f| f.read_exact_at(&mut entry, addr / page as u64 * 8));
+        read.is_ok() && u64::from_le_bytes(entry) >> 55 & 1 == 1
+    })
+}
+
 /// Whether `file` lives on hugetlbfs.
 pub fn on_hugetlbfs(file: &File) -> bool {
     const HUGETLBFS_MAGIC: libc::__fsword_t = 0x9584_58f6;

@@ -112,9 +112,44 @@ fn anonymous_first_touch_and_wp_async_dirty_are_exact() {
 }
 
 #[test]
-fn firecracker_style_uffd_gets_sync_wp_dirty_tracking() {
+fn heat_follows_the_regions_order_not_their_addresses() {
+    // Four regions of 16 pages mapped top-down, as VMMs often map them:
+    // the guest's first region is the VMM's highest addresses.
     let mem = Arc::new(common::anon(64));
-    // Firecracker requests only EVENT_REMOVE.
+    let (uffd, p) = common::planned_uffd(BackingKind::Anonymous, AccessMode::Off, 64);
+    let quarter = 16 * PAGE;
+    let regions = (0..4)
+        .map(|i| wset_tracker::Region {
+            host_addr: mem.addr() + (3 - i) * quarter,
+            len: quarter,
+            file_offset: i * quarter,
+        })
+        .collect();
+    let h = TrackerHandle::spawn(wset_tracker::TrackerSpec {
+        regions,
+        ..common::spec(uffd, &mem, p.clone(), INTERVAL, None, None)
+    })
+    .unwrap();
+    // The whole of the guest's first region, and one page of its third.
+    for pg in 48..64 {
+        mem.write_u32(pg * PAGE, 1);
+    }
+    mem.write_u32(20 * PAGE, 1);
+    wait_epochs(&h, 2);
+    let s = summarize(h.shared(), &p, &cfg(), 0);
+    let heat: Vec<(u64, u64)> = s
+        .regions
+        .iter()
+        .map(|r| (r.offset_bytes / PAGE, r.accessed_bytes / PAGE))
+        .collect();
+    assert_eq!(heat, [(0, 16), (16, 0), (32, 1), (48, 0)], "{s:#?}");
+    h.stop();
+}
+
+/// The plan for a uffd made as Firecracker makes it (only EVENT_REMOVE
+/// requested, so no WP_ASYNC): soft-dirty bits by default, sync
+/// write-protect when asked for.
+fn firecracker_style(sync_write_protect: bool) -> (Uffd, wset_tracker::Plan) {
     let uffd = Uffd::create(feature::EVENT_REMOVE).unwrap();
     let features = uffd.features().unwrap();
     let p = plan::plan(PlanInput {
@@ -129,7 +164,90 @@ fn firecracker_style_uffd_gets_sync_wp_dirty_tracking() {
         custody_granules: 64,
         exact_dirty: false,
         evict_after: 0,
+        soft_dirty: wset_tracker::sys::soft_dirty_supported(),
+        sync_write_protect,
     });
+    (uffd, p)
+}
+
+/// Writes to present pages, seen every interval; then the memory is intact.
+fn writes_of_present_pages_are_seen(
+    h: &TrackerHandle,
+    mem: &Arc<GuestMemory>,
+    p: &wset_tracker::Plan,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let t = toucher(mem.clone(), 20..30, Some(7), stop.clone());
+    wait_epochs(h, 3);
+    let s = summarize(h.shared(), p, &cfg(), 0);
+    stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+    assert_eq!(s.windows[0].dirty_bytes, 10 * PAGE, "{s:#?}");
+}
+
+/// By default no write to a Firecracker VM's memory waits for the tracker:
+/// no write-protect is registered, and writes come from soft-dirty bits
+/// where the kernel keeps them (exact; proven in the kernel lane, whose
+/// kernel has them) or are not tracked where it does not.
+#[test]
+fn firecracker_style_uffd_never_write_protects_by_default() {
+    let soft_dirty = wset_tracker::sys::soft_dirty_supported();
+    let mem = Arc::new(common::anon(64));
+    let (uffd, p) = firecracker_style(false);
+    let want = if soft_dirty {
+        wset_tracker::Dirty::SoftDirty
+    } else {
+        wset_tracker::Dirty::None
+    };
+    assert_eq!(p.dirty, want, "{:?}", p.notes);
+    assert_eq!(
+        p.register_mode,
+        mode::MISSING,
+        "no write-protect registered"
+    );
+    assert!(
+        p.notes
+            .iter()
+            .any(|n| n.contains("no write waits for the agent")),
+        "{:?}",
+        p.notes
+    );
+    let h =
+        TrackerHandle::spawn(common::spec(uffd, &mem, p.clone(), INTERVAL, None, None)).unwrap();
+    for pg in 0..32 {
+        assert_eq!(mem.read_u32(pg * PAGE), 0);
+    }
+    for pg in 32..64 {
+        mem.write_u32(pg * PAGE, pg as u32);
+    }
+    wait_epochs(&h, 3);
+    let s = summarize(h.shared(), &p, &cfg(), 0);
+    assert_eq!(s.touched_bytes, 64 * PAGE, "{s:#?}");
+    // First touches by a write are seen whatever the method.
+    assert_eq!(s.windows[1].dirty_bytes, 32 * PAGE, "{s:#?}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let t = toucher(mem.clone(), 20..30, Some(7), stop.clone());
+    wait_epochs(&h, 3);
+    let s = summarize(h.shared(), &p, &cfg(), 0);
+    stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+    let seen = if soft_dirty { 10 * PAGE } else { 0 };
+    assert_eq!(s.windows[0].dirty_bytes, seen, "{s:#?}");
+    let c = &h.shared().counters;
+    assert_eq!(
+        c.wp_faults.load(Ordering::Relaxed),
+        0,
+        "no write waited for the tracker"
+    );
+    h.stop();
+    assert_eq!(mem.read_u32(25 * PAGE), 7);
+    assert_eq!(mem.read_u32(63 * PAGE), 63);
+}
+
+#[test]
+fn firecracker_style_uffd_gets_sync_wp_when_asked() {
+    let mem = Arc::new(common::anon(64));
+    let (uffd, p) = firecracker_style(true);
     assert_eq!(p.dirty, wset_tracker::Dirty::WpSync);
     let h =
         TrackerHandle::spawn(common::spec(uffd, &mem, p.clone(), INTERVAL, None, None)).unwrap();
@@ -137,13 +255,7 @@ fn firecracker_style_uffd_gets_sync_wp_dirty_tracking() {
         mem.write_u32(pg as u64 * PAGE, pg as u32);
     }
     wait_epochs(&h, 6);
-    let stop = Arc::new(AtomicBool::new(false));
-    let t = toucher(mem.clone(), 20..30, Some(7), stop.clone());
-    wait_epochs(&h, 3);
-    let s = summarize(h.shared(), &p, &cfg(), 0);
-    stop.store(true, Ordering::Relaxed);
-    t.join().unwrap();
-    assert_eq!(s.windows[0].dirty_bytes, 10 * PAGE, "{s:#?}");
+    writes_of_present_pages_are_seen(&h, &mem, &p);
     assert!(h.shared().counters.wp_faults.load(Ordering::Relaxed) >= 10);
     h.stop();
     assert_eq!(mem.read_u32(25 * PAGE), 7);

@@ -65,7 +65,14 @@ impl Agent {
         let dir = TempDir::new("agent");
         let socket = dir.0.join("agent.sock");
         let sock_arg = match &opts.snapshot {
-            Some(s) => format!("{}={}", socket.display(), s.display()),
+            Some(s) => {
+                // The agent refuses a snapshot file that is not there; the
+                // test VMMs write theirs when they start, over this one.
+                if !s.exists() {
+                    std::fs::File::create(s).expect("create the snapshot memory file");
+                }
+                format!("{}={}", socket.display(), s.display())
+            }
             None => socket.display().to_string(),
         };
         let windows: Vec<String> = opts.windows_ms.iter().map(|w| format!("{w}ms")).collect();

@@ -114,4 +114,39 @@ fn bad_values_are_refused_naming_the_flag() {
     cmd.env("WSET_AGENT_MAX_STREAMS", "0");
     let err = refused(cmd);
     assert!(err.contains("--max-streams"), "{err}");
+    // A snapshot memory file is checked at start-up, not at the first
+    // restore: missing, a directory, unreadable.
+    let sock = dir.0.join("vm.sock");
+    let missing = dir.0.join("no-such.mem");
+    let unreadable = dir.0.join("locked.mem");
+    std::fs::write(&unreadable, [0u8; 4096]).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&unreadable, std::fs::Permissions::from_mode(0o000)).unwrap();
+    }
+    // Root reads a file whatever its mode, so the unreadable case runs the
+    // agent as nobody (setpriv, util-linux); the check is the agent's open.
+    for (file, want, as_nobody) in [
+        (&missing, "the snapshot memory file does not exist", false),
+        (&dir.0, "is not a regular file (it is a directory)", false),
+        (&unreadable, "Permission denied", true),
+    ] {
+        let mut cmd = if as_nobody {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(bin("wset-agent"));
+            c
+        } else {
+            Command::new(bin("wset-agent"))
+        };
+        let arg = format!("{}={}", sock.display(), file.display());
+        cmd.arg("--socket")
+            .arg(&arg)
+            .env("WSET_AGENT_STATE_DIR", dir.0.join("state"));
+        let err = refused(cmd);
+        assert!(
+            err.contains(&format!("--socket: {arg}: ")) && err.contains(want),
+            "{file:?}: {err}"
+        );
+    }
 }

@@ -383,6 +383,16 @@ fn process_guest_anonymous_first_touch_and_dirty_exact() {
     anonymous_scenario(GuestKind::Process);
 }
 
+/// How a Firecracker VM's writes are tracked: soft-dirty bits where the
+/// kernel keeps them, else sync write-protect (asked for).
+fn fc_dirty_method() -> pb::TrackingMethod {
+    if wset_tracker::sys::soft_dirty_supported() {
+        pb::TrackingMethod::SoftDirty
+    } else {
+        pb::TrackingMethod::WpSync
+    }
+}
+
 /// An agent serving Firecracker MISSING faults from a snapshot memory file,
 /// and a test VMM restoring from it with Firecracker's exact handshake.
 /// The scratch directory must outlive both.
@@ -395,10 +405,16 @@ fn firecracker_restore(
 ) -> (TempDir, Agent, Guest) {
     let dir = TempDir::new(tag);
     let snapshot = dir.0.join("guest.mem");
-    let agent = Agent::start(AgentOpts {
+    let mut o = AgentOpts {
         snapshot: Some(snapshot.clone()),
         ..opts("exhaustive")
-    });
+    };
+    // Without soft-dirty bits in the kernel, writes are tracked only when
+    // sync write-protect is asked for.
+    if !wset_tracker::sys::soft_dirty_supported() {
+        o.extra.push("--sync-write-protect".into());
+    }
+    let agent = Agent::start(o);
     let g = Guest::builder(tag, script)
         .kind(kind)
         .handshake(Handshake::Firecracker)
@@ -411,7 +427,8 @@ fn firecracker_restore(
 }
 
 /// Firecracker's exact handshake, snapshot restore: every page comes from the
-/// memory file configured for the socket; dirty tracking by sync WP; after
+/// memory file configured for the socket; writes by soft-dirty bits (sync
+/// write-protect, asked for, on a kernel without them); after
 /// SIGTERM the agent populates what the guest had not touched yet, so no
 /// page reads back as zeros.
 #[test]
@@ -432,7 +449,7 @@ fn firecracker_snapshot_restore_served_from_memory_file() {
     let s = settle(&agent, &g, e0);
     assert_eq!(
         methods(&s),
-        vec![pb::TrackingMethod::FirstTouch, pb::TrackingMethod::WpSync]
+        vec![pb::TrackingMethod::FirstTouch, fc_dirty_method()]
     );
     let vm = agent
         .list()
@@ -457,6 +474,101 @@ fn firecracker_snapshot_restore_served_from_memory_file() {
     assert!(agent.terminate().success());
     let v = g.verify_now();
     assert_eq!(v["ok"], true, "after the agent stopped: {v}");
+}
+
+/// Once the pages a restored Firecracker guest uses are present, none of
+/// its accesses waits for the agent: killed with -9, the agent leaves the
+/// guest writing on (sync write-protect would stop it at its first write),
+/// and only a page never touched before waits, until a restarted agent
+/// takes the VM back and serves it from the snapshot.
+#[test]
+fn firecracker_guest_writes_on_while_the_agent_is_dead() {
+    const HOT: u32 = 1000;
+    let mut phases = vec![phase("warm", vec![touch(Op::Read, 16, HOT)], 2000)];
+    phases.extend((0..20).map(|i| {
+        phase(
+            &format!("write-{i}"),
+            vec![touch(Op::Write, 16, HOT / 4)],
+            500,
+        )
+    }));
+    // The guest's full check at the end reads every page, most of which it
+    // never touched: that waits for an agent.
+    phases.push(phase("rest", vec![], 100));
+    let script = Script {
+        phases,
+        checksum_every: 0,
+    };
+    let dir = TempDir::new("fc-dead");
+    let snapshot = dir.0.join("guest.mem");
+    let o = AgentOpts {
+        snapshot: Some(snapshot.clone()),
+        state_dir: Some(dir.0.join("state")),
+        ..opts("exhaustive")
+    };
+    let mut agent = Agent::start(o.clone());
+    let mut g = Guest::builder("fc-dead", script)
+        .kind(GuestKind::Kvm)
+        .handshake(Handshake::Firecracker)
+        .backing(Backing::Anon)
+        .memory_mib(16)
+        .fill_seed(5)
+        .snapshot(snapshot)
+        .start(&agent);
+    let oh = overhead(&g);
+    agent.wait_summary(
+        &g.vm_id,
+        Duration::from_secs(60),
+        "every page the guest's loop uses present",
+        |s| s.touched_bytes >= (u64::from(HOT) + oh) * PAGE,
+    );
+    let info = agent
+        .list()
+        .into_iter()
+        .find(|v| v.vm_id == g.vm_id)
+        .expect("listed");
+    assert!(
+        info.notes
+            .iter()
+            .any(|n| n.contains("no write waits for the agent")),
+        "the notes say what a dead agent costs: {:?}",
+        info.notes
+    );
+    agent.kill();
+    let killed_ms = wset_serve::process::now_ms();
+    // Write phases that began after the kill, up to the last one's end.
+    let mut after_kill = 0;
+    loop {
+        let p = g.wait_event("phase", Duration::from_secs(120));
+        if p["unix_ms"].as_u64().expect("phase time") > killed_ms {
+            after_kill += 1;
+        }
+        if p["name"] == "rest" {
+            break;
+        }
+    }
+    assert!(
+        after_kill >= 3,
+        "only {after_kill} phases began after the agent was killed: the guest was too fast \
+         for this test to prove anything"
+    );
+    let agent = Agent::start(o);
+    agent.wait_log("re-adopted", Duration::from_secs(30));
+    let v = g.wait_event("verify", Duration::from_secs(120));
+    assert_eq!(v["ok"], true, "guest memory differs from the snapshot: {v}");
+    let s = agent.wait_summary(
+        &g.vm_id,
+        Duration::from_secs(30),
+        "a summary after re-adoption",
+        |_| true,
+    );
+    let m = methods(&s);
+    assert!(!m.contains(&pb::TrackingMethod::WpSync), "{m:?}");
+    assert_eq!(
+        m.contains(&pb::TrackingMethod::SoftDirty),
+        wset_tracker::sys::soft_dirty_supported(),
+        "{m:?}"
+    );
 }
 
 /// Twenty KVM guests on one agent at once, each with its own working set.

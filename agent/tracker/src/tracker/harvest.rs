@@ -33,8 +33,11 @@ impl Tracker {
                     let _ = self.uffd.write_protect(r.host_addr, r.len, true, true)?;
                 }
             }
+            Dirty::SoftDirty if !matches!(self.plan.access, Access::Rwp { .. }) => {
+                self.harvest_soft_dirty(e)?;
+            }
             // Watched pages are re-protected by rearm_access below; soft-dirty
-            // bits are harvested with RWP's.
+            // bits beside RWP are harvested with its accesses.
             Dirty::Watched | Dirty::SoftDirty | Dirty::None => {}
         }
         if matches!(
@@ -135,6 +138,41 @@ impl Tracker {
             uffd.rw_protect(pr.start, pr.end - pr.start, true)?;
             Ok(())
         })
+    }
+
+    /// Soft-dirty harvest without RWP (a uffd without WP_ASYNC, such as
+    /// Firecracker's): the pages written since the last reset, then the
+    /// reset. Nothing freezes the guest, so a write between the scan and
+    /// the reset is not seen (a window of one `clear_refs` write).
+    fn harvest_soft_dirty(&mut self, e: u32) -> io::Result<()> {
+        let Some(pm) = self.pagemap.as_ref() else {
+            return Ok(());
+        };
+        let scan = pagemap::Scan {
+            category_inverted: 0,
+            flags: 0,
+            category_mask: pagemap::PAGE_IS_SOFT_DIRTY,
+            category_anyof_mask: 0,
+            return_mask: pagemap::PAGE_IS_SOFT_DIRTY,
+        };
+        let (shared, map) = (&self.shared, &self.map);
+        let granule = map.granule();
+        scan_regions(pm, map.regions(), &mut self.scan_buf, scan, |ri, r, pr| {
+            let mut a = pr.start - (pr.start - r.host_addr) % granule;
+            while a < pr.end {
+                let g = map.granule_in(ri, a);
+                // The kernel marks every page it fills dirty: a page first
+                // touched by a read this interval reads soft-dirty whether
+                // or not it was written after (a write fault recorded it).
+                let filled_by_read = shared.access_epoch(g) == e && shared.write_epoch(g) != e;
+                if !filled_by_read {
+                    shared.record(g, e, true);
+                }
+                a += granule;
+            }
+            Ok(())
+        })?;
+        self.clear_soft_dirty()
     }
 
     fn harvest_wp_async(&mut self, e: u32) -> io::Result<()> {

@@ -128,7 +128,7 @@ impl Tracker {
         };
         let hugetlbfs = memory.as_ref().is_some_and(sys::on_hugetlbfs);
         let rwp = matches!(spec.plan.access, Access::Rwp { .. });
-        let pagemap = if spec.plan.dirty == Dirty::WpAsync || rwp {
+        let pagemap = if matches!(spec.plan.dirty, Dirty::WpAsync | Dirty::SoftDirty) || rwp {
             Some(
                 File::open(format!("/proc/{}/pagemap", spec.pid)).map_err(|source| {
                     TrackerError::Pagemap {
@@ -202,6 +202,7 @@ impl Tracker {
         };
         t.arm()?;
         if spec.wake_waiters {
+            t.drop_stale_write_protect()?;
             for r in t.map.regions() {
                 let _ = t.uffd.wake(r.host_addr, r.len);
             }
@@ -228,6 +229,11 @@ impl Tracker {
                 })?;
         }
         for r in self.map.regions() {
+            // Nothing to register (soft-dirty writes alone on memory the uffd
+            // cannot take MISSING faults on): the scan needs no uffd.
+            if self.plan.register_mode == 0 {
+                break;
+            }
             self.uffd
                 .register(r.host_addr, r.len, self.plan.register_mode)
                 .map_err(|source| TrackerError::Register {
@@ -252,6 +258,37 @@ impl Tracker {
                 self.uffd
                     .write_protect(r.host_addr, r.len, true, true)
                     .map_err(protect)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// An earlier agent may have tracked this VM by sync write-protect; a
+    /// plan without it clears what that left on the pages, or the guest's
+    /// next write to each would wait on a fault nobody needs. The
+    /// registration itself stays (the kernel keeps a range's modes when
+    /// one re-registers it with fewer), and without protected pages it
+    /// never makes a guest wait.
+    fn drop_stale_write_protect(&self) -> Result<(), TrackerError> {
+        let uses_wp = matches!(
+            self.plan.dirty,
+            Dirty::WpSync | Dirty::WpAsync | Dirty::Watched
+        ) || matches!(self.plan.access, Access::Rwp { .. });
+        if uses_wp {
+            return Ok(());
+        }
+        for r in self.map.regions() {
+            match self.uffd.write_protect(r.host_addr, r.len, false, true) {
+                Ok(_) => {}
+                // Not registered for write-protect: nothing was left.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {}
+                Err(source) => {
+                    return Err(TrackerError::Protect {
+                        start: r.host_addr,
+                        len: r.len,
+                        source,
+                    });
+                }
             }
         }
         Ok(())

@@ -92,6 +92,8 @@ pub fn planned_uffd(
         custody_granules: granules as u32,
         exact_dirty: false,
         evict_after: 0,
+        soft_dirty: true,
+        sync_write_protect: false,
     });
     (uffd, p)
 }
