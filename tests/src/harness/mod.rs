@@ -1,13 +1,14 @@
 //! Runs the real `wset-agent`, `wset-controller` and `wset-guest` binaries
 //! for the end-to-end tests and talks to them over gRPC on loopback: the
 //! agent (`agent`), the controller (`controller`), test guests and their
-//! builder (`guest`), a small disk of its own for a store (`disk`), and
-//! fixtures shared by the tests of one binary (`shared`); here, what they
-//! all use.
+//! builder (`guest`), a small disk of its own for a store (`disk`), the
+//! real Firecracker and its own handlers (`firecracker`), and fixtures
+//! shared by the tests of one binary (`shared`); here, what they all use.
 
 mod agent;
 mod controller;
 mod disk;
+pub mod firecracker;
 mod guest;
 mod shared;
 

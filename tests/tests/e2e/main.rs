@@ -10,6 +10,7 @@ mod crash;
 mod decisions;
 mod discovery;
 mod disk_full;
+mod firecracker;
 mod grpcurl;
 mod integrity;
 mod limits;
