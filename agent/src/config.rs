@@ -133,6 +133,29 @@ pub struct Args {
     /// faults) or "exact" (every page, sync write-protect).
     #[arg(long, default_value = "sampled", value_parser = ["sampled", "exact"])]
     dirty: String,
+    /// Restores from a snapshot file (`--socket PATH=FILE`): learn which
+    /// pages the guest touches after each one and copy them in ahead of it
+    /// on the next: "on" or "off".
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    prefetch: String,
+    /// How long after a restore the guest's first touches are recorded.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = cli::duration())]
+    prefetch_record: Duration,
+    /// A page joins the prefetch set when the guest touched it in at least
+    /// this many of the last --prefetch-history restores that could see it.
+    #[arg(long, default_value = "2", value_parser = clap::value_parser!(u32).range(1..=8))]
+    prefetch_min_seen: u32,
+    /// How many restores (that could see a page) its membership looks back on.
+    #[arg(long, default_value = "4", value_parser = clap::value_parser!(u32).range(1..=8))]
+    prefetch_history: u32,
+    /// One page in this many of the set is left to be faulted in on demand
+    /// each restore, so that its use is still seen (0: none, and the set
+    /// only grows).
+    #[arg(long, default_value = "32")]
+    prefetch_probe: u32,
+    /// Bytes prefetched per restore, at most.
+    #[arg(long, default_value = "4294967296", value_parser = clap::value_parser!(u64).range(4096..))]
+    prefetch_max_bytes: u64,
     /// Track writes by synchronous write-protect on uffds without WP_ASYNC
     /// (Firecracker's), instead of soft-dirty bits: exact to the fault, but
     /// every first write to a page per interval waits for the agent, so the
@@ -235,6 +258,15 @@ impl cli::Flags for Args {
                 })?;
             }
         }
+        if self.prefetch_min_seen > self.prefetch_history {
+            return Err(FlagError::new(
+                "--prefetch-min-seen",
+                format!(
+                    "{} is more than --prefetch-history ({}): no page could ever join",
+                    self.prefetch_min_seen, self.prefetch_history
+                ),
+            ));
+        }
         let mut age_buckets_ms: Vec<u64> = self.age_buckets.iter().map(millis).collect();
         age_buckets_ms.push(0);
         age_buckets_ms.sort_unstable();
@@ -270,6 +302,13 @@ impl cli::Flags for Args {
             sample_seed: self.sample_seed,
             exact_dirty: self.dirty == "exact",
             sync_write_protect: self.sync_write_protect,
+            prefetch: (self.prefetch == "on").then_some(crate::prefetch::Policy {
+                min_seen: self.prefetch_min_seen,
+                history: self.prefetch_history,
+                probe: self.prefetch_probe,
+                max_bytes: self.prefetch_max_bytes,
+            }),
+            prefetch_record: self.prefetch_record,
             spin: self.spin,
             sample_fault_budget: self.sample_fault_budget,
             max_streams: self.max_streams,
@@ -422,6 +461,10 @@ pub struct Config {
     pub exact_dirty: bool,
     /// Sync write-protect where the uffd lacks WP_ASYNC (`--sync-write-protect`).
     pub sync_write_protect: bool,
+    /// Learned restore prefetch for snapshot restores (`--prefetch*`), or off.
+    pub prefetch: Option<crate::prefetch::Policy>,
+    /// How long after a restore its first touches are recorded.
+    pub prefetch_record: Duration,
     /// How long a tracker busy-polls for its next fault before sleeping.
     pub spin: Duration,
     /// Sampled memfd guests: faults per second per VM spent re-confirming

@@ -12,6 +12,7 @@ pub mod handshake;
 pub mod host;
 pub mod intake;
 pub mod metrics;
+pub mod prefetch;
 pub mod registry;
 pub mod service;
 pub mod stream;

@@ -188,7 +188,7 @@ pub fn render(s: &Sources) -> String {
         &'a wset_tracker::VmShared,
     );
     type Family = (&'static str, Kind, &'static str, fn(PerVm<'_>) -> f64);
-    let scalars: [Family; 10] = [
+    let scalars: [Family; 11] = [
         (
             "wset_vm_pages_in_custody",
             Kind::Gauge,
@@ -200,6 +200,12 @@ pub fn render(s: &Sources) -> String {
             Kind::Counter,
             "Pages not taken into custody because it was full (every slot in use, or its filesystem out of space).",
             |(c, ..)| c.custody_full as f64,
+        ),
+        (
+            "wset_vm_prefetched_pages_total",
+            Kind::Counter,
+            "Pages copied in from the snapshot file ahead of the guest by the learned restore prefetch (faults served on demand: wset_vm_faults_total).",
+            |(c, ..)| c.prefetched_pages as f64,
         ),
         (
             "wset_vm_evicted_pages_total",

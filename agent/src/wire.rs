@@ -167,6 +167,7 @@ pub fn counters(shared: &VmShared) -> pb::TrackerCounters {
         refaulted_pages: c.refaulted_pages.load(Relaxed),
         unpunchable_pages: c.unpunchable_pages.load(Relaxed),
         custody_full: c.custody_full.load(Relaxed),
+        prefetched_pages: c.prefetched_pages.load(Relaxed),
         fault_service_latency: shared
             .latency_histogram()
             .into_iter()

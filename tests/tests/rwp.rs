@@ -305,6 +305,8 @@ fn soft_dirty_tracks_a_firecracker_uffd_without_write_protect() {
         fault_budget: 0,
         max_stride: 1,
         wake_waiters: false,
+        prefetch: Vec::new(),
+        record: None,
     })
     .expect("spawn the tracker");
     let wait_epochs = |n: u32| {

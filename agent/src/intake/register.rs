@@ -7,6 +7,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
+use std::time::Duration;
 
 use tracing::{info, warn};
 use wset_proto::ids::VmId;
@@ -19,6 +20,7 @@ use crate::adopt;
 use crate::config::{Config, SocketConfig};
 use crate::handshake::{self, Backing, HandshakeKind, Hello, Layout, WsetReply};
 use crate::now_ms;
+use crate::prefetch;
 use crate::registry::{Registry, VmInfo};
 
 fn describe_fd(fd: &OwnedFd) -> String {
@@ -231,7 +233,7 @@ pub(crate) async fn track(
     let granule = req.layout.page_size;
     let granules = (req.layout.total_bytes() / granule) as u32;
     let vmm_holds_uffd = uffd::process_holds(req.pid, uffd.as_raw_fd());
-    let p = plan::plan(PlanInput {
+    let mut p = plan::plan(PlanInput {
         features,
         offered,
         rwp: cfg.rwp,
@@ -285,6 +287,13 @@ pub(crate) async fn track(
         },
         snapshot: req.snapshot.clone(),
     };
+    let restore = Restore {
+        vm_id: &req.vm_id,
+        source: req.source.as_ref(),
+        snapshot: req.snapshot.as_deref(),
+        adopted: req.adopted,
+    };
+    let (prefetch, recording) = restore_prefetch(&restore, cfg, granule, granules, &mut p.notes);
     let spec = TrackerSpec {
         name: format!("wset-{}", req.vm_id),
         uffd,
@@ -304,6 +313,8 @@ pub(crate) async fn track(
         fault_budget: cfg.sample_fault_budget,
         max_stride: cfg.max_rearm_stride(),
         wake_waiters: req.adopted,
+        prefetch,
+        record: recording,
     };
     let handle = tokio::task::spawn_blocking(move || TrackerHandle::spawn(spec))
         .await
@@ -374,4 +385,98 @@ pub(crate) async fn track(
         notes,
         ..Default::default()
     })
+}
+
+/// What `restore_prefetch` needs of a registration.
+struct Restore<'a> {
+    vm_id: &'a VmId,
+    source: Option<&'a std::fs::File>,
+    snapshot: Option<&'a Path>,
+    adopted: bool,
+}
+
+/// A restore from a snapshot file: what to prefetch (learned from earlier
+/// restores of the same file) and where to record this one, with a note
+/// saying so. Nothing for other VMs, or when prefetch is off.
+fn restore_prefetch(
+    req: &Restore<'_>,
+    cfg: &Config,
+    granule: u64,
+    granules: u32,
+    notes: &mut Vec<String>,
+) -> (Vec<u32>, Option<(std::path::PathBuf, Duration)>) {
+    let (Some(policy), Some(file), Some(path)) = (&cfg.prefetch, req.source, req.snapshot) else {
+        return (Vec::new(), None);
+    };
+    if req.adopted {
+        notes.push(
+            "restore prefetch not resumed: a restarted agent took the VM over part of the way \
+             through its restore"
+                .into(),
+        );
+        return (Vec::new(), None);
+    }
+    let prepared = prefetch::identity(file, path).and_then(|id| {
+        prefetch::Store::new(&cfg.state_dir, &id).prepare(
+            granules,
+            granule,
+            policy,
+            req.vm_id.as_str(),
+        )
+    });
+    let p = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(vm_id = %req.vm_id, error = %e, "restore prefetch off for this VM");
+            notes.push(format!("restore prefetch off for this VM: {e}"));
+            return (Vec::new(), None);
+        }
+    };
+    let span = cfg.prefetch_record;
+    let plan = &p.plan;
+    notes.push(if plan.order.is_empty() {
+        format!(
+            "restore prefetch: nothing learned for this snapshot yet ({} restores folded in; a \
+             page joins once touched in {} of the last {} restores that saw it); recording \
+             this restore's first touches for {}",
+            p.restores,
+            policy.min_seen,
+            policy.history,
+            wset_serve::cli::format_duration(span)
+        )
+    } else {
+        format!(
+            "restore prefetch: {} pages ({} MiB) copied in ahead of the guest in first-touch \
+             order, learned from {} restores (touched in {} of the last {} that saw them); {} of \
+             the set's {} withheld to be seen on demand{}; recording this restore for {}",
+            plan.order.len(),
+            (plan.order.len() as u64 * granule) >> 20,
+            p.restores,
+            policy.min_seen,
+            policy.history,
+            plan.withheld,
+            plan.members,
+            if plan.over_budget > 0 {
+                format!(", {} over --prefetch-max-bytes", plan.over_budget)
+            } else {
+                String::new()
+            },
+            wset_serve::cli::format_duration(span)
+        )
+    });
+    if let Some(f) = p.last
+        && let Some(share) = f.untouched_share()
+    {
+        notes.push(format!(
+            "restore prefetch, last restore: {} pages prefetched, {} faulted in; of the {} pages \
+             of the set it left to demand, {} went untouched, so an estimated {:.1}% of what it \
+             prefetched was not needed",
+            f.prefetched,
+            f.touched,
+            f.probes,
+            f.probes_untouched,
+            share * 100.0
+        ));
+    }
+    (plan.order.clone(), Some((p.record_path, span)))
 }

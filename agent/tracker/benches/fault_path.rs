@@ -174,6 +174,8 @@ fn tracker_round_with(spin: Duration) -> (Duration, Vec<u32>) {
         fault_budget: 0,
         max_stride: 1,
         wake_waiters: false,
+        prefetch: Vec::new(),
+        record: None,
     })
     .unwrap();
     let out = touch_all(mem.addr() as usize);

@@ -85,6 +85,9 @@ pub struct Counters {
     pub rwp_write_faults: AtomicU64,
     /// Time spent in harvests (scan, re-protect, reset), in nanoseconds.
     pub harvest_ns: AtomicU64,
+    /// Pages copied in from the snapshot ahead of the guest (restore
+    /// prefetch).
+    pub prefetched_pages: AtomicU64,
 }
 
 /// Per-epoch distinct-granule counts.

@@ -441,6 +441,27 @@ impl Uffd {
         resolve(ret)
     }
 
+    /// `UFFDIO_COPY` of a run of pages (prefetch), write-protected when
+    /// `wp`: the bytes copied, and why the copy stopped short of
+    /// `src.len()` if it did (`Exists` at the first page already present:
+    /// the caller skips it and goes on).
+    pub fn copy_run(&self, dst: u64, src: &[u8], wp: bool) -> io::Result<(u64, Resolve)> {
+        let mut c = UffdioCopy {
+            dst,
+            src: src.as_ptr() as u64,
+            len: src.len() as u64,
+            mode: if wp { UFFDIO_COPY_MODE_WP } else { 0 },
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads `len` bytes at `src`, which the slice
+        // holds, fills only absent pages of a registered range, and
+        // reads/writes one `uffdio_copy`.
+        let ret = unsafe { libc::ioctl(self.as_raw_fd(), UFFDIO_COPY as _, &mut c) };
+        // `copy` is the bytes copied, or a negative errno when none were.
+        let copied = u64::try_from(c.copy).unwrap_or(0);
+        Ok((copied, resolve(ret)?))
+    }
+
     /// `UFFDIO_ZEROPAGE`: map the zero page at `[start, start+len)` and wake.
     pub fn zeropage(&self, start: u64, len: u64) -> io::Result<Resolve> {
         // SAFETY: the kernel maps zero pages only where a registered range

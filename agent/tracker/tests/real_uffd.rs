@@ -376,6 +376,8 @@ fn sampled_hot_guest(
         fault_budget: budget,
         max_stride,
         wake_waiters: false,
+        prefetch: Vec::new(),
+        record: None,
         ..spec
     })
     .unwrap();

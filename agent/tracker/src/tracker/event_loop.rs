@@ -33,6 +33,7 @@ impl Tracker {
             }
         };
         let vmm_alive = state != TrackerState::Retired;
+        self.finish_recording(true);
         let left = self.release(vmm_alive);
         let reason = if left > 0 {
             format!(
@@ -69,7 +70,7 @@ impl Tracker {
         loop {
             let timeout = if !self.deferred.is_empty() {
                 1
-            } else if self.spin_ns > 0 && sys::now_ns() < spin_until {
+            } else if self.prefetching() || (self.spin_ns > 0 && sys::now_ns() < spin_until) {
                 0
             } else {
                 -1
@@ -100,6 +101,11 @@ impl Tracker {
             if fds[1].revents != 0 {
                 self.timer.consume();
                 self.tick()?;
+                self.finish_recording(false);
+            }
+            // Faults first: a prefetch chunk only once the queue is empty.
+            if self.prefetching() {
+                self.prefetch_step()?;
             }
             if fds[3].revents != 0 {
                 return Ok((TrackerState::Retired, "the VMM process exited".into()));

@@ -96,6 +96,10 @@ impl Snapshot {
         self.served[g]
     }
 
+    pub(super) fn mark_served(&mut self, g: usize) {
+        self.served[g] = true;
+    }
+
     pub(super) fn granules(&self) -> usize {
         self.served.len()
     }
@@ -250,6 +254,9 @@ impl Tracker {
         let removed = std::mem::replace(&mut self.removed[g], false);
         if let Some(s) = &mut self.snapshot {
             s.served[g] = true;
+        }
+        if !removed {
+            self.record_touch(g);
         }
         let src = match &self.snapshot {
             Some(s) if !removed => s.get(self.map.file_offset(g), granule),

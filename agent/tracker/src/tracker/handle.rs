@@ -65,6 +65,13 @@ pub struct TrackerSpec {
     /// answered have nobody else to wake them. A woken thread whose page is
     /// still missing faults again, and this tracker serves it.
     pub wake_waiters: bool,
+    /// Snapshot-backed VMs: granules to copy in from the snapshot ahead of
+    /// the guest, in this order (a learned restore working set; empty:
+    /// none).
+    pub prefetch: Vec<u32>,
+    /// Snapshot-backed VMs: record the guest's first touches for this long
+    /// after the start into this file (`tracker::prefetch` has its format).
+    pub record: Option<(PathBuf, Duration)>,
 }
 
 /// Why a tracker could not start.

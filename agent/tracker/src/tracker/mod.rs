@@ -21,6 +21,7 @@ mod event_loop;
 mod fault;
 mod handle;
 mod harvest;
+mod prefetch;
 mod region;
 mod sampler;
 
@@ -31,6 +32,7 @@ use std::sync::Arc;
 
 pub use fault::DEFERRED_CAP;
 pub use handle::{StopReport, TrackerError, TrackerHandle, TrackerSpec};
+pub use prefetch::{CHUNK_GRANULES, RECORD_MAGIC};
 pub use region::{Region, RegionMap};
 pub use sampler::{draw_sample, rearm_stride};
 
@@ -42,6 +44,7 @@ use crate::sys::{self, FileMap, TimerFd};
 use crate::uffd::{UffdMsg, feature, pagemap};
 use custody_pages::CustodyPages;
 use fault::{Deferred, Snapshot};
+use prefetch::{Prefetch, Recorder};
 use sampler::Sampler;
 
 /// Messages read per `read(2)`.
@@ -70,6 +73,10 @@ struct Tracker {
     snapshot: Option<Snapshot>,
     /// Per granule: the VMM dropped it (REMOVE): serve zeros, not the snapshot.
     removed: Box<[bool]>,
+    /// Snapshot-backed VMs: what is left to copy in ahead of the guest.
+    prefetch: Option<Prefetch>,
+    /// Snapshot-backed VMs: this restore's first touches, being recorded.
+    recorder: Option<Recorder>,
     pages: CustodyPages,
     sampler: Sampler,
     deferred: Deferred,
@@ -153,6 +160,7 @@ impl Tracker {
         } else {
             None
         };
+        let snapshot_backed = spec.source.is_some();
         let snapshot = match spec.source {
             Some(f) => Some(Snapshot::new(
                 FileMap::new(f).map_err(TrackerError::SourceMap)?,
@@ -182,6 +190,17 @@ impl Tracker {
             clear_refs,
             snapshot,
             removed: vec![false; granules].into_boxed_slice(),
+            prefetch: if snapshot_backed {
+                Prefetch::new(spec.prefetch)
+            } else {
+                None
+            },
+            recorder: match spec.record {
+                Some((path, span)) if snapshot_backed => {
+                    Some(Recorder::new(path, span.as_nanos() as u64, granules))
+                }
+                _ => None,
+            },
             pages: CustodyPages::new(
                 custody,
                 memory,

@@ -67,6 +67,8 @@ pub fn spec(
         fault_budget: 0,
         max_stride: 1,
         wake_waiters: false,
+        prefetch: Vec::new(),
+        record: None,
     }
 }
 
