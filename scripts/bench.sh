@@ -33,5 +33,8 @@ cargo bench --locked -p wset-controller --bench overcommit || fail "overcommit c
 step "agent summary-stream fan-out: 0, 1, 8, 32 readers (about 3 minutes)"
 cargo bench --locked -p wset-tests --bench stream_fanout || fail "stream_fanout benchmark failed (above)"
 
+step "Firecracker restores: its own handlers vs wset on demand vs wset's learned prefetch (about 12 minutes)"
+cargo bench --locked -p wset-tests --bench firecracker_restore || fail "firecracker_restore benchmark failed (above)"
+
 step "harvest cost on Linux 7.3: RWP vs WP_ASYNC, in the kernel lane (about 2 minutes)"
 scripts/kernel-lane.sh --bench || fail "harvest_cost benchmark in the kernel lane failed (above)"

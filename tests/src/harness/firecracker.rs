@@ -416,6 +416,12 @@ impl Handler {
     }
 }
 
+impl Handler {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Handler {
     fn drop(&mut self) {
         let _ = self.child.kill();
