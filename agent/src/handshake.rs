@@ -558,7 +558,10 @@ pub fn check_mapped(
                     perms: m.perms.clone(),
                 });
             }
-            if memory_ino.is_none() && m.inode != 0 {
+            // Anonymous hugetlb memory (MAP_HUGETLB, as Firecracker maps
+            // `huge_pages` guests) has an inode of the kernel's own.
+            let anon_huge = m.path.starts_with("/anon_hugepage");
+            if memory_ino.is_none() && m.inode != 0 && !anon_huge {
                 return Err(MappingError::FileBacked {
                     index,
                     addr,
@@ -808,6 +811,13 @@ mod tests {
         assert!(e.to_string().contains("not readable and writable"), "{e}");
         let e = check_mapped(&l(0x7f00_0000_0000, 0x1000, 0), &maps, None).unwrap_err();
         assert!(e.to_string().contains("not anonymous memory"), "{e}");
+        let huge = parse_maps(
+            "7f2000000000-7f2000400000 rw-p 00000000 00:10 4321 /anon_hugepage (deleted)\n",
+        );
+        assert!(
+            check_mapped(&l(0x7f20_0000_0000, 0x40_0000, 0), &huge, None).is_ok(),
+            "anonymous hugetlb memory is anonymous"
+        );
         // A maps offset near 2^64 (found by the handshake fuzz target) is a
         // mismatch, not an overflow.
         let wild =

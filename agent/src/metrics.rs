@@ -188,7 +188,7 @@ pub fn render(s: &Sources) -> String {
         &'a wset_tracker::VmShared,
     );
     type Family = (&'static str, Kind, &'static str, fn(PerVm<'_>) -> f64);
-    let scalars: [Family; 11] = [
+    let scalars: [Family; 12] = [
         (
             "wset_vm_pages_in_custody",
             Kind::Gauge,
@@ -206,6 +206,20 @@ pub fn render(s: &Sources) -> String {
             Kind::Counter,
             "Pages copied in from the snapshot file ahead of the guest by the learned restore prefetch (faults served on demand: wset_vm_faults_total).",
             |(c, ..)| c.prefetched_pages as f64,
+        ),
+        (
+            "wset_vm_prefetched_untouched_pages",
+            Kind::Gauge,
+            "Prefetched pages the guest is estimated not to have touched within the recording span, from the share of withheld probe pages it did not touch (0 until the span ends).",
+            |(c, ..)| {
+                if c.prefetch_probes == 0 {
+                    0.0
+                } else {
+                    (c.prefetched_pages as f64 * c.prefetch_probes_untouched as f64
+                        / c.prefetch_probes as f64)
+                        .round()
+                }
+            },
         ),
         (
             "wset_vm_evicted_pages_total",

@@ -18,7 +18,8 @@
 //!
 //! Files, under `<state-dir>/prefetch/<identity>/`: `learned.bin` (per
 //! page: the touch history bits, how many restores saw it, its first-touch
-//! rank) and `rec-*.bin` recordings not yet folded in.
+//! rank) and `rec-*.bin` recordings not yet folded in. The state of the
+//! [`KEEP_SNAPSHOTS`] most recently restored snapshots is kept.
 
 use std::fs::File;
 use std::io;
@@ -181,6 +182,8 @@ impl Folded {
 pub struct PlanOut {
     /// Granules in first-touch order.
     pub order: Vec<u32>,
+    /// The set's pages withheld to be seen on demand (the probes).
+    pub probes: Vec<u32>,
     /// Pages in the learned set.
     pub members: u32,
     /// Of them, withheld as probes.
@@ -258,6 +261,7 @@ impl Learned {
             out.members += 1;
             if p.probe > 0 && probe_of(g, seq).is_multiple_of(p.probe) {
                 out.withheld += 1;
+                out.probes.push(g);
                 continue;
             }
             order.push(g);
@@ -321,6 +325,9 @@ pub struct Store {
     dir: PathBuf,
 }
 
+/// Snapshots whose learned state is kept (the most recently restored).
+pub const KEEP_SNAPSHOTS: usize = 64;
+
 /// Registrations of one snapshot may race; folding is one at a time.
 static FOLDING: Mutex<()> = Mutex::new(());
 
@@ -341,6 +348,29 @@ impl Store {
         }
     }
 
+    /// Keep what the most recently restored [`KEEP_SNAPSHOTS`] snapshots
+    /// taught; older ones (rewritten or retired files) go.
+    fn prune(&self) {
+        let Some(parent) = self.dir.parent() else {
+            return;
+        };
+        let Ok(rd) = std::fs::read_dir(parent) else {
+            return;
+        };
+        let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = rd
+            .flatten()
+            .filter(|e| e.path() != self.dir)
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        if dirs.len() < KEEP_SNAPSHOTS {
+            return;
+        }
+        dirs.sort();
+        for (_, d) in &dirs[..dirs.len() + 1 - KEEP_SNAPSHOTS] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+
     fn state_err(&self, path: &Path) -> impl Fn(io::Error) -> PrefetchError {
         let path = path.to_owned();
         move |source| PrefetchError::State {
@@ -358,6 +388,9 @@ impl Store {
         vm: &str,
     ) -> Result<Prepared, PrefetchError> {
         let _one = FOLDING.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.dir.exists() {
+            self.prune();
+        }
         std::fs::create_dir_all(&self.dir).map_err(self.state_err(&self.dir))?;
         let learned_path = self.dir.join("learned.bin");
         let mut learned = match std::fs::read(&learned_path) {

@@ -168,6 +168,8 @@ pub fn counters(shared: &VmShared) -> pb::TrackerCounters {
         unpunchable_pages: c.unpunchable_pages.load(Relaxed),
         custody_full: c.custody_full.load(Relaxed),
         prefetched_pages: c.prefetched_pages.load(Relaxed),
+        prefetch_probes: c.prefetch_probes.load(Relaxed),
+        prefetch_probes_untouched: c.prefetch_probes_untouched.load(Relaxed),
         fault_service_latency: shared
             .latency_histogram()
             .into_iter()

@@ -274,6 +274,7 @@ fn soft_dirty_tracks_a_firecracker_uffd_without_write_protect() {
         exact_dirty: false,
         evict_after: 0,
         soft_dirty: true,
+        missing_registered: false,
         sync_write_protect: false,
     });
     assert_eq!(p.dirty, wset_tracker::Dirty::SoftDirty, "{:?}", p.notes);
@@ -306,6 +307,7 @@ fn soft_dirty_tracks_a_firecracker_uffd_without_write_protect() {
         max_stride: 1,
         wake_waiters: false,
         prefetch: Vec::new(),
+        probes: Vec::new(),
         record: None,
     })
     .expect("spawn the tracker");

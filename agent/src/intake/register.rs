@@ -90,8 +90,14 @@ pub(super) async fn register(
                 name,
                 labels: Default::default(),
                 pid,
+                // Firecracker backs guest memory with hugetlbfs when its
+                // page size says so (`huge_pages: "2M"`).
+                backing: if layout.page_size > 4096 {
+                    BackingKind::Hugetlb
+                } else {
+                    BackingKind::Anonymous
+                },
                 layout,
-                backing: BackingKind::Anonymous,
                 uffd: uffd_fd,
                 memory_fd: None,
                 source,
@@ -246,6 +252,7 @@ pub(crate) async fn track(
         exact_dirty: cfg.exact_dirty,
         evict_after: cfg.evict_cold_after,
         soft_dirty: wset_tracker::sys::soft_dirty_supported(),
+        missing_registered: req.handshake == HandshakeKind::Firecracker,
         sync_write_protect: cfg.sync_write_protect,
     });
     let custody_dir = cfg.state_dir.join("custody");
@@ -293,7 +300,8 @@ pub(crate) async fn track(
         snapshot: req.snapshot.as_deref(),
         adopted: req.adopted,
     };
-    let (prefetch, recording) = restore_prefetch(&restore, cfg, granule, granules, &mut p.notes);
+    let (prefetch, probes, recording) =
+        restore_prefetch(&restore, cfg, granule, granules, &mut p.notes);
     let spec = TrackerSpec {
         name: format!("wset-{}", req.vm_id),
         uffd,
@@ -314,6 +322,7 @@ pub(crate) async fn track(
         max_stride: cfg.max_rearm_stride(),
         wake_waiters: req.adopted,
         prefetch,
+        probes,
         record: recording,
     };
     let handle = tokio::task::spawn_blocking(move || TrackerHandle::spawn(spec))
@@ -404,9 +413,9 @@ fn restore_prefetch(
     granule: u64,
     granules: u32,
     notes: &mut Vec<String>,
-) -> (Vec<u32>, Option<(std::path::PathBuf, Duration)>) {
+) -> (Vec<u32>, Vec<u32>, Option<(std::path::PathBuf, Duration)>) {
     let (Some(policy), Some(file), Some(path)) = (&cfg.prefetch, req.source, req.snapshot) else {
-        return (Vec::new(), None);
+        return (Vec::new(), Vec::new(), None);
     };
     if req.adopted {
         notes.push(
@@ -414,7 +423,7 @@ fn restore_prefetch(
              through its restore"
                 .into(),
         );
-        return (Vec::new(), None);
+        return (Vec::new(), Vec::new(), None);
     }
     let prepared = prefetch::identity(file, path).and_then(|id| {
         prefetch::Store::new(&cfg.state_dir, &id).prepare(
@@ -429,7 +438,7 @@ fn restore_prefetch(
         Err(e) => {
             warn!(vm_id = %req.vm_id, error = %e, "restore prefetch off for this VM");
             notes.push(format!("restore prefetch off for this VM: {e}"));
-            return (Vec::new(), None);
+            return (Vec::new(), Vec::new(), None);
         }
     };
     let span = cfg.prefetch_record;
@@ -478,5 +487,9 @@ fn restore_prefetch(
             share * 100.0
         ));
     }
-    (plan.order.clone(), Some((p.record_path, span)))
+    (
+        plan.order.clone(),
+        plan.probes.clone(),
+        Some((p.record_path, span)),
+    )
 }

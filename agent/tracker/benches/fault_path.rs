@@ -175,6 +175,7 @@ fn tracker_round_with(spin: Duration) -> (Duration, Vec<u32>) {
         max_stride: 1,
         wake_waiters: false,
         prefetch: Vec::new(),
+        probes: Vec::new(),
         record: None,
     })
     .unwrap();

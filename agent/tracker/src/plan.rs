@@ -175,6 +175,9 @@ pub struct PlanInput {
     /// The kernel keeps soft-dirty bits (`CONFIG_MEM_SOFT_DIRTY`; see
     /// [`crate::sys::soft_dirty_supported`]).
     pub soft_dirty: bool,
+    /// The VMM registered the ranges for MISSING faults itself (Firecracker
+    /// does), so they arrive whatever feature bits the uffd was given.
+    pub missing_registered: bool,
     /// Where the uffd lacks WP_ASYNC, track writes by synchronous
     /// write-protect even though soft-dirty bits could: exact to the fault,
     /// but every first write per interval waits for the agent, so a dead
@@ -210,11 +213,12 @@ pub fn recommended_features(offered: u64, backing: BackingKind) -> u64 {
 pub fn plan(input: PlanInput) -> Plan {
     let f = input.features;
     let mut notes = Vec::new();
-    let missing_ok = match input.backing {
-        BackingKind::Anonymous => true,
-        BackingKind::Shmem => f & feature::MISSING_SHMEM != 0,
-        BackingKind::Hugetlb => f & feature::MISSING_HUGETLBFS != 0,
-    };
+    let missing_ok = input.missing_registered
+        || match input.backing {
+            BackingKind::Anonymous => true,
+            BackingKind::Shmem => f & feature::MISSING_SHMEM != 0,
+            BackingKind::Hugetlb => f & feature::MISSING_HUGETLBFS != 0,
+        };
     if !missing_ok {
         notes.push(format!(
             "first-touch off: the uffd lacks {} (request it at UFFDIO_API)",
@@ -470,6 +474,7 @@ mod tests {
             exact_dirty: false,
             evict_after: 0,
             soft_dirty: true,
+            missing_registered: false,
             sync_write_protect: false,
         }
     }
@@ -772,7 +777,8 @@ mod tests {
                 "firecracker uffd on hugetlbfs (no soft-dirty bits there)",
                 PlanInput {
                     have_memory_fd: false,
-                    ..input(fc | feature::MISSING_HUGETLBFS, Hugetlb)
+                    missing_registered: true,
+                    ..input(fc, Hugetlb)
                 },
                 true,
                 Dirty::None,

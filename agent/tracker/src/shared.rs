@@ -88,6 +88,11 @@ pub struct Counters {
     /// Pages copied in from the snapshot ahead of the guest (restore
     /// prefetch).
     pub prefetched_pages: AtomicU64,
+    /// Pages of the learned set withheld from the prefetch to be seen on
+    /// demand, and of them the ones the guest did not touch within the
+    /// recording span (set when it ends).
+    pub prefetch_probes: AtomicU64,
+    pub prefetch_probes_untouched: AtomicU64,
 }
 
 /// Per-epoch distinct-granule counts.

@@ -165,6 +165,7 @@ fn firecracker_style(sync_write_protect: bool) -> (Uffd, wset_tracker::Plan) {
         exact_dirty: false,
         evict_after: 0,
         soft_dirty: wset_tracker::sys::soft_dirty_supported(),
+        missing_registered: true,
         sync_write_protect,
     });
     (uffd, p)
@@ -377,6 +378,7 @@ fn sampled_hot_guest(
         max_stride,
         wake_waiters: false,
         prefetch: Vec::new(),
+        probes: Vec::new(),
         record: None,
         ..spec
     })

@@ -232,6 +232,16 @@ impl Firecracker {
     /// Boot the memloop guest with `mem_mib` of memory and a loop over
     /// `loop_mib` of it, one vCPU.
     pub fn boot(tag: &str, mem_mib: u64, loop_mib: u64) -> Self {
+        Self::boot_with(tag, mem_mib, loop_mib, false)
+    }
+
+    /// The same, its memory backed by 2 MiB hugetlbfs pages
+    /// (`huge_pages: "2M"`); the caller reserves them.
+    pub fn boot_huge(tag: &str, mem_mib: u64, loop_mib: u64) -> Self {
+        Self::boot_with(tag, mem_mib, loop_mib, true)
+    }
+
+    fn boot_with(tag: &str, mem_mib: u64, loop_mib: u64, huge: bool) -> Self {
         let mut fc = Self::spawn(tag);
         let b = bundle();
         let boot = serde_json::json!({
@@ -239,10 +249,11 @@ impl Firecracker {
             "boot_args": format!("{BOOT_ARGS} memloop.mb={loop_mib}"),
         });
         fc.call("PUT", "/boot-source", &boot.to_string());
+        let huge = if huge { r#","huge_pages":"2M""# } else { "" };
         fc.call(
             "PUT",
             "/machine-config",
-            &format!(r#"{{"vcpu_count":1,"mem_size_mib":{mem_mib}}}"#),
+            &format!(r#"{{"vcpu_count":1,"mem_size_mib":{mem_mib}{huge}}}"#),
         );
         fc.started = Instant::now();
         fc.call("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);

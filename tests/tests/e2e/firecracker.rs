@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use wset_proto::v1 as pb;
 use wset_tests::harness::firecracker::{Firecracker, Handler, Snapshot};
-use wset_tests::harness::{Agent, AgentOpts, Shared, TempDir, wait_for};
+use wset_tests::harness::{Agent, AgentOpts, Shared, TempDir, ensure_hugepages, wait_for};
 
 /// Guest memory and the part of it the guest's loop runs over. Small, so a
 /// boot and a restore take seconds of this machine's emulated guest time.
@@ -20,6 +20,15 @@ const TICK: Duration = Duration::from_secs(180);
 
 static SNAPSHOT: Shared<Snapshot> =
     Shared::new(|| Firecracker::boot("fc-boot", MEM_MIB, LOOP_MIB).snapshot(LOOP_MIB));
+
+/// 2 MiB pages of one guest's memory.
+const HUGE_PAGES: u64 = MEM_MIB / 2;
+
+/// The same guest with its memory on 2 MiB hugetlbfs pages.
+static HUGE_SNAPSHOT: Shared<Snapshot> = Shared::new(|| {
+    ensure_hugepages(HUGE_PAGES);
+    Firecracker::boot_huge("fc-boot-huge", MEM_MIB, LOOP_MIB).snapshot(LOOP_MIB)
+});
 
 fn agent(snap: &Snapshot, state: Option<&TempDir>, extra: &[&str]) -> Agent {
     Agent::start(AgentOpts {
@@ -230,27 +239,60 @@ fn firecrackers_own_handler_restores_the_same_snapshot() {
     fc.wait_tick(TICK);
 }
 
-/// Two restores record which pages the guest touches and in what order;
-/// the third copies them in ahead of the guest: at least 95% fewer faults
-/// served on demand than the first restore, every check passing.
-#[test]
-fn learned_prefetch_takes_the_restore_working_set_off_the_fault_path() {
-    let snap = SNAPSHOT.get();
-    let agent = agent(snap, None, &[]);
+/// Three restores of `snap` through one agent, each ended after two good
+/// ticks: per restore, the faults served on demand, the pages prefetched
+/// and the VM's notes.
+fn three_restores(
+    snap: &Snapshot,
+    tag: &str,
+    page_size: u64,
+    extra: &[&str],
+) -> Vec<(u64, u64, Vec<String>)> {
+    let agent = agent(snap, None, extra);
     let mut seen = Vec::new();
+    let mut probes = Vec::new();
     for i in 0..3 {
-        let mut fc = Firecracker::restore(&format!("fc-learn-{i}"), snap, &agent.socket);
+        let mut fc = Firecracker::restore(&format!("{tag}-{i}"), snap, &agent.socket);
         let vm = listed(&agent, &fc);
+        assert_eq!(vm.page_size_bytes, page_size);
+        assert_eq!(vm.granule_bytes, page_size);
         fc.wait_tick(TICK);
         fc.wait_tick(TICK);
         let c = counters(&agent, &vm.vm_id);
         seen.push((c.missing_faults, c.prefetched_pages, vm.notes.clone()));
         // Its recording is written when its tracking ends.
         fc.kill();
-        agent.wait_summary(&vm.vm_id, Duration::from_secs(30), "retired", |s| {
+        let s = agent.wait_summary(&vm.vm_id, Duration::from_secs(30), "retired", |s| {
             s.state == pb::VmState::Retired as i32
         });
+        let c = s.counters.expect("counters");
+        probes.push((c.prefetch_probes, c.prefetch_probes_untouched));
     }
+    eprintln!("{tag}: (probes withheld, of them untouched) {probes:?}");
+    assert_eq!(
+        probes[0],
+        (0, 0),
+        "nothing to withhold before anything is learned"
+    );
+    let (withheld, untouched) = probes[2];
+    assert!(
+        withheld > 0,
+        "the third restore withheld no probes: {probes:?}"
+    );
+    assert!(
+        untouched * 10 <= withheld,
+        "the guest's loop touches its whole set every restore: {probes:?}"
+    );
+    seen
+}
+
+/// Two restores record which pages the guest touches and in what order;
+/// the third copies them in ahead of the guest: at least 95% fewer faults
+/// served on demand than the first restore, every check passing.
+#[test]
+fn learned_prefetch_takes_the_restore_working_set_off_the_fault_path() {
+    let snap = SNAPSHOT.get();
+    let seen = three_restores(snap, "fc-learn", 4096, &[]);
     let figures: Vec<(u64, u64)> = seen.iter().map(|(f, p, _)| (*f, *p)).collect();
     eprintln!("restores: (faults on demand, pages prefetched) {figures:?}");
     let (cold, cold_prefetched, _) = &seen[0];
@@ -276,4 +318,22 @@ fn learned_prefetch_takes_the_restore_working_set_off_the_fault_path() {
         "faults served on demand: {cold} on the first restore, {warm} with the prefetch \
          (at least 95% fewer expected)"
     );
+}
+
+/// A guest on 2 MiB hugetlbfs pages: served from the snapshot at 2 MiB,
+/// tracked at 2 MiB, and prefetched at 2 MiB once two restores taught the
+/// set.
+#[test]
+fn hugetlbfs_restores_are_served_and_prefetched_in_huge_pages() {
+    let snap = HUGE_SNAPSHOT.get();
+    ensure_hugepages(HUGE_PAGES);
+    // A set of a few dozen huge pages: withhold 1 in 4, so some are.
+    let seen = three_restores(snap, "fc-huge", 2 << 20, &["--prefetch-probe", "4"]);
+    let figures: Vec<(u64, u64)> = seen.iter().map(|(f, p, _)| (*f, *p)).collect();
+    eprintln!("hugetlbfs restores: (faults on demand, pages prefetched) {figures:?}");
+    let (cold, warm, prefetched) = (figures[0].0, figures[2].0, figures[2].1);
+    let loop_huge = snap.loop_pages / 512;
+    assert!(cold >= loop_huge, "{figures:?}");
+    assert!(prefetched >= loop_huge, "{figures:?}");
+    assert!(warm * 2 <= cold, "{figures:?}");
 }

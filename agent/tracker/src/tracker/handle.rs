@@ -69,6 +69,10 @@ pub struct TrackerSpec {
     /// the guest, in this order (a learned restore working set; empty:
     /// none).
     pub prefetch: Vec<u32>,
+    /// Pages of the learned set left out of `prefetch` to be seen on
+    /// demand: how many of them the guest touches within the recording
+    /// span estimates how much of the prefetch it did not need.
+    pub probes: Vec<u32>,
     /// Snapshot-backed VMs: record the guest's first touches for this long
     /// after the start into this file (`tracker::prefetch` has its format).
     pub record: Option<(PathBuf, Duration)>,

@@ -196,9 +196,12 @@ impl Tracker {
                 None
             },
             recorder: match spec.record {
-                Some((path, span)) if snapshot_backed => {
-                    Some(Recorder::new(path, span.as_nanos() as u64, granules))
-                }
+                Some((path, span)) if snapshot_backed => Some(Recorder::new(
+                    path,
+                    span.as_nanos() as u64,
+                    granules,
+                    spec.probes,
+                )),
                 _ => None,
             },
             pages: CustodyPages::new(

@@ -47,6 +47,7 @@ pub(super) struct Recorder {
     touched: Vec<u32>,
     seen: Box<[bool]>,
     prefetched: Vec<u32>,
+    probes: Vec<u32>,
     until_ns: u64,
     path: PathBuf,
 }
@@ -57,11 +58,15 @@ pub(super) struct Recorder {
 pub const RECORD_MAGIC: &[u8; 8] = b"WSETREC1";
 
 impl Recorder {
-    pub(super) fn new(path: PathBuf, span_ns: u64, granules: usize) -> Self {
+    pub(super) fn new(path: PathBuf, span_ns: u64, granules: usize, probes: Vec<u32>) -> Self {
         Self {
             touched: Vec::with_capacity(granules),
             seen: vec![false; granules].into_boxed_slice(),
             prefetched: Vec::with_capacity(granules),
+            probes: probes
+                .into_iter()
+                .filter(|&g| (g as usize) < granules)
+                .collect(),
             until_ns: sys::now_ns().saturating_add(span_ns),
             path,
         }
@@ -195,6 +200,10 @@ impl Tracker {
             return;
         }
         let r = self.recorder.take().expect("checked");
+        let untouched = r.probes.iter().filter(|&&g| !r.seen[g as usize]).count();
+        let c = &self.shared.counters;
+        c.prefetch_probes.store(r.probes.len() as u64, Relaxed);
+        c.prefetch_probes_untouched.store(untouched as u64, Relaxed);
         match r.write() {
             Ok(()) => tracing::info!(
                 vm = %self.name,

@@ -68,6 +68,7 @@ pub fn spec(
         max_stride: 1,
         wake_waiters: false,
         prefetch: Vec::new(),
+        probes: Vec::new(),
         record: None,
     }
 }
@@ -95,6 +96,7 @@ pub fn planned_uffd(
         exact_dirty: false,
         evict_after: 0,
         soft_dirty: true,
+        missing_registered: false,
         sync_write_protect: false,
     });
     (uffd, p)
