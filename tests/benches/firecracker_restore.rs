@@ -75,8 +75,11 @@ fn cpu_ms(pid: u32) -> f64 {
         .collect();
     // Fields 14 and 15 of proc(5); `rest` starts at field 3.
     let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100)
+        .max(1) as f64;
     ticks as f64 * 1000.0 / hz
 }
 
