@@ -41,6 +41,17 @@ pub struct AgentOpts {
     pub env: Vec<(String, String)>,
 }
 
+/// Agent flags that make a Firecracker VM's writes visible on this kernel:
+/// none where it keeps soft-dirty bits (the default tracks them), else
+/// `--sync-write-protect` (the default tracks none there).
+pub fn fc_write_tracking() -> Vec<String> {
+    if wset_tracker::sys::soft_dirty_supported() {
+        Vec::new()
+    } else {
+        vec!["--sync-write-protect".into()]
+    }
+}
+
 impl Default for AgentOpts {
     fn default() -> Self {
         Self {

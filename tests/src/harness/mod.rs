@@ -12,7 +12,7 @@ pub mod firecracker;
 mod guest;
 mod shared;
 
-pub use agent::{Agent, AgentOpts};
+pub use agent::{Agent, AgentOpts, fc_write_tracking};
 pub use controller::Controller;
 pub use disk::SmallDisk;
 pub use guest::{Backing, Guest, GuestBuilder, GuestKind, Handshake};

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use wset_guest::script::{Op, Phase, Script, Touch};
 use wset_proto::v1 as pb;
-use wset_tests::harness::{Agent, AgentOpts, Backing, Guest, GuestKind, Handshake, TempDir};
+use wset_tests::harness::{
+    Agent, AgentOpts, Backing, Guest, GuestKind, Handshake, TempDir, fc_write_tracking,
+};
 
 #[test]
 fn killed_agent_loses_no_page_and_a_restarted_one_puts_them_back() {
@@ -142,8 +144,11 @@ fn twenty_kills_at_random_moments_lose_nothing_and_tracking_resumes() {
         interval_ms: 200,
         access: "exhaustive".into(),
         state_dir: Some(state.0.join("state")),
-        // The socket also serves a Firecracker VM restored from a snapshot.
+        // The socket also serves a Firecracker VM restored from a snapshot,
+        // whose writes (its only accesses seen once its pages are present)
+        // must be visible for "tracked again" to be seen.
         snapshot: Some(snapshot.clone()),
+        extra: fc_write_tracking(),
         ..Default::default()
     };
     let mut agent = Agent::start(opts.clone());

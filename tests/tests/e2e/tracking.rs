@@ -409,11 +409,7 @@ fn firecracker_restore(
         snapshot: Some(snapshot.clone()),
         ..opts("exhaustive")
     };
-    // Without soft-dirty bits in the kernel, writes are tracked only when
-    // sync write-protect is asked for.
-    if !wset_tracker::sys::soft_dirty_supported() {
-        o.extra.push("--sync-write-protect".into());
-    }
+    o.extra.extend(wset_tests::harness::fc_write_tracking());
     let agent = Agent::start(o);
     let g = Guest::builder(tag, script)
         .kind(kind)
