@@ -185,9 +185,20 @@ pub fn rel_err(measured: u64, truth: u64) -> f64 {
     (measured as f64 - truth as f64).abs() / (truth as f64).max(1.0)
 }
 
-/// Make sure `n` free 2 MiB huge pages exist, reserving more if needed
-/// (root). Fails with what to do when the kernel cannot provide them.
+/// Make sure `n` 2 MiB huge pages are there for the caller, on top of what
+/// every earlier caller in this test binary asked for: tests run at once,
+/// and a guest whose hugetlbfs page cannot be had mid-run stops, so each
+/// request adds to the pool instead of counting pages another test is
+/// about to take (root). Fails with what to do when the kernel cannot
+/// provide them.
 pub fn ensure_hugepages(n: u64) {
+    static ASKED: Mutex<Option<(u64, u64)>> = Mutex::new(None);
+    let read = |f: &str| -> u64 {
+        std::fs::read_to_string(f)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
     let free = || -> u64 {
         std::fs::read_to_string("/proc/meminfo")
             .unwrap_or_default()
@@ -196,21 +207,26 @@ pub fn ensure_hugepages(n: u64) {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     };
-    let have = free();
-    if have >= n {
-        return;
-    }
-    let total: u64 = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
-    let want = total + (n - have);
-    let wrote = std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string());
+    let mut asked = ASKED.lock().unwrap_or_else(|e| e.into_inner());
+    // The pool as this binary found it (what it had free), and what its
+    // tests asked for since.
+    let (base, total) = asked.get_or_insert_with(|| {
+        let nr = read("/proc/sys/vm/nr_hugepages");
+        (nr.saturating_sub(free()), 0)
+    });
+    *total += n;
+    let want = *base + *total;
+    let nr = read("/proc/sys/vm/nr_hugepages");
+    let wrote = if nr < want {
+        std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string())
+    } else {
+        Ok(())
+    };
+    let have = read("/proc/sys/vm/nr_hugepages");
     assert!(
-        wrote.is_ok() && free() >= n,
-        "need {n} free 2 MiB huge pages for the hugetlbfs test, have {}: run as root, or reserve them with \
-         'echo {want} > /proc/sys/vm/nr_hugepages' ({wrote:?})",
-        free()
+        wrote.is_ok() && have >= want,
+        "need {want} 2 MiB huge pages for this binary's hugetlbfs tests, the kernel gave {have}: \
+         run as root, or reserve them with 'echo {want} > /proc/sys/vm/nr_hugepages' ({wrote:?})"
     );
 }
 
