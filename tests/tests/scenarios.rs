@@ -184,11 +184,10 @@ fn firecracker_uffd_tracked_as_far_as_its_features_allow() {
     // Writes by soft-dirty bits where the kernel keeps them (the lane's
     // does), else by sync write-protect, asked for.
     let soft_dirty = wset_tracker::sys::soft_dirty_supported();
-    let agent = Agent::start(opts(if soft_dirty {
-        &[]
-    } else {
-        &["--sync-write-protect"]
-    }));
+    let agent = Agent::start(AgentOpts {
+        extra: wset_tests::harness::fc_write_tracking(),
+        ..opts(&[])
+    });
     let mut g = Guest::builder("fc", steady((16, 300), (1000, 100), 12_000))
         .kind(GuestKind::Process)
         .backing(Backing::Anon)

@@ -237,12 +237,7 @@ impl Tracker {
     /// a read is mapped write-protected).
     #[inline]
     fn watches_writes(&self, g: usize) -> bool {
-        match self.plan.dirty {
-            Dirty::WpAsync | Dirty::WpSync => true,
-            Dirty::Watched => self.shared.in_sample(g),
-            // Soft-dirty bits see writes without any protection.
-            Dirty::SoftDirty | Dirty::None => false,
-        }
+        writes_fault(&self.plan, &self.shared, g)
     }
 
     /// Serve a first touch (or a touch after the VMM dropped the page): from
@@ -302,5 +297,17 @@ impl Tracker {
         self.shared.counters.refaulted_pages.fetch_add(1, Relaxed);
         self.uffd.wake(ga, granule)?;
         Ok(Resolve::Done)
+    }
+}
+
+/// Whether a later write to granule `g` must fault under `plan`: a page
+/// put in for a read (served, or prefetched) is then mapped write-protected.
+#[inline]
+pub(super) fn writes_fault(plan: &crate::plan::Plan, shared: &crate::VmShared, g: usize) -> bool {
+    match plan.dirty {
+        Dirty::WpAsync | Dirty::WpSync => true,
+        Dirty::Watched => shared.in_sample(g),
+        // Soft-dirty bits see writes without any protection.
+        Dirty::SoftDirty | Dirty::None => false,
     }
 }

@@ -41,7 +41,7 @@ use crate::custody::{Custody, CustodyHeader};
 use crate::plan::{Access, Dirty, Plan};
 use crate::shared::VmShared;
 use crate::sys::{self, FileMap, TimerFd};
-use crate::uffd::{UffdMsg, feature, pagemap};
+use crate::uffd::{UffdMsg, feature, mode, pagemap};
 use custody_pages::CustodyPages;
 use fault::{Deferred, Snapshot};
 use prefetch::{Prefetch, Recorder};
@@ -292,10 +292,8 @@ impl Tracker {
     /// one re-registers it with fewer), and without protected pages it
     /// never makes a guest wait.
     fn drop_stale_write_protect(&self) -> Result<(), TrackerError> {
-        let uses_wp = matches!(
-            self.plan.dirty,
-            Dirty::WpSync | Dirty::WpAsync | Dirty::Watched
-        ) || matches!(self.plan.access, Access::Rwp { .. });
+        // The plan's registration says whether write-protect is in use.
+        let uses_wp = self.plan.register_mode & (mode::WP | mode::RWP) != 0;
         if uses_wp {
             return Ok(());
         }

@@ -148,12 +148,9 @@ impl Tracker {
             p.next += n;
             return Ok(());
         };
-        // Write-protected where writes fault (sync write-protect), as a
-        // page served for a read is.
-        let wp = matches!(
-            self.plan.dirty,
-            crate::plan::Dirty::WpSync | crate::plan::Dirty::WpAsync
-        );
+        // Write-protected where later writes must fault, as a page served
+        // for a read is.
+        let wp = super::fault::writes_fault(&self.plan, &self.shared, g0);
         let (copied, r) = self.uffd.copy_run(ga0, src, wp)?;
         let done = ((copied / gb) as usize).min(n);
         for g in g0..g0 + done {
