@@ -8,6 +8,7 @@ fn main() {
         "proto/wset/v1/agent.proto",
         "proto/wset/v1/controller.proto",
         "proto/wset/v1/scheduler.proto",
+        "proto/wset/v1/replica.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -8,8 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 dest=${1:?usage: scripts/image-rootfs.sh DEST}
-# bindgen (the userfaultfd crate's build) needs libclang.
-install_packages libclang-dev
+install_packages "${WSET_BUILD_PACKAGES[@]}"
 
 cargo build --release --locked -p wset-agent -p wset-controller \
   || fail "building wset-agent and wset-controller failed (above)"

@@ -1,9 +1,12 @@
 # Shared helpers for wset's scripts: progress lines, clear failures, and
 # installing Debian packages on demand.
 
-# Debian packages the build and the tests need: libclang-dev for bindgen,
-# which generates the userfaultfd crate's bindings at build time.
-WSET_TEST_PACKAGES=(pkg-config libclang-dev)
+# Debian packages the build needs: libclang-dev for bindgen, which
+# generates the userfaultfd crate's bindings at build time, and protoc for
+# the etcd-client crate's build script (wset's own protos need no protoc).
+WSET_BUILD_PACKAGES=(pkg-config libclang-dev protobuf-compiler)
+# ... and the tests: a real etcd for the controller's replica tests.
+WSET_TEST_PACKAGES=("${WSET_BUILD_PACKAGES[@]}" etcd-server)
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 fail() { printf '\nwset: FAILED: %s\n' "$*" >&2; exit 1; }

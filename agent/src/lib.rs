@@ -173,7 +173,8 @@ pub async fn run(
         cfg.grpc_security.clone(),
         stop_rx.clone(),
     )
-    .await?;
+    .await?
+    .task;
 
     // Retire VMs whose trackers ended (VMM exit, unmap, failure).
     let reaper = {

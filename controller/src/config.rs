@@ -132,9 +132,82 @@ pub struct Args {
     /// else the host of each endpoint].
     #[arg(long, requires = "agent_tls_ca")]
     agent_tls_server_name: Option<String>,
+    /// etcd endpoints (HOST:PORT or URLs), comma-separated: the replicas
+    /// that share them elect one leader, which alone plans. None (the
+    /// default): this controller runs alone and plans.
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// The election's key prefix in etcd (one per controller tier).
+    #[arg(long, default_value = "/wset/controller/", value_parser = parse_prefix)]
+    etcd_prefix: String,
+    /// The leader's lease in etcd (whole seconds): a leader that cannot
+    /// renew it stops publishing before it ends (a fifth of it early).
+    #[arg(long, value_name = "DURATION", default_value = "10s",
+          value_parser = duration().at_least(Duration::from_secs(2)).at_most(Duration::from_secs(3600)))]
+    lease_ttl: Duration,
+    /// This replica's name, unique among the replicas [default: the host
+    /// name].
+    #[arg(long, value_parser = parse_replica_name)]
+    replica_name: Option<String>,
+    /// The HOST:PORT its peers dial for its plans [default: the address
+    /// --grpc-addr binds; the host name for an unspecified IP].
+    #[arg(long)]
+    advertise_addr: Option<String>,
+    /// Dial etcd over TLS, trusting this PEM CA bundle.
+    #[arg(long)]
+    etcd_tls_ca: Option<PathBuf>,
+    /// The client certificate towards etcd (mutual TLS).
+    #[arg(long, requires_all = ["etcd_tls_key", "etcd_tls_ca"])]
+    etcd_tls_cert: Option<PathBuf>,
+    /// The PEM private key of --etcd-tls-cert.
+    #[arg(long, requires = "etcd_tls_cert")]
+    etcd_tls_key: Option<PathBuf>,
+    /// Dial peer replicas over TLS, trusting this PEM CA bundle.
+    #[arg(long)]
+    peer_tls_ca: Option<PathBuf>,
+    /// The client certificate towards peers (mutual TLS).
+    #[arg(long, requires_all = ["peer_tls_key", "peer_tls_ca"])]
+    peer_tls_cert: Option<PathBuf>,
+    /// The PEM private key of --peer-tls-cert.
+    #[arg(long, requires = "peer_tls_cert")]
+    peer_tls_key: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+}
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    if s.is_empty() || !s.ends_with('/') {
+        return Err(format!(
+            "{s:?}: give a key prefix ending in '/', e.g. /wset/controller/"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+fn parse_replica_name(s: &str) -> Result<String, String> {
+    s.parse::<wset_proto::ids::HostId>()
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// The address peers dial when no --advertise-addr is given: the bound
+/// one, with the host name for an unspecified IP (0.0.0.0, ::).
+pub fn advertised(bound: SocketAddr) -> String {
+    if bound.ip().is_unspecified() {
+        format!("{}:{}", host_name(), bound.port())
+    } else {
+        bound.to_string()
+    }
+}
+
+/// The host's name, the default replica name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "controller".into())
 }
 
 /// The controller's spellings of the previous release, accepted for one more.
@@ -171,6 +244,15 @@ impl cli::Flags for Args {
                 ),
             ));
         }
+        if self.lease_ttl.subsec_nanos() != 0 {
+            return Err(FlagError::new(
+                "--lease-ttl",
+                format!(
+                    "{}: give whole seconds (etcd leases count seconds)",
+                    cli::format_duration(self.lease_ttl)
+                ),
+            ));
+        }
         let ms = |d: Duration| d.as_millis() as u64;
         let dns_name = self
             .agents_dns
@@ -203,6 +285,25 @@ impl cli::Flags for Args {
                 cert: self.agent_tls_cert,
                 key: self.agent_tls_key,
                 server_name: self.agent_tls_server_name.or(dns_name),
+            }),
+            replica_name: self.replica_name.unwrap_or_else(host_name),
+            advertise_addr: self.advertise_addr,
+            etcd: (!self.etcd_endpoints.is_empty()).then(|| crate::replica::etcd::EtcdConfig {
+                endpoints: self.etcd_endpoints,
+                prefix: self.etcd_prefix,
+                lease_ttl: self.lease_ttl,
+                tls: self.etcd_tls_ca.map(|ca| wset_serve::tls::ClientTls {
+                    ca,
+                    cert: self.etcd_tls_cert,
+                    key: self.etcd_tls_key,
+                    server_name: None,
+                }),
+            }),
+            peer_tls: self.peer_tls_ca.map(|ca| wset_serve::tls::ClientTls {
+                ca,
+                cert: self.peer_tls_cert,
+                key: self.peer_tls_key,
+                server_name: None,
             }),
             plan_interval: self.plan_interval,
             planner: crate::planner::Config {
@@ -300,6 +401,14 @@ pub struct Config {
     /// TLS towards the agents (`None`: plaintext).
     pub agent_tls: Option<wset_serve::tls::ClientTls>,
     /// How often the planner runs on fresh history.
+    /// This replica's name (the host name unless given).
+    pub replica_name: String,
+    /// Where peers dial it (`None`: [`advertised`] of the bound address).
+    pub advertise_addr: Option<String>,
+    /// The election; `None`: this controller runs alone.
+    pub etcd: Option<crate::replica::etcd::EtcdConfig>,
+    /// TLS towards peer replicas.
+    pub peer_tls: Option<wset_serve::tls::ClientTls>,
     pub plan_interval: Duration,
     pub planner: crate::planner::Config,
 }
@@ -452,6 +561,33 @@ mod tests {
     }
 
     #[test]
+    fn etcd_endpoints_make_a_replica() {
+        let c = parse_args::<Args>(&[]).unwrap().config;
+        assert!(c.etcd.is_none(), "alone without --etcd-endpoints");
+        let c = parse_args::<Args>(&[
+            "--etcd-endpoints",
+            "a:2379,b:2379",
+            "--lease-ttl",
+            "4s",
+            "--replica-name",
+            "ctl-1",
+        ])
+        .unwrap()
+        .config;
+        let e = c.etcd.unwrap();
+        assert_eq!(e.endpoints, ["a:2379", "b:2379"]);
+        assert_eq!(e.election(), "/wset/controller/election");
+        assert_eq!(e.lease_ttl, Duration::from_secs(4));
+        assert_eq!(c.replica_name, "ctl-1");
+        assert_eq!(
+            advertised("10.0.0.7:7071".parse().unwrap()),
+            "10.0.0.7:7071"
+        );
+        assert!(advertised("0.0.0.0:7071".parse().unwrap()).ends_with(":7071"));
+        assert!(!advertised("0.0.0.0:7071".parse().unwrap()).starts_with("0.0.0.0"));
+    }
+
+    #[test]
     fn old_spellings_give_the_same_config() {
         let new = parse_args::<Args>(&["--tls-reload", "5s"]).unwrap();
         let old = parse_args::<Args>(&["--tls-reload-secs=5"]).unwrap();
@@ -484,6 +620,11 @@ mod tests {
             (&["--max-moves-per-host", "0"], "--max-moves-per-host"),
             (&["--agents-dns", "nameonly"], "--agents-dns"),
             (&["--retention", "raw=1d,1m"], "--retention"),
+            (&["--lease-ttl", "1s"], "--lease-ttl"),
+            (&["--lease-ttl", "2500ms"], "--lease-ttl"),
+            (&["--etcd-prefix", "/wset"], "--etcd-prefix"),
+            (&["--replica-name", "no spaces"], "--replica-name"),
+            (&["--etcd-tls-cert", "/c.pem"], "--etcd-tls"),
         ] {
             let e = parse_args::<Args>(args).map(|_| ()).unwrap_err();
             assert!(e.contains(want), "{args:?}: {e}");

@@ -2,7 +2,8 @@
 //! whose agents are connected, their VMs in the index and each VM's raw
 //! samples over the lookback in the store; the plan is published in a
 //! `watch` channel, every `--plan-interval` and whenever a client asks for
-//! a fresh one. The planner itself (`planner.rs`) stays pure.
+//! a fresh one, by the replica that may plan (alone, or the leader), each
+//! plan stamped with its term. The planner itself (`planner/`) stays pure.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::config::Config;
 use crate::index::Index;
 use crate::labels;
 use crate::planner::{self, HostInput, Input, Sample, VmInput};
+use crate::replica::{NotServable, Replica};
 use crate::store::{Store, StoreError};
 
 /// A plan with what went into it.
@@ -34,6 +36,35 @@ pub struct PlanRecord {
     pub seconds: f64,
     pub settings: planner::Config,
     pub plan: planner::Plan,
+    /// The leader's term it was made in (0: a controller alone).
+    pub term: u64,
+    /// The replica that made it.
+    pub leader: String,
+}
+
+#[cfg(test)]
+impl PlanRecord {
+    /// A plan of nothing, made in `term`.
+    pub fn empty_for_tests(term: u64) -> Self {
+        Self {
+            id: format!("plan-test-{term}"),
+            created_ms: 1,
+            history_from_ms: 0,
+            hosts: 0,
+            vms: 0,
+            samples: 0,
+            unreadable_vms: 0,
+            seconds: 0.0,
+            settings: planner::Config::default(),
+            plan: planner::Plan {
+                hosts: Vec::new(),
+                moves: Vec::new(),
+                unresolved: Vec::new(),
+            },
+            term,
+            leader: "test".into(),
+        }
+    }
 }
 
 /// The planner's input, and what went into it.
@@ -182,10 +213,11 @@ pub fn build_input(
 
 static PLAN_SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// Plan now (call off the async workers).
-pub fn plan_now(store: &Store, index: &Index, cfg: &Config) -> PlanRecord {
+/// Plan now, in `term`, as replica `leader` (call off the async workers).
+pub fn plan_now(store: &Store, index: &Index, cfg: &Config, term: u64, leader: &str) -> PlanRecord {
     let span = tracing::info_span!(
         "plan",
+        term,
         hosts = tracing::field::Empty,
         vms = tracing::field::Empty,
         moves = tracing::field::Empty
@@ -228,33 +260,98 @@ pub fn plan_now(store: &Store, index: &Index, cfg: &Config) -> PlanRecord {
         seconds: started.elapsed().as_secs_f64(),
         settings: cfg.planner.clone(),
         plan,
+        term,
+        leader: leader.to_owned(),
     }
 }
 
-/// The latest plan; `None` before the first.
+/// The latest plan published or mirrored; `None` before the first.
 pub type Plans = watch::Sender<Option<Arc<PlanRecord>>>;
 
-/// Plan every `plan_interval` until `stop` changes.
-pub async fn run(
-    store: Store,
-    index: Arc<Index>,
-    cfg: Arc<Config>,
-    plans: Arc<Plans>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(cfg.plan_interval);
+/// Why no plan was made and published.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    NotLeader(#[from] NotServable),
+    #[error("planning task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// What planning needs: history, the index, settings, who may publish and
+/// where plans go.
+#[derive(Clone, Debug)]
+pub struct Planning {
+    pub store: Store,
+    pub index: Arc<Index>,
+    pub cfg: Arc<Config>,
+    pub replica: Arc<Replica>,
+    pub plans: Arc<Plans>,
+}
+
+impl Planning {
+    /// Plan now and publish, if this replica may plan: it runs alone, or
+    /// leads with its lease not near its end, both when planning starts
+    /// and when the plan is published (the lease may lapse in between;
+    /// the plan is then dropped).
+    pub async fn plan_and_publish(&self) -> Result<Arc<PlanRecord>, PlanError> {
+        let Some(term) = self.replica.planning_term() else {
+            return Err(self.replica.why_not_planning().into());
+        };
+        let (s, ix, c, name) = (
+            self.store.clone(),
+            self.index.clone(),
+            self.cfg.clone(),
+            self.replica.name.clone(),
+        );
+        let p = tokio::task::spawn_blocking(move || plan_now(&s, &ix, &c, term, &name))
+            .await
+            .map_err(PlanError::Task)?;
+        let p = Arc::new(p);
+        let mut published = false;
+        self.plans.send_if_modified(|slot| {
+            // The gate is checked under the channel's lock, so no reader
+            // sees a plan published after it closed.
+            if self.replica.may_publish(term) {
+                *slot = Some(p.clone());
+                published = true;
+            }
+            published
+        });
+        if !published {
+            return Err(self.replica.why_not_planning().into());
+        }
+        self.replica.published(term, p.created_ms);
+        Ok(p)
+    }
+}
+
+/// Plan every `plan_interval` until `stop` changes, while this replica
+/// may, and at once when it starts to lead a new term.
+pub async fn run(planning: Planning, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(planning.cfg.plan_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leadership = planning.replica.subscribe();
+    let mut planned_term = None;
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             _ = tick.tick() => {}
-        }
-        let (s, ix, c) = (store.clone(), index.clone(), cfg.clone());
-        match tokio::task::spawn_blocking(move || plan_now(&s, &ix, &c)).await {
-            Ok(p) => {
-                debug!(plan = %p.id, hosts = p.hosts, vms = p.vms, moves = p.plan.moves.len(), seconds = p.seconds, "planned");
-                plans.send_replace(Some(Arc::new(p)));
+            r = leadership.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                let term = planning.replica.planning_term();
+                if term.is_none() || term == planned_term {
+                    continue;
+                }
             }
+        }
+        planned_term = planning.replica.planning_term();
+        match planning.plan_and_publish().await {
+            Ok(p) => {
+                debug!(plan = %p.id, term = p.term, hosts = p.hosts, vms = p.vms, moves = p.plan.moves.len(), seconds = p.seconds, "planned");
+            }
+            Err(PlanError::NotLeader(why)) => debug!(%why, "not planning"),
             Err(e) => warn!(error = %e, "planning task failed; the previous plan stands"),
         }
     }

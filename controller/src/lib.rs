@@ -16,6 +16,7 @@ pub mod ingest;
 pub mod labels;
 pub mod metrics;
 pub mod planner;
+pub mod replica;
 pub mod scheduler;
 pub mod service;
 pub mod sim;
@@ -142,27 +143,37 @@ pub async fn run(
     ));
 
     let plans: Arc<decide::Plans> = Arc::new(tokio::sync::watch::Sender::new(None));
-    let planning = tokio::spawn(decide::run(
-        store.clone(),
-        index.clone(),
-        cfg.clone(),
-        plans.clone(),
-        stop_rx.clone(),
+    let replica = Arc::new(replica::Replica::new(
+        cfg.replica_name.clone(),
+        cfg.etcd.is_some(),
     ));
+    let planning = decide::Planning {
+        store: store.clone(),
+        index: index.clone(),
+        cfg: cfg.clone(),
+        replica: replica.clone(),
+        plans: plans.clone(),
+    };
+    let planner_task = tokio::spawn(decide::run(planning.clone(), stop_rx.clone()));
     let sources = metrics::Sources {
         index: index.clone(),
         store_health: store_health.clone(),
         plans: plans.clone(),
+        replica: replica.clone(),
         queue,
         store: store.clone(),
         maintained,
     };
     let sched = scheduler::SchedulerService {
-        store: store.clone(),
-        index: index.clone(),
-        cfg: cfg.clone(),
-        plans,
+        planning,
         streams: Arc::new(tokio::sync::Semaphore::new(scheduler::MAX_STREAMS)),
+        stop: stop_rx.clone(),
+    };
+    let replica_svc = replica::ReplicaService {
+        replica: replica.clone(),
+        plans: plans.clone(),
+        index: index.clone(),
+        streams: Arc::new(tokio::sync::Semaphore::new(replica::service::MAX_STREAMS)),
         stop: stop_rx.clone(),
     };
     let svc = service::ControllerService {
@@ -173,14 +184,48 @@ pub async fn run(
         stop: stop_rx.clone(),
     };
     use wset_proto::v1::controller_service_server::{self as ctl, ControllerServiceServer};
+    use wset_proto::v1::replica_service_server::{self as rep, ReplicaServiceServer};
     use wset_proto::v1::scheduler_service_server::{self as sch, SchedulerServiceServer};
     let limit = cfg.grpc_limits.max_request_bytes;
     let routes = tonic::service::Routes::new(
         ControllerServiceServer::new(svc).max_decoding_message_size(limit),
     )
-    .add_service(SchedulerServiceServer::new(sched).max_decoding_message_size(limit));
-    let (routes, health, probe) =
-        wset_serve::with_standard_services(routes, &[ctl::SERVICE_NAME, sch::SERVICE_NAME]).await?;
+    .add_service(SchedulerServiceServer::new(sched).max_decoding_message_size(limit))
+    .add_service(ReplicaServiceServer::new(replica_svc).max_decoding_message_size(limit));
+    let (routes, health, probe) = wset_serve::with_standard_services(
+        routes,
+        &[ctl::SERVICE_NAME, sch::SERVICE_NAME, rep::SERVICE_NAME],
+    )
+    .await?;
+    // Decisions are served while some replica may publish: the scheduler
+    // service is NOT_SERVING while this replica knows no leader (etcd lost,
+    // an election under way); history is served throughout.
+    {
+        let health = health.clone();
+        let mut leadership = replica.subscribe();
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let serving = !matches!(
+                    *leadership.borrow_and_update(),
+                    replica::Leadership::NoQuorum { .. }
+                        | replica::Leadership::Follower { leader: None }
+                );
+                if last != Some(serving) {
+                    let status = if serving {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    health.set_service_status(sch::SERVICE_NAME, status).await;
+                    last = Some(serving);
+                }
+                if leadership.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     // A store that takes no writes makes the whole server NOT_SERVING: the
     // kubelet's liveness probe then restarts it, which is what recovers
     // sled after an I/O error once the disk is fixed.
@@ -204,7 +249,7 @@ pub async fn run(
         stop_rx.clone(),
     )
     .await?;
-    let grpc = wset_serve::spawn(
+    let served = wset_serve::spawn(
         "controller",
         routes,
         cfg.grpc_addr,
@@ -213,13 +258,43 @@ pub async fn run(
         stop_rx.clone(),
     )
     .await?;
+    let grpc = served.task;
+    // Peers dial the address given, else the one bound (its port known
+    // only now when --grpc-addr asked for any).
+    replica.advertise(
+        cfg.advertise_addr
+            .clone()
+            .unwrap_or_else(|| config::advertised(served.addr)),
+    );
+    let election = cfg.etcd.clone().map(|etcd| {
+        info!(
+            replica = %replica.name,
+            endpoints = %etcd.endpoints.join(","),
+            lease_ttl = ?etcd.lease_ttl,
+            "replicated: electing a leader through etcd"
+        );
+        (
+            tokio::spawn(replica::etcd::run(etcd, replica.clone(), stop_rx.clone())),
+            tokio::spawn(replica::follow::run(
+                replica.clone(),
+                plans.clone(),
+                cfg.peer_tls.clone(),
+                stop_rx.clone(),
+            )),
+        )
+    });
 
     shutdown.await;
     info!("shutting down: closing agent streams, writing and flushing what arrived");
     let _ = stop_tx.send(true);
     let _ = discovery.await;
     let _ = maintenance.await;
-    let _ = planning.await;
+    let _ = planner_task.await;
+    if let Some((election, follow)) = election {
+        // The election steps down and revokes its lease on the way out.
+        let _ = election.await;
+        let _ = follow.await;
+    }
     // Every sender is gone with discovery: the writer drains and ends.
     tokio::task::spawn_blocking(move || {
         let _ = writer.join();

@@ -16,6 +16,7 @@ pub struct Sources {
     pub index: Arc<Index>,
     pub store_health: Arc<StoreHealth>,
     pub plans: Arc<Plans>,
+    pub replica: Arc<crate::replica::Replica>,
     /// The writer's queue (weak: the writer still ends when ingest does).
     pub queue: tokio::sync::mpsc::WeakSender<Msg>,
     pub store: crate::store::Store,
@@ -152,6 +153,7 @@ pub fn render(s: &Sources) -> String {
     }
 
     history(&mut e, s, secs);
+    replica(&mut e, &s.replica, s.plans.borrow().as_deref());
 
     let plan = s.plans.borrow().clone();
     if let Some(p) = plan {
@@ -349,4 +351,83 @@ fn history(e: &mut Exposition, s: &Sources, secs: impl Fn(u64) -> f64) {
         e.family(name, Kind::Counter, help)
             .sample(name, &[], n as f64);
     }
+}
+
+/// Leadership: the role, the term, the lease left, what was published.
+fn replica(
+    e: &mut Exposition,
+    r: &crate::replica::Replica,
+    plan: Option<&crate::decide::PlanRecord>,
+) {
+    use crate::replica::Leadership;
+    let l = r.leadership();
+    e.family(
+        "wset_controller_replica_role",
+        Kind::Gauge,
+        "This replica's role (1 for the role it has): alone, leader, follower or no_quorum.",
+    );
+    for role in [
+        pb::ReplicaRole::Alone,
+        pb::ReplicaRole::Leader,
+        pb::ReplicaRole::Follower,
+        pb::ReplicaRole::NoQuorum,
+    ] {
+        let name = role
+            .as_str_name()
+            .trim_start_matches("REPLICA_ROLE_")
+            .to_lowercase();
+        let v = if l.role() == role { 1.0 } else { 0.0 };
+        e.sample("wset_controller_replica_role", &[("role", &name)], v);
+    }
+    e.family(
+        "wset_controller_leader",
+        Kind::Gauge,
+        "1 while this replica may publish decisions (it leads, or runs alone).",
+    )
+    .sample(
+        "wset_controller_leader",
+        &[],
+        if matches!(l, Leadership::Alone | Leadership::Leader { .. }) {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    e.family(
+        "wset_controller_term",
+        Kind::Gauge,
+        "The latest leader's term this replica knows (0: none, or alone).",
+    )
+    .sample("wset_controller_term", &[], l.term().unwrap_or(0) as f64);
+    e.family(
+        "wset_controller_lease_remaining_seconds",
+        Kind::Gauge,
+        "While leading: how long this replica may still publish without a renewal.",
+    )
+    .sample(
+        "wset_controller_lease_remaining_seconds",
+        &[],
+        r.lease_remaining().map_or(0.0, |d| d.as_secs_f64()),
+    );
+    let published: u64 = r.terms_led().iter().map(|t| t.plans).sum();
+    e.family(
+        "wset_controller_plans_published_total",
+        Kind::Counter,
+        "Plans this replica published as leader (or alone) in the terms it remembers.",
+    )
+    .sample(
+        "wset_controller_plans_published_total",
+        &[],
+        published as f64,
+    );
+    e.family(
+        "wset_controller_plan_servable",
+        Kind::Gauge,
+        "1 while this replica serves a plan of the current term.",
+    )
+    .sample(
+        "wset_controller_plan_servable",
+        &[],
+        if r.servable(plan).is_ok() { 1.0 } else { 0.0 },
+    );
 }

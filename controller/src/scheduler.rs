@@ -8,19 +8,14 @@ use tonic::{Request, Response, Status};
 use wset_proto::ids::VmId;
 use wset_proto::v1 as pb;
 
-use crate::config::Config;
-use crate::decide::{PlanRecord, Plans, plan_now};
-use crate::index::Index;
+use crate::decide::{PlanError, PlanRecord, Planning};
 use crate::labels;
 use crate::planner::{self, MoveReason, PlacementRequest};
-use crate::store::Store;
+use crate::replica::NotServable;
 
 #[derive(Debug, Clone)]
 pub struct SchedulerService {
-    pub store: Store,
-    pub index: Arc<Index>,
-    pub cfg: Arc<Config>,
-    pub plans: Arc<Plans>,
+    pub planning: Planning,
     /// One permit per open `WatchDecisions` stream.
     pub streams: Arc<tokio::sync::Semaphore>,
     pub stop: tokio::sync::watch::Receiver<bool>,
@@ -55,6 +50,8 @@ fn info(r: &PlanRecord) -> pb::PlanInfo {
         vms_without_history: r.unreadable_vms,
         settings: Some(settings(&r.settings)),
         planning_seconds: r.seconds,
+        term: r.term,
+        leader: r.leader.clone(),
     }
 }
 
@@ -99,6 +96,7 @@ fn vm_demand(v: &planner::VmPlan, memory_bytes: u64, horizon_ms: u64) -> pb::VmD
         lower_bound: d.lower_bound,
         reclaimable_bytes: v.reclaimable_bytes,
         explanation: d.explain(horizon_ms),
+        error_floor_bytes: d.error_floor_bytes,
     }
 }
 
@@ -129,31 +127,163 @@ fn host(
             Vec::new()
         },
         explanation: h.explanation.clone(),
+        groups: h.groups.iter().cloned().collect(),
     }
 }
 
 impl SchedulerService {
-    /// The latest plan, or a fresh one when asked (or when none exists yet).
+    /// The latest plan this replica may serve, or a fresh one when asked
+    /// (or when none of the current term exists yet and this replica may
+    /// plan). Never a plan of an older term: the refusal names the leader.
     async fn plan(&self, replan: bool) -> Result<Arc<PlanRecord>, Status> {
-        if !replan && let Some(p) = self.plans.borrow().clone() {
-            return Ok(p);
+        let replica = &self.planning.replica;
+        if !replan {
+            let current = self.planning.plans.borrow().clone();
+            match replica.servable(current.as_deref()) {
+                Ok(()) => {
+                    if let Some(p) = current {
+                        return Ok(p);
+                    }
+                }
+                Err(NotServable::NoPlanOfTerm { .. }) if replica.planning_term().is_some() => {}
+                Err(e) => return Err(e.into()),
+            }
         }
-        let (s, ix, c) = (self.store.clone(), self.index.clone(), self.cfg.clone());
-        let p = tokio::task::spawn_blocking(move || plan_now(&s, &ix, &c))
-            .await
-            .map_err(|e| Status::internal(format!("planning task failed: {e}")))?;
-        let p = Arc::new(p);
-        self.plans.send_replace(Some(p.clone()));
-        Ok(p)
+        match self.planning.plan_and_publish().await {
+            Ok(p) => Ok(p),
+            Err(PlanError::NotLeader(e)) => Err(e.into()),
+            Err(e) => Err(Status::internal(format!("{e:#}"))),
+        }
     }
 
     fn memory_of_vms(&self) -> BTreeMap<VmId, u64> {
-        self.index
-            .vms()
-            .iter()
-            .map(|(id, v)| (id.clone(), v.memory_bytes))
-            .collect()
+        memory_of_vms(&self.planning.index)
     }
+}
+
+/// Every VM's guest memory, from the index.
+pub fn memory_of_vms(index: &crate::index::Index) -> BTreeMap<VmId, u64> {
+    index
+        .vms()
+        .iter()
+        .map(|(id, v)| (id.clone(), v.memory_bytes))
+        .collect()
+}
+
+/// A whole plan on the wire, for a follower to mirror.
+pub fn replicated(p: &PlanRecord, memory: &BTreeMap<VmId, u64>) -> pb::ReplicatedPlan {
+    pb::ReplicatedPlan {
+        plan: Some(info(p)),
+        hosts: p
+            .plan
+            .hosts
+            .iter()
+            .map(|h| host(h, true, memory, p.settings.horizon_ms))
+            .collect(),
+        migrations: p.plan.moves.iter().map(migration).collect(),
+        unresolved: p.plan.unresolved.clone(),
+    }
+}
+
+/// A leader's plan back from the wire, exactly as it made it.
+pub fn from_replicated(r: pb::ReplicatedPlan) -> Result<PlanRecord, String> {
+    let info = r.plan.ok_or("a replicated plan without its PlanInfo")?;
+    let s = info
+        .settings
+        .ok_or("a replicated plan without its settings")?;
+    let vm =
+        |v: String| -> Result<VmId, String> { v.parse().map_err(|e| format!("vm_id {v:?}: {e}")) };
+    let host_id = |v: String| -> Result<wset_proto::ids::HostId, String> {
+        v.parse().map_err(|e| format!("host_id {v:?}: {e}"))
+    };
+    let mut hosts = Vec::with_capacity(r.hosts.len());
+    for h in r.hosts {
+        let mut vms = Vec::with_capacity(h.vms.len());
+        for v in h.vms {
+            vms.push(planner::VmPlan {
+                vm_id: vm(v.vm_id)?,
+                demand: planner::Demand {
+                    mean_bytes: v.mean_bytes,
+                    std_bytes: v.std_bytes,
+                    trend_bytes_per_h: v.trend_bytes_per_h,
+                    phase_change_at_ms: (v.phase_change_at_ms > 0).then_some(v.phase_change_at_ms),
+                    samples_used: v.samples_used as usize,
+                    span_ms: v.span_ms,
+                    p50_bytes: v.p50_bytes,
+                    p95_bytes: v.p95_bytes,
+                    max_bytes: v.max_bytes,
+                    dirty_bytes_per_s: v.dirty_rate_bytes_per_s,
+                    error_floor_bytes: v.error_floor_bytes,
+                    lower_bound: v.lower_bound,
+                },
+                reclaimable_bytes: v.reclaimable_bytes,
+            });
+        }
+        hosts.push(planner::HostPlan {
+            host_id: host_id(h.host_id)?,
+            capacity_bytes: h.capacity_bytes,
+            committed_bytes: h.committed_bytes,
+            demand_mean_bytes: h.demand_mean_bytes,
+            demand_std_bytes: h.demand_std_bytes,
+            demand_at_risk_bytes: h.demand_at_risk_bytes,
+            overflow_probability: h.overflow_probability,
+            admissible_bytes: h.admissible_bytes,
+            safe_overcommit_ratio: h.safe_overcommit_ratio,
+            reclaimable_bytes: h.reclaimable_bytes,
+            maintenance: h.maintenance,
+            groups: h.groups.into_iter().collect(),
+            vms,
+            explanation: h.explanation,
+        });
+    }
+    let mut moves = Vec::with_capacity(r.migrations.len());
+    for m in r.migrations {
+        moves.push(planner::Move {
+            vm_id: vm(m.vm_id)?,
+            from: host_id(m.from_host_id)?,
+            to: host_id(m.to_host_id)?,
+            priority: u8::try_from(m.priority)
+                .map_err(|_| format!("migration priority {} is not 1 to 5", m.priority))?,
+            reason: match pb::MigrationReason::try_from(m.reason) {
+                Ok(pb::MigrationReason::Maintenance) => MoveReason::Maintenance,
+                Ok(pb::MigrationReason::Overload) => MoveReason::Overload,
+                Ok(pb::MigrationReason::Consolidation) => MoveReason::Consolidation,
+                _ => return Err(format!("migration reason {} is not known", m.reason)),
+            },
+            copy_bytes: m.copy_bytes,
+            copy_seconds: m.copy_seconds,
+            explanation: m.explanation,
+        });
+    }
+    Ok(PlanRecord {
+        id: info.plan_id,
+        created_ms: info.created_ms,
+        history_from_ms: info.history_from_ms,
+        hosts: info.hosts,
+        vms: info.vms,
+        samples: info.samples,
+        unreadable_vms: info.vms_without_history,
+        seconds: info.planning_seconds,
+        settings: planner::Config {
+            risk: s.risk,
+            horizon_ms: s.horizon_ms,
+            lookback_ms: s.lookback_ms,
+            high_watermark: s.high_watermark,
+            consolidate_below: s.consolidate_below,
+            link_bytes_per_s: s.link_bytes_per_s,
+            max_dirty_share: s.max_dirty_share,
+            hysteresis_ms: s.hysteresis_ms,
+            max_moves_per_host: s.max_moves_per_host,
+            cold_age_ms: s.cold_age_ms,
+        },
+        plan: planner::Plan {
+            hosts,
+            moves,
+            unresolved: r.unresolved,
+        },
+        term: info.term,
+        leader: info.leader,
+    })
 }
 
 fn update(
@@ -262,28 +392,40 @@ impl pb::scheduler_service_server::SchedulerService for SchedulerService {
             ))
         })?;
         let first = self.plan(false).await?;
-        let mut rx = self.plans.subscribe();
+        let mut rx = self.planning.plans.subscribe();
+        let replica = self.planning.replica.clone();
+        let mut leadership = replica.subscribe();
         let mut stop = self.stop.clone();
         let (tx, out) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
             let _permit = permit;
             let (msg, mut sent) = update(&first, &BTreeMap::new());
+            let mut term = first.term;
             if tx.send(Ok(msg)).await.is_err() {
                 return;
             }
             loop {
                 tokio::select! {
                     r = rx.changed() => if r.is_err() { return },
+                    r = leadership.changed() => if r.is_err() { return },
                     () = tx.closed() => return,
                     _ = stop.changed() => return,
                 }
-                let Some(p) = rx.borrow_and_update().clone() else {
-                    continue;
-                };
+                let p = rx.borrow_and_update().clone();
+                leadership.borrow_and_update();
+                // Never a plan of a stale term: when the one held may not
+                // be served any more, the stream ends saying why, and the
+                // client reconnects to the current leader's decisions.
+                if let Err(e) = replica.servable(p.as_deref()) {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+                let Some(p) = p else { continue };
                 let (msg, now) = update(&p, &sent);
-                if msg.added.is_empty() && msg.withdrawn.is_empty() {
+                if p.term == term && msg.added.is_empty() && msg.withdrawn.is_empty() {
                     continue;
                 }
+                term = p.term;
                 sent = now;
                 if tx.send(Ok(msg)).await.is_err() {
                     return;

@@ -550,3 +550,39 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    /// A follower serves the leader's plan exactly: every plan survives
+    /// the trip through `ReplicatedPlan` unchanged, term and leader included.
+    #[test]
+    fn a_replicated_plan_is_the_plan(input in arb_cluster(), term in 0u64..u64::MAX) {
+        use wset_controller::decide::PlanRecord;
+        use wset_controller::scheduler::{from_replicated, replicated};
+        let cfg = Config { consolidate_below: 0.25, ..Config::default() };
+        let p = plan(&input, &cfg);
+        let record = PlanRecord {
+            id: format!("plan-{term}"),
+            created_ms: NOW,
+            history_from_ms: NOW - cfg.lookback_ms,
+            hosts: input.hosts.len() as u32,
+            vms: input.vms.len() as u32,
+            samples: 60 * input.vms.len() as u64,
+            unreadable_vms: 1,
+            seconds: 0.25,
+            settings: cfg.clone(),
+            plan: p,
+            term,
+            leader: "replica-0".into(),
+        };
+        let memory = input.vms.iter().map(|v| (v.vm_id.clone(), v.memory_bytes)).collect();
+        let back = from_replicated(replicated(&record, &memory)).unwrap();
+        prop_assert_eq!(&back.plan, &record.plan);
+        prop_assert_eq!(&back.settings, &record.settings);
+        prop_assert_eq!(
+            (&back.id, back.created_ms, back.history_from_ms, back.hosts, back.vms, back.samples, back.unreadable_vms, back.seconds, back.term, &back.leader),
+            (&record.id, record.created_ms, record.history_from_ms, record.hosts, record.vms, record.samples, record.unreadable_vms, record.seconds, record.term, &record.leader)
+        );
+    }
+}

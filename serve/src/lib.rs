@@ -213,7 +213,7 @@ pub async fn spawn(
     limits: ServerLimits,
     security: Security,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<Result<(), ServeError>>, ServeError> {
+) -> Result<Served, ServeError> {
     security.check(what, addr)?;
     let tls = match &security.tls {
         Some(t) => Some(
@@ -230,7 +230,10 @@ pub async fn spawn(
             "{what}: no --authz rules: every client whose certificate the client CA signed may call every method"
         );
     }
-    Ok(tokio::spawn(async move {
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { what, addr, source })?;
+    let task = tokio::spawn(async move {
         serve(
             what,
             routes,
@@ -243,7 +246,15 @@ pub async fn spawn(
             },
         )
         .await
-    }))
+    });
+    Ok(Served { task, addr: bound })
+}
+
+/// A server [`spawn`] started: its task, and the address it is bound to.
+#[derive(Debug)]
+pub struct Served {
+    pub task: tokio::task::JoinHandle<Result<(), ServeError>>,
+    pub addr: std::net::SocketAddr,
 }
 
 /// Serve `routes` on `listener` with `limits` (over TLS when `tls` is

@@ -105,6 +105,50 @@ impl Controller {
         })
     }
 
+    /// A channel to the controller, for the services `call` does not cover.
+    async fn channel(&self) -> Result<tonic::transport::Channel, tonic::Status> {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc_addr))
+            .expect("endpoint")
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))
+    }
+
+    /// `ReplicaService.GetReplica`: its role, the leader, the terms it led.
+    pub fn replica(&self) -> Result<pb::ReplicaStatus, tonic::Status> {
+        self.rt.block_on(async {
+            let mut c =
+                pb::replica_service_client::ReplicaServiceClient::new(self.channel().await?);
+            Ok(c.get_replica(pb::GetReplicaRequest {}).await?.into_inner())
+        })
+    }
+
+    /// `SchedulerService.ListMigrations` (no replan).
+    pub fn migrations(&self) -> Result<pb::ListMigrationsResponse, tonic::Status> {
+        self.rt.block_on(async {
+            let mut c =
+                pb::scheduler_service_client::SchedulerServiceClient::new(self.channel().await?);
+            Ok(c.list_migrations(pb::ListMigrationsRequest::default())
+                .await?
+                .into_inner())
+        })
+    }
+
+    /// The `grpc.health.v1` status of `service` on the gRPC port.
+    pub fn health(&self, service: &str) -> Result<i32, tonic::Status> {
+        self.rt.block_on(async {
+            let mut h = tonic_health::pb::health_client::HealthClient::new(self.channel().await?);
+            Ok(h.check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await?
+            .into_inner()
+            .status)
+        })
+    }
+
     pub fn agents(&self) -> Vec<pb::AgentStatus> {
         self.call(async |mut c| c.list_agents(pb::ListAgentsRequest {}).await)
             .expect("ListAgents")

@@ -2,12 +2,14 @@
 //! for the end-to-end tests and talks to them over gRPC on loopback: the
 //! agent (`agent`), the controller (`controller`), test guests and their
 //! builder (`guest`), a small disk of its own for a store (`disk`), the
-//! real Firecracker and its own handlers (`firecracker`), and fixtures
+//! real Firecracker and its own handlers (`firecracker`), a real etcd
+//! cluster (`etcd`), and fixtures
 //! shared by the tests of one binary (`shared`); here, what they all use.
 
 mod agent;
 mod controller;
 mod disk;
+mod etcd;
 pub mod firecracker;
 mod guest;
 mod shared;
@@ -15,6 +17,7 @@ mod shared;
 pub use agent::{Agent, AgentOpts, fc_write_tracking};
 pub use controller::Controller;
 pub use disk::SmallDisk;
+pub use etcd::Etcd;
 pub use guest::{Backing, Guest, GuestBuilder, GuestKind, Handshake};
 pub use shared::Shared;
 

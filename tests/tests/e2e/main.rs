@@ -16,6 +16,7 @@ mod integrity;
 mod limits;
 mod observability;
 mod otlp;
+mod replicas;
 mod security;
 mod simulated;
 mod tracking;
