@@ -149,6 +149,10 @@ pub struct Args {
     /// name].
     #[arg(long, value_parser = parse_replica_name)]
     replica_name: Option<String>,
+    /// How often a replica fills the gaps in its history from a peer.
+    #[arg(long, value_name = "DURATION", default_value = "1m",
+          value_parser = duration().at_least(Duration::from_secs(1)))]
+    repair_interval: Duration,
     /// The HOST:PORT its peers dial for its plans [default: the address
     /// --grpc-addr binds; the host name for an unspecified IP].
     #[arg(long)]
@@ -288,6 +292,7 @@ impl cli::Flags for Args {
             }),
             replica_name: self.replica_name.unwrap_or_else(host_name),
             advertise_addr: self.advertise_addr,
+            repair_interval: self.repair_interval,
             etcd: (!self.etcd_endpoints.is_empty()).then(|| crate::replica::etcd::EtcdConfig {
                 endpoints: self.etcd_endpoints,
                 prefix: self.etcd_prefix,
@@ -409,6 +414,8 @@ pub struct Config {
     pub etcd: Option<crate::replica::etcd::EtcdConfig>,
     /// TLS towards peer replicas.
     pub peer_tls: Option<wset_serve::tls::ClientTls>,
+    /// How often history is repaired from a peer.
+    pub repair_interval: Duration,
     pub plan_interval: Duration,
     pub planner: crate::planner::Config,
 }

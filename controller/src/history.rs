@@ -94,6 +94,7 @@ pub fn raw_point(s: &pb::VmSummary, received_ms: u64, resolution_ms: u64) -> pb:
     pb::VmHistoryPoint {
         timestamp_ms: received_ms,
         resolution_ms,
+        repaired_from: String::new(),
         samples: 1,
         host_id: s.host_id.clone(),
         memory_bytes: s.memory_bytes,
@@ -140,6 +141,7 @@ pub fn host_point(
     pb::HostHistoryPoint {
         timestamp_ms: received_ms,
         resolution_ms,
+        repaired_from: String::new(),
         samples: 1,
         memory_total_bytes: h.memory_total_bytes,
         memory_available_bytes: h.memory_available_bytes,
@@ -218,6 +220,17 @@ pub trait Mergeable: Timed + Clone {
     fn set_bucket(&mut self, start: u64, len: u64);
 }
 
+/// Where a merged point came from: the one source of all its samples, or
+/// "mixed".
+fn mix_source(a: &mut String, b: &str) {
+    if a != b {
+        *a = MIXED_SOURCE.to_owned();
+    }
+}
+
+/// `repaired_from` of a bucket merged from points of different sources.
+pub const MIXED_SOURCE: &str = "mixed";
+
 impl Mergeable for pb::VmHistoryPoint {
     fn resolution_ms(&self) -> u64 {
         self.resolution_ms
@@ -269,6 +282,7 @@ impl Mergeable for pb::VmHistoryPoint {
         self.state = b.state;
         self.touched_bytes = b.touched_bytes;
         self.agent_timestamp_ms = b.agent_timestamp_ms;
+        mix_source(&mut self.repaired_from, &b.repaired_from);
     }
     fn set_bucket(&mut self, start: u64, len: u64) {
         self.timestamp_ms = start;
@@ -301,6 +315,7 @@ impl Mergeable for pb::HostHistoryPoint {
         self.vm_memory_committed_bytes = b.vm_memory_committed_bytes;
         self.vms = b.vms;
         self.agent_instance_id.clone_from(&b.agent_instance_id);
+        mix_source(&mut self.repaired_from, &b.repaired_from);
     }
     fn set_bucket(&mut self, start: u64, len: u64) {
         self.timestamp_ms = start;

@@ -126,6 +126,12 @@ pub enum Msg {
         host_id: String,
         event: pb::HostEvent,
     },
+    /// History copied from a peer replica, and the records of VMs this
+    /// replica did not know (added to the index unless known by then).
+    Repair {
+        write: Box<Write>,
+        records: Vec<pb::ClusterVm>,
+    },
 }
 
 fn event(kind: pb::HostEventKind, detail: String) -> pb::HostEvent {
@@ -164,6 +170,20 @@ pub fn writer(
                 0,
                 Vec::new(),
             ),
+            Msg::Repair { write, records } => {
+                let mut write = *write;
+                let mut vms = index.vms_mut();
+                for r in records {
+                    let Ok(id) = r.vm_id.parse::<VmId>() else {
+                        continue;
+                    };
+                    if let std::collections::hash_map::Entry::Vacant(e) = vms.entry(id) {
+                        write.vm_records.push(r.clone());
+                        e.insert(r);
+                    }
+                }
+                (write, None, 0, Vec::new())
+            }
             Msg::Batch(b) => {
                 let span = tracing::info_span!(
                     "ingest",

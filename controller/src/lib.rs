@@ -107,6 +107,8 @@ pub async fn run(
 
     let store_health = Arc::new(ingest::StoreHealth::default());
     let (tx, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
+    // History repaired from peers goes through the writer too.
+    let repair_tx = tx.clone();
     let writer = {
         let (store, index, health) = (store.clone(), index.clone(), store_health.clone());
         std::thread::Builder::new()
@@ -281,8 +283,19 @@ pub async fn run(
                 cfg.peer_tls.clone(),
                 stop_rx.clone(),
             )),
+            tokio::spawn(replica::repair::run(
+                replica::repair::Repairer {
+                    store: store.clone(),
+                    index: index.clone(),
+                    cfg: cfg.clone(),
+                    replica: replica.clone(),
+                    tx: repair_tx.clone(),
+                },
+                stop_rx.clone(),
+            )),
         )
     });
+    drop(repair_tx);
 
     shutdown.await;
     info!("shutting down: closing agent streams, writing and flushing what arrived");
@@ -290,10 +303,11 @@ pub async fn run(
     let _ = discovery.await;
     let _ = maintenance.await;
     let _ = planner_task.await;
-    if let Some((election, follow)) = election {
+    if let Some((election, follow, repair)) = election {
         // The election steps down and revokes its lease on the way out.
         let _ = election.await;
         let _ = follow.await;
+        let _ = repair.await;
     }
     // Every sender is gone with discovery: the writer drains and ends.
     tokio::task::spawn_blocking(move || {

@@ -420,6 +420,37 @@ fn replica(
         &[],
         published as f64,
     );
+    let repair = r.repair_stats();
+    e.family(
+        "wset_controller_repaired_points_total",
+        Kind::Counter,
+        "History points copied from peer replicas into this one's gaps.",
+    )
+    .sample(
+        "wset_controller_repaired_points_total",
+        &[],
+        repair.points as f64,
+    );
+    e.family(
+        "wset_controller_repair_passes_total",
+        Kind::Counter,
+        "History repair passes run (each against the first peer that answers).",
+    )
+    .sample(
+        "wset_controller_repair_passes_total",
+        &[],
+        repair.passes as f64,
+    );
+    e.family(
+        "wset_controller_repair_failing",
+        Kind::Gauge,
+        "1 when the latest repair pass failed against every peer.",
+    )
+    .sample(
+        "wset_controller_repair_failing",
+        &[],
+        if repair.error.is_empty() { 0.0 } else { 1.0 },
+    );
     e.family(
         "wset_controller_plan_servable",
         Kind::Gauge,

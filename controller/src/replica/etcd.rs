@@ -183,7 +183,7 @@ async fn connect(cfg: &EtcdConfig) -> Result<Client, EtcdError> {
 /// or `stop`.
 async fn session(
     cfg: &EtcdConfig,
-    replica: &Replica,
+    replica: &Arc<Replica>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), EtcdError> {
     let client = connect(cfg).await?;
@@ -218,7 +218,7 @@ async fn session(
 
 async fn leased(
     cfg: &EtcdConfig,
-    replica: &Replica,
+    replica: &Arc<Replica>,
     stop: &mut watch::Receiver<bool>,
     client: &Client,
     lease: i64,
@@ -279,6 +279,37 @@ async fn leased(
     let mut renew = tokio::time::interval(ttl / 3);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let _observer = observer;
+    // Every campaigning replica has a key under the election: they are the
+    // peers history is repaired from. Listed beside the loop, so a slow
+    // answer never delays a renewal.
+    let _lister = {
+        let mut c = client.clone();
+        let (prefix, period) = (format!("{election}/"), ttl / 3);
+        let replica = replica.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let opts = etcd_client::GetOptions::new().with_prefix();
+                let Ok(Ok(keys)) =
+                    tokio::time::timeout(CALL_TIMEOUT, c.get(prefix.clone(), Some(opts))).await
+                else {
+                    continue;
+                };
+                replica.set_peers(
+                    keys.kvs()
+                        .iter()
+                        .filter_map(|kv| serde_json::from_slice::<Candidate>(kv.value()).ok())
+                        .map(|c| super::Peer {
+                            name: c.name,
+                            addr: c.addr,
+                        })
+                        .collect(),
+                );
+            }
+        }))
+    };
     info!(lease, ttl_s = ttl.as_secs(), %election, "campaigning");
     replica.follow(None);
     loop {

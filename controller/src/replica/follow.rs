@@ -21,20 +21,8 @@ const MAX_PLAN_BYTES: usize = 256 << 20;
 /// Why mirroring a leader stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
-    #[error("leader address {addr:?}")]
-    BadAddress {
-        addr: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
-    #[error("peer TLS for {addr}: {error}")]
-    Tls { addr: String, error: String },
-    #[error("connect to the leader at {addr}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
+    #[error(transparent)]
+    Dial(super::DialError),
     #[error("the leader at {addr} ended WatchPlans: {status}")]
     Stream { addr: String, status: tonic::Status },
     #[error("the leader at {addr} sent a plan this replica cannot read: {error}")]
@@ -101,31 +89,9 @@ async fn mirror(
     tls: Option<&wset_serve::tls::ClientTls>,
 ) -> FollowError {
     let addr = leader.addr.clone();
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let ep = match tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}")) {
-        Ok(e) => e
-            .connect_timeout(Duration::from_secs(3))
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5)),
-        Err(source) => return FollowError::BadAddress { addr, source },
-    };
-    let ep = match tls {
-        None => ep,
-        Some(t) => {
-            let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            match wset_serve::tls::client_config(t, host)
-                .map_err(|e| wset_serve::error_chain(&e))
-                .and_then(|c| ep.tls_config(c).map_err(|e| e.to_string()))
-            {
-                Ok(ep) => ep,
-                Err(error) => return FollowError::Tls { addr, error },
-            }
-        }
-    };
-    let channel = match ep.connect().await {
+    let channel = match super::dial(&addr, tls).await {
         Ok(c) => c,
-        Err(source) => return FollowError::Connect { addr, source },
+        Err(source) => return FollowError::Dial(source),
     };
     let mut client = ReplicaServiceClient::new(channel).max_decoding_message_size(MAX_PLAN_BYTES);
     let mut stream = match client.watch_plans(pb::WatchPlansRequest {}).await {

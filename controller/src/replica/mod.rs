@@ -16,6 +16,7 @@
 
 pub mod etcd;
 pub mod follow;
+pub mod repair;
 pub mod service;
 
 use std::collections::VecDeque;
@@ -121,6 +122,59 @@ impl From<NotServable> for tonic::Status {
     }
 }
 
+/// Why a peer replica could not be dialled.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("peer address {addr:?}")]
+    BadAddress {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("peer TLS for {addr}: {error}")]
+    Tls { addr: String, error: String },
+    #[error("connect to the peer at {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// A channel to the peer replica at `addr` (over TLS with `tls`).
+pub async fn dial(
+    addr: &str,
+    tls: Option<&wset_serve::tls::ClientTls>,
+) -> Result<tonic::transport::Channel, DialError> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let ep = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|source| DialError::BadAddress {
+            addr: addr.to_owned(),
+            source,
+        })?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let ep = match tls {
+        None => ep,
+        Some(t) => {
+            let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            wset_serve::tls::client_config(t, host)
+                .map_err(|e| wset_serve::error_chain(&e))
+                .and_then(|c| ep.tls_config(c).map_err(|e| e.to_string()))
+                .map_err(|error| DialError::Tls {
+                    addr: addr.to_owned(),
+                    error,
+                })?
+        }
+    };
+    ep.connect().await.map_err(|source| DialError::Connect {
+        addr: addr.to_owned(),
+        source,
+    })
+}
+
 /// One replica's leadership state and the terms it led.
 #[derive(Debug)]
 pub struct Replica {
@@ -130,6 +184,27 @@ pub struct Replica {
     state: watch::Sender<Leadership>,
     /// The terms this replica led, oldest first.
     terms: Mutex<VecDeque<pb::TermLed>>,
+    /// Every replica in the election, itself included.
+    peers: Mutex<Vec<Peer>>,
+    /// What history repair has done.
+    repair: Mutex<RepairStats>,
+}
+
+/// A replica in the election.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Peer {
+    pub name: String,
+    pub addr: String,
+}
+
+/// What history repair has done since this replica started.
+#[derive(Clone, Debug, Default)]
+pub struct RepairStats {
+    pub points: u64,
+    pub passes: u64,
+    pub last_ms: u64,
+    /// The latest pass's first error (empty when it worked).
+    pub error: String,
 }
 
 impl Replica {
@@ -154,6 +229,8 @@ impl Replica {
             advertise_addr: std::sync::OnceLock::new(),
             state: watch::Sender::new(first),
             terms: Mutex::new(terms),
+            peers: Mutex::new(Vec::new()),
+            repair: Mutex::new(RepairStats::default()),
         }
     }
 
@@ -352,6 +429,33 @@ impl Replica {
     pub fn terms_led(&self) -> Vec<pb::TermLed> {
         let t = self.terms.lock().unwrap_or_else(|p| p.into_inner());
         t.iter().cloned().collect()
+    }
+
+    /// The replicas in the election now (from etcd), itself included.
+    pub fn set_peers(&self, mut peers: Vec<Peer>) {
+        peers.sort();
+        peers.dedup();
+        *self.peers.lock().unwrap_or_else(|p| p.into_inner()) = peers;
+    }
+
+    pub fn peers(&self) -> Vec<Peer> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Note a repair pass: points copied, and its first error.
+    pub fn repaired(&self, points: u64, error: Option<String>) {
+        let mut r = self.repair.lock().unwrap_or_else(|p| p.into_inner());
+        r.points += points;
+        r.passes += 1;
+        r.last_ms = crate::now_ms();
+        r.error = error.unwrap_or_default();
+    }
+
+    pub fn repair_stats(&self) -> RepairStats {
+        self.repair
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// While leading: how long publishing may go on without a renewal.

@@ -36,6 +36,7 @@ impl ReplicaService {
         };
         let plan = self.plans.borrow().clone();
         let served = plan.filter(|p| r.servable(Some(p)).is_ok());
+        let repair = r.repair_stats();
         pb::ReplicaStatus {
             name: r.name.clone(),
             advertise_addr: r.advertise_addr().to_owned(),
@@ -51,6 +52,10 @@ impl ReplicaService {
             plan_term: served.as_ref().map_or(0, |p| p.term),
             plan_id: served.map(|p| p.id.clone()).unwrap_or_default(),
             terms_led: r.terms_led(),
+            repaired_points: repair.points,
+            last_repair_ms: repair.last_ms,
+            repair_error: repair.error,
+            peers: r.peers().into_iter().map(|p| p.name).collect(),
         }
     }
 }

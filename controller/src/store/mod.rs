@@ -49,6 +49,9 @@ pub struct Write {
     pub events: Vec<(String, pb::HostEvent)>,
     /// VM records that changed (their `latest` is not stored).
     pub vm_records: Vec<pb::ClusterVm>,
+    /// Points of any series (`bucket_ms` 0: raw), copied from a peer.
+    pub levelled_vm_points: Vec<(String, u64, pb::VmHistoryPoint)>,
+    pub levelled_host_points: Vec<(String, u64, pb::HostHistoryPoint)>,
 }
 
 /// Records read back, and the errors of those that did not decode.
@@ -139,6 +142,20 @@ impl Store {
                 b.insert(point_key(vm, 0, p.timestamp_ms), p.encode_to_vec());
             }
             self.vm.points.apply_batch(b)?;
+        }
+        if !w.levelled_vm_points.is_empty() {
+            let mut b = sled::Batch::default();
+            for (vm, bucket, p) in &w.levelled_vm_points {
+                b.insert(point_key(vm, *bucket, p.timestamp_ms), p.encode_to_vec());
+            }
+            self.vm.points.apply_batch(b)?;
+        }
+        if !w.levelled_host_points.is_empty() {
+            let mut b = sled::Batch::default();
+            for (host, bucket, p) in &w.levelled_host_points {
+                b.insert(point_key(host, *bucket, p.timestamp_ms), p.encode_to_vec());
+            }
+            self.host.points.apply_batch(b)?;
         }
         if let Some((host, p)) = &w.host_point {
             self.host

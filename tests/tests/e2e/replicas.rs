@@ -6,7 +6,8 @@
 //! called durable; a leader cut off from etcd stops publishing before its
 //! lease ends, and no two replicas ever publish at once; with etcd gone,
 //! every replica keeps ingesting and serving history while nobody
-//! publishes, and health and metrics say so.
+//! publishes, and health and metrics say so; a replica whose data
+//! directory is wiped gets its peers' history back, point for point.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
@@ -74,6 +75,7 @@ struct Tier {
     dirs: Vec<TempDir>,
     replicas: Vec<Option<Controller>>,
     reach: Reach,
+    extra: Vec<String>,
 }
 
 fn replica_args(tier_etcd: &Etcd, reach: Reach, i: usize) -> Vec<String> {
@@ -97,6 +99,10 @@ fn replica_args(tier_etcd: &Etcd, reach: Reach, i: usize) -> Vec<String> {
 
 impl Tier {
     fn start(reach: Reach) -> Self {
+        Self::start_with(reach, &[])
+    }
+
+    fn start_with(reach: Reach, extra: &[&str]) -> Self {
         let hosts = HOSTS.get();
         let etcd = Etcd::start(3);
         let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("replica")).collect();
@@ -105,6 +111,7 @@ impl Tier {
             dirs,
             replicas: Vec::new(),
             reach,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         for i in 0..3 {
             let c = t.spawn(i, &hosts.addrs);
@@ -115,7 +122,8 @@ impl Tier {
 
     fn spawn(&self, i: usize, agents: &[String]) -> Controller {
         let agents: Vec<&str> = agents.iter().map(String::as_str).collect();
-        let extra = replica_args(&self.etcd, self.reach, i);
+        let mut extra = replica_args(&self.etcd, self.reach, i);
+        extra.extend(self.extra.iter().cloned());
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         Controller::start(&self.dirs[i].0, &agents, &extra)
     }
@@ -164,14 +172,18 @@ impl Tier {
     }
 }
 
-fn history(c: &Controller, vm: &str) -> Vec<u64> {
+fn points(c: &Controller, vm: &str) -> Vec<pb::VmHistoryPoint> {
     c.vm_history(pb::GetVmHistoryRequest {
         vm_id: vm.into(),
         page_size: 10_000,
         ..Default::default()
     })
-    .map(|h| h.points.iter().map(|p| p.timestamp_ms).collect())
+    .map(|h| h.points)
     .unwrap_or_default()
+}
+
+fn history(c: &Controller, vm: &str) -> Vec<u64> {
+    points(c, vm).iter().map(|p| p.timestamp_ms).collect()
 }
 
 /// Every published term of every replica, ordered by when it began to
@@ -433,4 +445,114 @@ fn without_etcd_nobody_publishes_and_history_goes_on() {
     let (_, t2) = tier.wait_settled(term, "a leader again once etcd is back");
     assert!(t2 > term);
     assert_never_two_publish(&tier.statuses());
+}
+
+#[test]
+fn a_wiped_replica_gets_its_history_back_from_a_peer_point_for_point() {
+    let mut tier = Tier::start_with(Reach::All, &["--repair-interval", "1s"]);
+    let (l, _) = tier.wait_settled(0, "a leader, and every replica serving its plan");
+    for (i, c) in tier.live() {
+        wait_for(Duration::from_secs(60), &format!("history on r{i}"), || {
+            VMS.iter()
+                .all(|vm| history(c, vm).len() >= 20)
+                .then_some(())
+        });
+    }
+    // A follower loses its disk: stopped, its data directory emptied,
+    // started again.
+    let f = (l + 1) % 3;
+    tier.replicas[f].as_mut().expect("live").terminate();
+    tier.replicas[f] = None;
+    std::fs::remove_dir_all(&tier.dirs[f].0).expect("wipe the data directory");
+    std::fs::create_dir_all(&tier.dirs[f].0).expect("recreate it");
+    let restarted_at = wset_tests::now_ms();
+    tier.restart(f);
+    let back = tier.replicas[f].as_ref().expect("live");
+    // A pass counts what arrived until its start less the samples still
+    // arriving (2 x 300 ms + 1 s): wait for a pass that ended after the
+    // restart plus that, then for the one after it, which began later.
+    let status = wait_for(
+        Duration::from_secs(120),
+        "a repair pass that copied points, after the restart",
+        || {
+            let s = back.replica().ok()?;
+            (s.repaired_points > 0
+                && s.last_repair_ms > restarted_at + 1600
+                && s.repair_error.is_empty())
+            .then_some(s)
+        },
+    );
+    wait_for(Duration::from_secs(60), "the next repair pass", || {
+        let s = back.replica().ok()?;
+        (s.last_repair_ms > status.last_repair_ms).then_some(())
+    });
+    for vm in VMS {
+        let mine = points(back, vm);
+        let sources: BTreeSet<&str> = mine
+            .iter()
+            .map(|p| p.repaired_from.as_str())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let [from] = sources.iter().copied().collect::<Vec<_>>()[..] else {
+            panic!("{vm}: repaired from {sources:?}, not one peer");
+        };
+        let peer = tier
+            .live()
+            .find(|(i, _)| format!("r{i}") == from)
+            .map(|(_, c)| c)
+            .unwrap_or_else(|| panic!("{vm}: repaired from {from}, no such replica"));
+        // Before the restart, every point is the peer's, field for field.
+        let theirs: Vec<pb::VmHistoryPoint> = points(peer, vm)
+            .into_iter()
+            .filter(|p| p.timestamp_ms < restarted_at)
+            .collect();
+        let copied: Vec<pb::VmHistoryPoint> = mine
+            .iter()
+            .filter(|p| p.timestamp_ms < restarted_at)
+            .map(|p| {
+                assert_eq!(
+                    p.repaired_from, from,
+                    "{vm}: a point before the restart not from {from}: {p:?}"
+                );
+                pb::VmHistoryPoint {
+                    repaired_from: String::new(),
+                    ..p.clone()
+                }
+            })
+            .collect();
+        assert!(
+            theirs.len() >= 20,
+            "{vm}: {} points on {from}",
+            theirs.len()
+        );
+        if copied.len() != theirs.len() {
+            let a: Vec<u64> = copied.iter().map(|p| p.timestamp_ms).collect();
+            let b: Vec<u64> = theirs.iter().map(|p| p.timestamp_ms).collect();
+            eprintln!("restarted at {restarted_at}\nhere:  {a:?}\nthere: {b:?}");
+        }
+        assert_eq!(
+            copied.len(),
+            theirs.len(),
+            "{vm}: points before the restart, here and on {from}"
+        );
+        assert!(
+            copied == theirs,
+            "{vm}: the repaired history differs from {from}'s"
+        );
+        // After it, this replica's own ingest.
+        assert!(
+            mine.iter()
+                .any(|p| p.timestamp_ms > restarted_at && p.repaired_from.is_empty()),
+            "{vm}: no point of its own after the restart"
+        );
+        println!(
+            "{vm}: {} points repaired from {from}, equal to its history before the restart",
+            copied.len()
+        );
+    }
+    let (_, m) = http_get(&back.metrics_addr(), "/metrics");
+    assert!(
+        metric(&m, "wset_controller_repaired_points_total").is_some_and(|n| n > 0.0),
+        "{m}"
+    );
 }
