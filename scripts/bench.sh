@@ -36,5 +36,8 @@ cargo bench --locked -p wset-tests --bench stream_fanout || fail "stream_fanout 
 step "Firecracker restores: its own handlers vs wset on demand vs wset's learned prefetch (about 12 minutes)"
 cargo bench --locked -p wset-tests --bench firecracker_restore || fail "firecracker_restore benchmark failed (above)"
 
+step "controller replicas on etcd: hand-over after 20 leader kills, and three replicas' cost against one (about 4 minutes)"
+cargo bench --locked -p wset-tests --bench replicas || fail "replicas benchmark failed (above)"
+
 step "harvest cost on Linux 7.3: RWP vs WP_ASYNC, in the kernel lane (about 2 minutes)"
 scripts/kernel-lane.sh --bench || fail "harvest_cost benchmark in the kernel lane failed (above)"
