@@ -81,7 +81,8 @@ fn ingest(total: usize) -> f64 {
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let w = {
         let (s, ix, h) = (store.clone(), index.clone(), health.clone());
-        std::thread::spawn(move || writer(s, ix, h, rx))
+        let recent = Arc::new(wset_controller::recent::Recent::new(3_600_000, 10_000));
+        std::thread::spawn(move || writer(s, ix, recent, h, rx))
     };
     let stop = Arc::new(AtomicBool::new(false));
     let f = {

@@ -166,6 +166,10 @@ pub struct Args {
     /// The PEM private key of --etcd-tls-cert.
     #[arg(long, requires = "etcd_tls_cert")]
     etcd_tls_key: Option<PathBuf>,
+    /// The name every etcd member's certificate carries [default: the host
+    /// of the first --etcd-endpoints entry].
+    #[arg(long, requires = "etcd_tls_ca")]
+    etcd_tls_server_name: Option<String>,
     /// Dial peer replicas over TLS, trusting this PEM CA bundle.
     #[arg(long)]
     peer_tls_ca: Option<PathBuf>,
@@ -301,7 +305,7 @@ impl cli::Flags for Args {
                     ca,
                     cert: self.etcd_tls_cert,
                     key: self.etcd_tls_key,
-                    server_name: None,
+                    server_name: self.etcd_tls_server_name,
                 }),
             }),
             peer_tls: self.peer_tls_ca.map(|ca| wset_serve::tls::ClientTls {

@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::index::Index;
 use crate::labels;
 use crate::planner::{self, HostInput, Input, Sample, VmInput};
+use crate::recent::Recent;
 use crate::replica::{NotServable, Replica};
 use crate::store::{Store, StoreError};
 
@@ -89,6 +90,7 @@ pub struct Built {
 pub fn build_input(
     store: &Store,
     index: &Index,
+    recent: &Recent,
     settings: &planner::Config,
     sample_interval_ms: u64,
     now_ms: u64,
@@ -142,22 +144,19 @@ pub fn build_input(
     let none = pb::VmHistoryPoint::default();
     let read = planner::map_parallel(&vms, |(id, host, v)| {
         let latest = v.latest.as_ref().unwrap_or(&none);
-        let (history, read) = match store.vm_plan_points(id.as_str(), from, now_ms + 1) {
-            Ok(points) => (
-                points
-                    .iter()
-                    .map(|p| Sample {
-                        t_ms: p.timestamp_ms,
-                        wss_bytes: p
-                            .windows
-                            .iter()
-                            .min_by_key(|w| w.window_ms)
-                            .map_or(0, |w| w.wss_bytes),
-                        dirty_bytes_per_s: p.dirty_rate_bytes_per_s,
-                    })
-                    .collect(),
-                Ok(points.len() as u64),
-            ),
+        // Memory holds every VM's recent samples; the store is read only
+        // for a VM it does not hold.
+        let held = recent.samples(id, from, now_ms + 1).map(Ok);
+        let read = held.unwrap_or_else(|| {
+            store
+                .vm_plan_points(id.as_str(), from, now_ms + 1)
+                .map(|points| points.iter().map(Sample::from).collect::<Vec<_>>())
+        });
+        let (history, read) = match read {
+            Ok(samples) => {
+                let n = samples.len() as u64;
+                (samples, Ok(n))
+            }
             Err(e) => (
                 vec![Sample {
                     t_ms: v.last_seen_ms,
@@ -214,7 +213,14 @@ pub fn build_input(
 static PLAN_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// Plan now, in `term`, as replica `leader` (call off the async workers).
-pub fn plan_now(store: &Store, index: &Index, cfg: &Config, term: u64, leader: &str) -> PlanRecord {
+pub fn plan_now(
+    store: &Store,
+    index: &Index,
+    recent: &Recent,
+    cfg: &Config,
+    term: u64,
+    leader: &str,
+) -> PlanRecord {
     let span = tracing::info_span!(
         "plan",
         term,
@@ -233,6 +239,7 @@ pub fn plan_now(store: &Store, index: &Index, cfg: &Config, term: u64, leader: &
     } = build_input(
         store,
         index,
+        recent,
         &cfg.planner,
         cfg.sample_interval.as_millis() as u64,
         now,
@@ -283,6 +290,7 @@ pub enum PlanError {
 pub struct Planning {
     pub store: Store,
     pub index: Arc<Index>,
+    pub recent: Arc<Recent>,
     pub cfg: Arc<Config>,
     pub replica: Arc<Replica>,
     pub plans: Arc<Plans>,
@@ -297,30 +305,32 @@ impl Planning {
         let Some(term) = self.replica.planning_term() else {
             return Err(self.replica.why_not_planning().into());
         };
-        let (s, ix, c, name) = (
+        let (s, ix, rc, c, name) = (
             self.store.clone(),
             self.index.clone(),
+            self.recent.clone(),
             self.cfg.clone(),
             self.replica.name.clone(),
         );
-        let p = tokio::task::spawn_blocking(move || plan_now(&s, &ix, &c, term, &name))
+        let p = tokio::task::spawn_blocking(move || plan_now(&s, &ix, &rc, &c, term, &name))
             .await
             .map_err(PlanError::Task)?;
         let p = Arc::new(p);
-        let mut published = false;
+        let mut published = None;
         self.plans.send_if_modified(|slot| {
             // The gate is checked under the channel's lock, so no reader
-            // sees a plan published after it closed.
+            // sees a plan published after it closed; the instant recorded
+            // is the publication's.
             if self.replica.may_publish(term) {
                 *slot = Some(p.clone());
-                published = true;
+                published = Some(crate::now_ms());
             }
-            published
+            published.is_some()
         });
-        if !published {
+        let Some(at) = published else {
             return Err(self.replica.why_not_planning().into());
-        }
-        self.replica.published(term, p.created_ms);
+        };
+        self.replica.published(term, at);
         Ok(p)
     }
 }
@@ -436,7 +446,14 @@ mod tests {
             samples,
             unreadable,
             ..
-        } = build_input(&store, &index, &planner::Config::default(), 10_000, now);
+        } = build_input(
+            &store,
+            &index,
+            &Recent::new(3_600_000, 10_000),
+            &planner::Config::default(),
+            10_000,
+            now,
+        );
         assert_eq!(unreadable, 0);
         assert_eq!(input.hosts.len(), 1);
         assert_eq!(input.hosts[0].host_id, "up");
@@ -450,6 +467,31 @@ mod tests {
         let d = input.vms[0].demand.as_ref().unwrap();
         assert_eq!((d.samples_used, d.max_bytes), (2, 5 << 20));
         assert!(input.vms[0].samples.is_empty());
+        // From memory, loaded from the store, the same input; and memory
+        // is what is read (a sample only memory holds counts).
+        let recent = Recent::new(3_600_000, 10_000);
+        let ids: Vec<VmId> = index.vms().keys().cloned().collect();
+        assert!(
+            recent
+                .load_from(&store, &ids, now - 3_600_000, now + 1)
+                .is_empty()
+        );
+        let plan_input =
+            |r: &Recent| build_input(&store, &index, r, &planner::Config::default(), 10_000, now);
+        let from_memory = plan_input(&recent);
+        assert_eq!(from_memory.input, input);
+        assert_eq!(from_memory.samples, 2);
+        recent.push(
+            "fresh",
+            Sample {
+                t_ms: now - 500,
+                wss_bytes: 6 << 20,
+                dirty_bytes_per_s: 0.0,
+            },
+        );
+        let b = plan_input(&recent);
+        assert_eq!(b.samples, 3);
+        assert_eq!(b.input.vms[0].demand.as_ref().unwrap().max_bytes, 6 << 20);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -503,7 +545,14 @@ mod tests {
             })
             .unwrap();
         store.put_raw_point_bytes("bad", now - 2000, &[0xff; 3]);
-        let b = build_input(&store, &index, &planner::Config::default(), 10_000, now);
+        let b = build_input(
+            &store,
+            &index,
+            &Recent::new(3_600_000, 10_000),
+            &planner::Config::default(),
+            10_000,
+            now,
+        );
         assert_eq!((b.unreadable, b.samples), (1, 1));
         let (vm, e) = b.first_unreadable.as_ref().unwrap();
         assert_eq!(vm, "bad");

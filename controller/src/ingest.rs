@@ -154,6 +154,7 @@ const RECORD_REFRESH_MS: u64 = 60_000;
 pub fn writer(
     store: Store,
     index: Arc<Index>,
+    recent: Arc<crate::recent::Recent>,
     health: Arc<StoreHealth>,
     mut rx: mpsc::Receiver<Msg>,
 ) {
@@ -217,6 +218,16 @@ pub fn writer(
         if let Some(n) = complaint.worked() {
             info!(lost = n, "history writes work again");
             health.set(&health.write_failing, false);
+        }
+        // What the planner reads, in memory: every raw point stored.
+        let raw = w.vm_points.iter().map(|(vm, p)| (vm, p)).chain(
+            w.levelled_vm_points
+                .iter()
+                .filter(|(_, bucket, _)| *bucket == 0)
+                .map(|(vm, _, p)| (vm, p)),
+        );
+        for (vm, p) in raw {
+            recent.push(vm, crate::planner::Sample::from(p));
         }
         if let Some(ep) = endpoint {
             index.applied(ep, received_ms);

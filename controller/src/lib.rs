@@ -16,6 +16,7 @@ pub mod ingest;
 pub mod labels;
 pub mod metrics;
 pub mod planner;
+pub mod recent;
 pub mod replica;
 pub mod scheduler;
 pub mod service;
@@ -85,7 +86,7 @@ pub async fn run(
         dir: cfg.data_dir.clone(),
         source,
     })?;
-    let (store, index) = {
+    let (store, index, recent) = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || -> Result<_, RunError> {
             let store = store::Store::open(&cfg.data_dir, cfg.levels.clone(), cfg.cache_bytes)
@@ -94,7 +95,24 @@ pub async fn run(
                     source,
                 })?;
             let index = index::Index::load(&store).map_err(RunError::LoadIndex)?;
-            Ok((store, Arc::new(index)))
+            // The planner's samples, read once; then the writer keeps them.
+            let recent = recent::Recent::new(
+                cfg.planner.lookback_ms,
+                cfg.sample_interval.as_millis() as u64,
+            );
+            let vms: Vec<_> = index.vms().keys().cloned().collect();
+            let now = now_ms();
+            let failed = recent.load_from(
+                &store,
+                &vms,
+                now.saturating_sub(cfg.planner.lookback_ms),
+                now + 1,
+            );
+            if let Some((vm, e)) = failed.first() {
+                warn!(vms = failed.len(), first = %vm, error = %e,
+                    "recent samples unreadable: those VMs' plans read the store each time");
+            }
+            Ok((store, Arc::new(index), Arc::new(recent)))
         })
         .await
         .map_err(|e| RunError::Task("store open task", e))??
@@ -111,9 +129,10 @@ pub async fn run(
     let repair_tx = tx.clone();
     let writer = {
         let (store, index, health) = (store.clone(), index.clone(), store_health.clone());
+        let recent = recent.clone();
         std::thread::Builder::new()
             .name("wset-writer".into())
-            .spawn(move || ingest::writer(store, index, health, rx))
+            .spawn(move || ingest::writer(store, index, recent, health, rx))
             .map_err(|e| RunError::Thread("writer", e))?
     };
     let flush_stop = Arc::new(AtomicBool::new(false));
@@ -139,6 +158,7 @@ pub async fn run(
     let maintenance = tokio::spawn(maintain(
         store.clone(),
         index.clone(),
+        recent.clone(),
         cfg.clone(),
         maintained.clone(),
         stop_rx.clone(),
@@ -152,6 +172,7 @@ pub async fn run(
     let planning = decide::Planning {
         store: store.clone(),
         index: index.clone(),
+        recent: recent.clone(),
         cfg: cfg.clone(),
         replica: replica.clone(),
         plans: plans.clone(),
@@ -342,6 +363,7 @@ pub struct MaintenanceTotals {
 async fn maintain(
     store: store::Store,
     index: Arc<index::Index>,
+    recent: Arc<recent::Recent>,
     cfg: Arc<Config>,
     totals: Arc<std::sync::Mutex<MaintenanceTotals>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -379,6 +401,9 @@ async fn maintain(
             let mut v = index.vms_mut();
             for id in &pass.forgotten {
                 v.remove(id.as_str());
+                if let Ok(id) = id.parse() {
+                    recent.forget(&id);
+                }
             }
         }
         if let Some((what, e)) = &pass.first_failure {

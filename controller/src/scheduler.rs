@@ -391,10 +391,13 @@ impl pb::scheduler_service_server::SchedulerService for SchedulerService {
                 "{MAX_STREAMS} WatchDecisions streams are open already; close one"
             ))
         })?;
-        let first = self.plan(false).await?;
+        // Subscribed before the first plan is taken: any change after it
+        // wakes the stream, and the first plan is checked once more.
         let mut rx = self.planning.plans.subscribe();
         let replica = self.planning.replica.clone();
         let mut leadership = replica.subscribe();
+        let first = self.plan(false).await?;
+        replica.servable(Some(&first))?;
         let mut stop = self.stop.clone();
         let (tx, out) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {

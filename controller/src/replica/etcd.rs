@@ -165,6 +165,9 @@ async fn connect(cfg: &EtcdConfig) -> Result<Client, EtcdError> {
         // A member cut off from its cluster refuses instead of answering
         // from a stale view.
         .with_require_leader(true);
+    // One TLS configuration serves every endpoint: the members'
+    // certificates must all carry one name (--etcd-tls-server-name, else
+    // the first endpoint's host), e.g. a wildcard.
     if let Some(t) = &cfg.tls {
         let host = cfg
             .endpoints
@@ -319,8 +322,11 @@ async fn leased(
                 return Err(EtcdError::RenewalLate(margin));
             }
             _ = renew.tick() => {
+                // Unanswered keep-alives pile up only past the deadline,
+                // which ends the session first; never pair an answer with
+                // a later request than its own.
                 if sent.len() == sent.capacity() {
-                    sent.pop_front();
+                    return Err(EtcdError::RenewalLate(margin));
                 }
                 sent.push_back(Instant::now());
                 call(cfg, "renew the lease", keeper.keep_alive()).await?;
@@ -345,10 +351,13 @@ async fn leased(
                     what: "campaign",
                     source,
                 })?;
-                let t = resp.leader().map_or(0, |k| k.rev()) as u64;
+                let Some(key) = resp.leader() else {
+                    return Err(EtcdError::StreamEnded("campaign (no leader key)"));
+                };
                 if Instant::now() >= until {
                     return Err(EtcdError::RenewalLate(margin));
                 }
+                let t = key.rev() as u64;
                 info!(term = t, "elected leader");
                 term = Some(t);
                 replica.lead(t, until);
@@ -363,17 +372,37 @@ async fn leased(
                 let leader_term = kv.create_revision() as u64;
                 match term {
                     Some(mine) if mine == leader_term => {}
+                    // A report older than our own term says nothing new.
+                    Some(mine) if leader_term < mine => {}
                     Some(_) => return Err(EtcdError::LostKey(leader_term)),
+                    // Our own key leads: we won, even if the campaign call
+                    // (waiting on a member that lost its cluster) has not
+                    // answered.
+                    None if kv.lease() == lease => {
+                        if Instant::now() >= until {
+                            return Err(EtcdError::RenewalLate(margin));
+                        }
+                        info!(term = leader_term, "elected leader (seen by observing)");
+                        term = Some(leader_term);
+                        replica.lead(leader_term, until);
+                    }
                     None => {
                         let c: Option<Candidate> = serde_json::from_slice(kv.value()).ok();
-                        let leader = c.map(|c| LeaderInfo {
-                            name: c.name,
-                            addr: c.addr,
-                            term: leader_term,
-                        });
-                        if leader.as_ref().is_some_and(|l| l.name != replica.name) {
-                            info!(leader = ?leader, "following");
-                            replica.follow(leader);
+                        match c {
+                            // A key of a replica that leads and can be asked.
+                            Some(c) if c.name != replica.name => {
+                                let leader = LeaderInfo {
+                                    name: c.name,
+                                    addr: c.addr,
+                                    term: leader_term,
+                                };
+                                info!(leader = ?leader, "following");
+                                replica.follow(Some(leader));
+                            }
+                            // A key left by this replica before a restart, or
+                            // one that does not parse: a newer term leads and
+                            // nobody can be asked for its plans until it ends.
+                            _ => replica.follow(None),
                         }
                     }
                 }

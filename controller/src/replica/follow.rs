@@ -61,7 +61,7 @@ pub async fn run(
         tokio::select! {
             _ = stop.changed() => return,
             r = leadership.changed() => if r.is_err() { return },
-            e = mirror(&leader, &plans, tls.as_ref()) => {
+            e = mirror(&replica, &leader, &plans, tls.as_ref()) => {
                 debug!(error = %wset_serve::error_chain(&e), leader = %leader.name, "mirroring the leader's plans stopped; retrying");
                 if backoff >= BACKOFF_WARN {
                     warn!(error = %wset_serve::error_chain(&e), leader = %leader.name, "cannot mirror the leader's plans; retrying");
@@ -84,6 +84,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const BACKOFF_WARN: Duration = Duration::from_millis(800);
 
 async fn mirror(
+    replica: &Replica,
     leader: &LeaderInfo,
     plans: &Plans,
     tls: Option<&wset_serve::tls::ClientTls>,
@@ -119,7 +120,23 @@ async fn mirror(
                 want: leader.term,
             };
         }
+        // Stored only while this replica still follows that leader's term:
+        // a plan read just before it changed must not replace a newer one.
+        let p = Arc::new(p);
+        let stored = plans.send_if_modified(|slot| {
+            let follows = matches!(
+                replica.leadership(),
+                Leadership::Follower { leader: Some(l) } if l.term == p.term
+            );
+            if follows {
+                *slot = Some(p.clone());
+            }
+            follows
+        });
+        if !stored {
+            let status = tonic::Status::aborted("this replica no longer follows that term");
+            return FollowError::Stream { addr, status };
+        }
         debug!(plan = %p.id, term = p.term, "mirrored a plan");
-        plans.send_replace(Some(Arc::new(p)));
     }
 }

@@ -6,11 +6,14 @@
 //! disk, so ends up with its peers' history; a gap stays only where no
 //! replica has the data.
 //!
-//! Which points are missing ([`missing`], pure): a peer's point is missing
-//! here when no point of this replica's lies within nine tenths of the
-//! resolution of it. Raw points are compared that way (each replica stamps
-//! a sample when it arrives, so two replicas' stamps of one sample differ
-//! by milliseconds); rollup buckets start at the same instants everywhere.
+//! Which points are missing ([`missing`], pure): a peer's point that falls
+//! in one of this replica's gaps (before its first point, after its last,
+//! or between two of its points further apart than 1.9 resolutions) and is
+//! not a sample this replica holds. A raw sample is known by the agent's
+//! stamp, the same on every replica (each replica stamps its own arrival
+//! time, so those differ by milliseconds); this replica's points are read a
+//! little wider than the peer's so a sample on either side of an edge is
+//! still found. Rollup buckets start at the same instants everywhere.
 //! Every level is repaired: raw samples over the raw retention, each rollup
 //! over its own. The first pass covers the whole retention; later passes
 //! the time since the previous one (and a margin), so a pass costs what
@@ -92,6 +95,9 @@ pub fn missing<P: Clone>(mine: &[Stamp], theirs: &[P], at: impl Fn(&P) -> Stamp)
         (Some(x), Some(y)) => x == y,
         _ => a.t.abs_diff(b.t) * 4 < a.res.max(b.res).max(1),
     };
+    // Every sample of ours, wherever it lies: the same sample may sit a
+    // few milliseconds apart on two replicas, past a neighbour.
+    let ours: std::collections::HashSet<u64> = mine.iter().filter_map(|m| m.sample).collect();
     let mut out = Vec::new();
     let mut next = 0;
     for p in theirs {
@@ -107,7 +113,9 @@ pub fn missing<P: Clone>(mine: &[Stamp], theirs: &[P], at: impl Fn(&P) -> Stamp)
             }
             _ => true,
         };
-        let dup = before.is_some_and(|b| same(b, &q)) || after.is_some_and(|a| same(a, &q));
+        let dup = q.sample.is_some_and(|x| ours.contains(&x))
+            || before.is_some_and(|b| same(b, &q))
+            || after.is_some_and(|a| same(a, &q));
         if in_gap && !dup {
             out.push(p.clone());
         }
@@ -234,8 +242,12 @@ async fn pass(
     let now = crate::now_ms();
     let levels = r.store.levels().to_vec();
     let mut copied = 0u64;
+    // Ours is read a little wider than theirs, so that a sample both hold,
+    // stamped on either side of an edge, is still seen as ours.
+    let pad_of = |bucket_ms: u64| 2 * bucket_ms.max(r.cfg.sample_interval.as_millis() as u64);
     for vm in &vms {
         for level in &levels {
+            let pad = pad_of(level.bucket_ms);
             let from = since
                 .unwrap_or(0)
                 .max(now.saturating_sub(level.retention_ms));
@@ -260,7 +272,7 @@ async fn pass(
                 r,
                 peer,
                 theirs,
-                move || s.vm_points(&id, b, from, until, usize::MAX),
+                move || s.vm_points(&id, b, from.saturating_sub(pad), until + pad, usize::MAX),
                 vm_stamp,
                 |p| &mut p.repaired_from,
                 |chunk| Write {
@@ -277,6 +289,7 @@ async fn pass(
     let hosts: Vec<String> = r.index.hosts().keys().map(|h| h.to_string()).collect();
     for host in &hosts {
         for level in &levels {
+            let pad = pad_of(level.bucket_ms);
             let from = since
                 .unwrap_or(0)
                 .max(now.saturating_sub(level.retention_ms));
@@ -304,7 +317,7 @@ async fn pass(
                 r,
                 peer,
                 theirs,
-                move || s.host_points(&id, b, from, until, usize::MAX),
+                move || s.host_points(&id, b, from.saturating_sub(pad), until + pad, usize::MAX),
                 host_stamp,
                 |p| &mut p.repaired_from,
                 |chunk| Write {
