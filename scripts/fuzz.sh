@@ -26,6 +26,11 @@ else
 fi
 require_cargo_fuzz
 
+# The fuzz workspace has a lock file of its own: a dependency the main
+# workspace gained must be in it too, or the build would change it.
+(cd fuzz && cargo fetch --locked --target "$(rustc -vV | sed -n "s/^host: //p")" -q) \
+  || fail "fuzz/Cargo.lock is out of date with the workspace (above): run 'cargo update --workspace' in fuzz/ and commit it"
+
 step "building the fuzz targets (${toolchain} toolchain)"
 cargo "+$toolchain" fuzz build --fuzz-dir fuzz --sanitizer none >&2 \
   || fail "building the fuzz targets failed (above)"
