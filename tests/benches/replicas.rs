@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use wset_guest::script::{Script, Touch};
 use wset_proto::v1 as pb;
+use wset_serve::metrics::ProcessStats;
 use wset_tests::harness::{
     Agent, AgentOpts, Controller, Etcd, Guest, GuestKind, TempDir, free_loopback_addr, wait_for,
 };
@@ -28,16 +29,8 @@ const PLAN_MS: u64 = 1000;
 
 /// CPU seconds and resident bytes of a process.
 fn usage(pid: u32) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    let rss_pages: u64 = f[21].parse().unwrap();
-    (ticks / 100.0, rss_pages * 4096)
+    let p = ProcessStats::of(pid as i32).unwrap_or_else(|| panic!("process {pid} is gone"));
+    (p.cpu_seconds, p.resident_bytes)
 }
 
 fn replica(etcd: &Etcd, dir: &TempDir, i: usize, agents: &[&str]) -> Controller {

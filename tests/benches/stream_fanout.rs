@@ -19,15 +19,9 @@ const READERS: [usize; 4] = [0, 1, 8, 32];
 
 /// CPU seconds the process has used.
 fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("agent stat");
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    ticks / 100.0
+    wset_serve::metrics::ProcessStats::of(pid as i32)
+        .unwrap_or_else(|| panic!("process {pid} is gone"))
+        .cpu_seconds
 }
 
 fn main() {
