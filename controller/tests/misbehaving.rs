@@ -384,10 +384,10 @@ async fn misbehaving_agents_and_bogus_requests() {
             "a page had {t}, which no read had"
         );
     }
+    let kept = before.intersection(&after).count();
     assert!(
-        seen.len() * 2 >= total,
-        "{} of {total} points paged",
-        seen.len()
+        kept > 0,
+        "no point of {total} outlived the walk: it cannot be checked"
     );
 
     // Bogus requests.
