@@ -123,6 +123,28 @@ pub fn missing<P: Clone>(mine: &[Stamp], theirs: &[P], at: impl Fn(&P) -> Stamp)
     out
 }
 
+/// Where a pass over `level` starts: after the previous pass's cover
+/// (`since`), within the level's retention; `None` when nothing is left
+/// before `until`.
+fn window_start(
+    since: Option<u64>,
+    now: u64,
+    level: &crate::history::Level,
+    until: u64,
+) -> Option<u64> {
+    let from = since
+        .unwrap_or(0)
+        .max(now.saturating_sub(level.retention_ms));
+    (from < until).then_some(from)
+}
+
+/// Whether a point from a page answered at `page_res` belongs to the
+/// series of `bucket_ms` asked for (the API may answer from a coarser
+/// series where this one does not reach back).
+fn of_series(bucket_ms: u64, page_res: u64, point_res: u64) -> bool {
+    (bucket_ms == 0) == (page_res == 0) && (bucket_ms == 0 || point_res == bucket_ms)
+}
+
 /// A VM point's stamp: raw points carry the agent's stamp of their sample.
 fn vm_stamp(p: &pb::VmHistoryPoint) -> Stamp {
     Stamp {
@@ -248,12 +270,9 @@ async fn pass(
     for vm in &vms {
         for level in &levels {
             let pad = pad_of(level.bucket_ms);
-            let from = since
-                .unwrap_or(0)
-                .max(now.saturating_sub(level.retention_ms));
-            if from >= until {
+            let Some(from) = window_start(since, now, level, until) else {
                 continue;
-            }
+            };
             let theirs = vm_history(
                 &mut client,
                 &peer.name,
@@ -290,12 +309,9 @@ async fn pass(
     for host in &hosts {
         for level in &levels {
             let pad = pad_of(level.bucket_ms);
-            let from = since
-                .unwrap_or(0)
-                .max(now.saturating_sub(level.retention_ms));
-            if from >= until {
+            let Some(from) = window_start(since, now, level, until) else {
                 continue;
-            }
+            };
             let theirs =
                 match host_history(&mut client, &peer.name, host, level.bucket_ms, from, until)
                     .await
@@ -402,12 +418,11 @@ async fn vm_history(
                 });
             }
         };
-        // Only points of the series asked for: the API may answer from a
-        // coarser one where this one does not reach back.
-        out.extend(page.points.into_iter().filter(|p| {
-            (bucket_ms == 0) == (page.resolution_ms == 0)
-                && (bucket_ms == 0 || p.resolution_ms == bucket_ms)
-        }));
+        out.extend(
+            page.points
+                .into_iter()
+                .filter(|p| of_series(bucket_ms, page.resolution_ms, p.resolution_ms)),
+        );
         if page.next_page_token.is_empty() {
             return Ok(out);
         }
@@ -443,10 +458,11 @@ async fn host_history(
                 status,
             })?
             .into_inner();
-        out.extend(page.points.into_iter().filter(|p| {
-            (bucket_ms == 0) == (page.resolution_ms == 0)
-                && (bucket_ms == 0 || p.resolution_ms == bucket_ms)
-        }));
+        out.extend(
+            page.points
+                .into_iter()
+                .filter(|p| of_series(bucket_ms, page.resolution_ms, p.resolution_ms)),
+        );
         if page.next_page_token.is_empty() {
             return Ok(out);
         }
