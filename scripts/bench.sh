@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Runs every wset benchmark and prints its ratios against a baseline measured
 # in the same run. Method and latest figures: BENCHMARKS.md.
-# Usage: sudo scripts/bench.sh   (WSET_BENCH_SECS, WSET_BENCH_ROUNDS tune the guest runs)
+# Usage: scripts/bench.sh   (WSET_BENCH_SECS, WSET_BENCH_ROUNDS tune the guest runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 step "checking prerequisites"
-require_root
+require_root "$@"
 require_device /dev/userfaultfd "the benchmarks drive real userfaultfds"
 require_device /dev/kvm "the guest-slowdown benchmark runs real KVM guests"
 install_packages "${WSET_TEST_PACKAGES[@]}"

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The main job on one machine: the wset agent with its embedded defaults and
 # real KVM guests with known working sets, shown live. Ctrl-C stops it.
-# Usage: sudo scripts/demo.sh
+# Usage: scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 step "checking prerequisites"
-require_root
+require_root "$@"
 require_device /dev/userfaultfd "the agent tracks guest memory through userfaultfd"
 install_packages "${WSET_TEST_PACKAGES[@]}"
 

@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
-require_root
+require_root "$@"
 install_packages qemu-system-x86 busybox-static cpio "${WSET_TEST_PACKAGES[@]}"
 command -v qemu-system-x86_64 >/dev/null || fail "qemu-system-x86_64 not found after installing qemu-system-x86"
 [ -x /bin/busybox ] || fail "/bin/busybox not found after installing busybox-static"

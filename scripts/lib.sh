@@ -11,8 +11,20 @@ WSET_TEST_PACKAGES=("${WSET_BUILD_PACKAGES[@]}" etcd-server)
 step() { printf '\n==> %s\n' "$*" >&2; }
 fail() { printf '\nwset: FAILED: %s\n' "$*" >&2; exit 1; }
 
+# require_root "$@" : go on as root. Root (a fresh machine often has no
+# sudo) carries on; anyone else is re-run through sudo, keeping the Rust
+# toolchain on PATH, its caches and the WSET_* settings, or stopped with
+# what to do. Call it after the script's `cd` to the repository (every
+# script lives in scripts/).
 require_root() {
-  [ "$(id -u)" = 0 ] || fail "run as root: the tracker needs userfaultfd and /proc/<pid>/pagemap of other processes, and packages may need installing"
+  [ "$(id -u)" = 0 ] && return 0
+  local why="the tracker needs userfaultfd and /proc/<pid>/pagemap of other processes, and packages may need installing"
+  command -v sudo >/dev/null || fail "run as root ($why); there is no sudo here: log in as root and re-run"
+  step "not root: re-running through sudo ($why)"
+  local keep=()
+  while IFS= read -r v; do keep+=("$v"); done < <(env | grep '^WSET_' || true)
+  exec sudo env "${keep[@]}" "PATH=$PATH" "HOME=$HOME" "CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}" \
+    "RUSTUP_HOME=${RUSTUP_HOME:-$HOME/.rustup}" "$PWD/scripts/$(basename "$0")" "$@"
 }
 
 require_device() {
@@ -50,8 +62,7 @@ install_packages() {
     || fail "apt-get install ${missing[*]} failed (above)"
 }
 
-# grpcurl, the reflection client the tests and the README use: grpcurl-rs
-# from crates.io (no Debian package exists).
+# cargo-fuzz, which drives libFuzzer for scripts/fuzz.sh, from crates.io.
 require_cargo_fuzz() {
   export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
   cargo fuzz --version >/dev/null 2>&1 && return 0

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 step "checking prerequisites"
-require_root
+require_root "$@"
 require_device /dev/userfaultfd "userfaultfd (CONFIG_USERFAULTFD) is needed by the tracker tests"
 require_device /dev/kvm "KVM is needed by the KVM guest tests (enable virtualization or nested virtualization)"
 install_packages "${WSET_TEST_PACKAGES[@]}"

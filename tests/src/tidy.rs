@@ -174,3 +174,45 @@ fn architecture_names_every_module() {
          {unnamed:#?}"
     );
 }
+
+#[test]
+fn the_readme_commands_are_what_ci_runs_and_need_no_sudo() {
+    let readme = read("README.md");
+    // The two commands, as the table's last cells give them.
+    let commands: Vec<&str> = readme
+        .lines()
+        .filter(|l| l.starts_with("| **"))
+        .filter_map(|l| l.trim_end_matches('|').rsplit('|').next())
+        .map(|c| c.trim().trim_matches('`'))
+        .collect();
+    assert_eq!(
+        commands,
+        ["scripts/demo.sh", "scripts/test.sh"],
+        "README's two commands"
+    );
+    let ci = read(".ci/run");
+    assert!(
+        ci.lines().any(|l| l.trim() == "exec scripts/test.sh"),
+        ".ci/run must run exactly the README's test command:\n{ci}"
+    );
+    // A root machine may have no sudo: the scripts re-run themselves
+    // through it when needed, so no document tells anyone to type it.
+    for doc in [
+        "README.md",
+        "ARCHITECTURE.md",
+        "BENCHMARKS.md",
+        "deploy/README.md",
+    ] {
+        let text = read(doc);
+        let bad: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("sudo scripts/"))
+            .collect();
+        assert!(bad.is_empty(), "{doc} tells readers to type sudo: {bad:#?}");
+    }
+    let lib = read("scripts/lib.sh");
+    assert!(
+        lib.contains("exec sudo"),
+        "scripts/lib.sh's require_root no longer re-runs through sudo"
+    );
+}
