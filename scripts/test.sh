@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every wset test: formatting, lints, unit tests, real-kernel tests
-# (userfaultfd, KVM), the end-to-end tests, the RWP kernel lane (a Linux
+# (userfaultfd, KVM), the API's lint and breaking-change checks
+# (scripts/api.sh), the end-to-end tests, the RWP kernel lane (a Linux
 # 7.3+ kernel booted under QEMU, scripts/kernel-lane.sh) and a short fuzzing
 # run of every fuzz target (scripts/fuzz.sh). Installs what it
 # needs as root.
@@ -23,6 +24,9 @@ cargo fmt --all -- --check || fail "formatting differs: run 'cargo fmt --all'"
 
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings || fail "clippy found problems (above)"
+
+step "the wire: buf lint and buf breaking on wset.v1 (scripts/api.sh)"
+scripts/api.sh || fail "the API checks failed (above)"
 
 step "building release binaries for the end-to-end tests"
 cargo build --workspace --release --locked --bins || fail "release build failed (above)"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Renders every kustomization under deploy/ (the base and each overlay) and
 # validates the result against the Kubernetes schemas, strictly (an unknown
-# or misspelt field fails). A deliberately broken copy must fail too, so the
+# or misspelt field fails), and kube-scheduler's configuration for the
+# extender against its own schema. A deliberately broken copy must fail too, so the
 # check cannot pass vacuously.
 # Usage: scripts/validate-deploy.sh   (K8S_VERSION, default 1.30.0)
 set -euo pipefail
@@ -35,3 +36,25 @@ if validate --strict --quiet -k "$version" "$out/broken.yaml" >/dev/null 2>&1; t
   fail "a misspelt field passed validation: the deploy check would not catch a typo"
 fi
 echo "deploy: $n kustomizations valid; a misspelt field is caught"
+
+# kube-scheduler's configuration for the extender is not an API object (no
+# Kubernetes schema has it): it is checked against the schema written from
+# k8s.io/kube-scheduler/config/v1's types, as strictly, broken copy and all.
+sched_validate() {
+  python3 - "$1" <<'PY'
+import json, sys, yaml, jsonschema
+schema = json.load(open("deploy/schemas/kubescheduler.config.k8s.io-v1.json"))
+doc = yaml.safe_load(open(sys.argv[1]))
+errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(doc), key=lambda e: list(e.path))
+for e in errors:
+    print(f"{sys.argv[1]}: {'/'.join(map(str, e.path)) or '(top)'}: {e.message}", file=sys.stderr)
+sys.exit(1 if errors else 0)
+PY
+}
+config=deploy/kube-scheduler/kube-scheduler-config.yaml
+sched_validate "$config" || fail "$config does not validate against its schema (above)"
+sed 's/filterVerb: filter/filterVerbb: filter/' "$config" > "$out/broken-scheduler.yaml"
+if sched_validate "$out/broken-scheduler.yaml" 2>/dev/null; then
+  fail "a misspelt extender field passed validation: the kube-scheduler configuration check would not catch a typo"
+fi
+echo "deploy: $config valid against kubescheduler.config.k8s.io/v1; a misspelt field is caught"

@@ -41,7 +41,7 @@ impl pb::agent_service_server::AgentService for AgentService {
     async fn get_summary(
         &self,
         req: Request<pb::GetSummaryRequest>,
-    ) -> Result<Response<pb::VmSummary>, Status> {
+    ) -> Result<Response<pb::GetSummaryResponse>, Status> {
         let id = req.into_inner().vm_id;
         if id.is_empty() {
             return Err(Status::invalid_argument("vm_id is required (see ListVms)"));
@@ -56,11 +56,11 @@ impl pb::agent_service_server::AgentService for AgentService {
         })
         .await
         .map_err(|e| Status::internal(format!("summary task failed: {e}")))??;
-        Ok(Response::new(out))
+        Ok(Response::new(pb::GetSummaryResponse { summary: Some(out) }))
     }
 
     type WatchSummariesStream =
-        tokio_stream::wrappers::ReceiverStream<Result<pb::SummaryBatch, Status>>;
+        tokio_stream::wrappers::ReceiverStream<Result<pb::WatchSummariesResponse, Status>>;
 
     async fn watch_summaries(
         &self,
@@ -90,13 +90,15 @@ impl pb::agent_service_server::AgentService for AgentService {
     async fn get_host_facts(
         &self,
         _req: Request<pb::GetHostFactsRequest>,
-    ) -> Result<Response<pb::HostFacts>, Status> {
+    ) -> Result<Response<pb::GetHostFactsResponse>, Status> {
         let (id, registry) = (self.identity.clone(), self.registry.clone());
         let interval_ms = self.cfg.interval.as_millis() as u64;
         let facts =
             tokio::task::spawn_blocking(move || crate::host::facts(&id, &registry, interval_ms))
                 .await
                 .map_err(|e| Status::internal(format!("host facts task failed: {e}")))?;
-        Ok(Response::new(wire::host_facts(facts)))
+        Ok(Response::new(pb::GetHostFactsResponse {
+            facts: Some(wire::host_facts(facts)),
+        }))
     }
 }

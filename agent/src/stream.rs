@@ -125,7 +125,7 @@ impl Filter {
         })
     }
 
-    fn batch(&self, s: &Snapshot, skipped_batches: u64) -> pb::SummaryBatch {
+    fn batch(&self, s: &Snapshot, skipped_batches: u64) -> pb::WatchSummariesResponse {
         let summaries = s
             .vms
             .iter()
@@ -147,7 +147,7 @@ impl Filter {
                 v
             })
             .collect();
-        pb::SummaryBatch {
+        pb::WatchSummariesResponse {
             host: Some(s.host.clone()),
             sequence: s.sequence,
             timestamp_ms: s.timestamp_ms,
@@ -164,7 +164,7 @@ impl Filter {
 pub async fn feed(
     mut rx: watch::Receiver<Arc<Snapshot>>,
     filter: Filter,
-    tx: mpsc::Sender<Result<pb::SummaryBatch, Status>>,
+    tx: mpsc::Sender<Result<pb::WatchSummariesResponse, Status>>,
     permit: OwnedSemaphorePermit,
     mut stop: watch::Receiver<bool>,
 ) {

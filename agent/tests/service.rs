@@ -69,7 +69,9 @@ async fn an_agent_without_vms_answers_every_call() {
         .get_host_facts(pb::GetHostFactsRequest {})
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .facts
+        .expect("GetHostFacts answers with the facts");
     assert_eq!(facts.host_id, "in-process-host");
     assert_eq!(facts.vm_capacity_bytes, 1 << 30);
     assert!(facts.memory_total_bytes > 0, "{facts:?}");

@@ -116,6 +116,16 @@ pub struct Args {
     #[arg(long, default_value = "256",
           value_parser = clap::value_parser!(u64).range(..=(u64::MAX >> 20)))]
     cache_mib: u64,
+    /// kube-scheduler extender address (POST /filter and /prioritize, HTTP
+    /// JSON; the gRPC server's TLS and --authz rules, the routes named
+    /// /wset.v1.Extender/filter and /prioritize), or "off".
+    #[arg(long, default_value = "off", value_parser = wset_serve::metrics::parse_addr)]
+    extender_addr: wset_serve::metrics::Addr,
+    /// Largest extender request body, bytes (kube-scheduler sends whole
+    /// node objects unless nodeCacheCapable).
+    #[arg(long, default_value = "16777216",
+          value_parser = clap::value_parser!(u64).range(1024..=(1 << 30)))]
+    extender_max_body_bytes: u64,
     #[command(flatten)]
     security: wset_serve::SecurityArgs,
     /// Dial agents over TLS, trusting this PEM CA bundle for their
@@ -288,6 +298,8 @@ impl cli::Flags for Args {
             max_query_span: Duration::from_millis(400 * DAY_MS),
             grpc_limits: wset_serve::ServerLimits::default(),
             grpc_security: self.security.security(),
+            extender_addr: self.extender_addr.0,
+            extender_max_body_bytes: self.extender_max_body_bytes as usize,
             agent_tls: self.agent_tls_ca.map(|ca| wset_serve::tls::ClientTls {
                 ca,
                 cert: self.agent_tls_cert,
@@ -405,8 +417,12 @@ pub struct Config {
     /// Longest time range one history query may span.
     pub max_query_span: Duration,
     pub grpc_limits: wset_serve::ServerLimits,
-    /// TLS, authorization and the plaintext policy of the gRPC server.
+    /// TLS, authorization and the plaintext policy of the gRPC server (and
+    /// of the extender's).
     pub grpc_security: wset_serve::Security,
+    /// The kube-scheduler extender's address; `None`: off.
+    pub extender_addr: Option<SocketAddr>,
+    pub extender_max_body_bytes: usize,
     /// TLS towards the agents (`None`: plaintext).
     pub agent_tls: Option<wset_serve::tls::ClientTls>,
     /// How often the planner runs on fresh history.

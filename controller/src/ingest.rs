@@ -558,7 +558,7 @@ async fn take_batch(
     index: &Index,
     tx: &mpsc::Sender<Msg>,
     cfg: &Config,
-    batch: pb::SummaryBatch,
+    batch: pb::WatchSummariesResponse,
     first: bool,
 ) -> Result<(), BatchError> {
     let received_ms = now_ms();

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod decide;
+pub mod extender;
 pub mod history;
 pub mod index;
 pub mod ingest;
@@ -178,7 +179,9 @@ pub async fn run(
         plans: plans.clone(),
     };
     let planner_task = tokio::spawn(decide::run(planning.clone(), stop_rx.clone()));
+    let extender_stats = Arc::new(extender::Stats::default());
     let sources = metrics::Sources {
+        extender: cfg.extender_addr.map(|_| extender_stats.clone()),
         index: index.clone(),
         store_health: store_health.clone(),
         plans: plans.clone(),
@@ -192,6 +195,7 @@ pub async fn run(
         streams: Arc::new(tokio::sync::Semaphore::new(scheduler::MAX_STREAMS)),
         stop: stop_rx.clone(),
     };
+    let sched_for_extender = sched.clone();
     let replica_svc = replica::ReplicaService {
         replica: replica.clone(),
         plans: plans.clone(),
@@ -282,6 +286,27 @@ pub async fn run(
     )
     .await?;
     let grpc = served.task;
+    let extender = match cfg.extender_addr {
+        Some(addr) => {
+            let router = extender::router(extender::Extender {
+                scheduler: sched_for_extender,
+                max_body_bytes: cfg.extender_max_body_bytes,
+                stats: extender_stats,
+            });
+            let s = wset_serve::http::spawn(
+                "controller extender",
+                "wset.v1.Extender",
+                router,
+                addr,
+                &cfg.grpc_limits,
+                cfg.grpc_security.clone(),
+                stop_rx.clone(),
+            )
+            .await?;
+            Some(s.task)
+        }
+        None => None,
+    };
     // Peers dial the address given, else the one bound (its port known
     // only now when --grpc-addr asked for any).
     replica.advertise(
@@ -340,6 +365,10 @@ pub async fn run(
     .map_err(|e| RunError::Task("writer shutdown", e))?;
     grpc.await
         .map_err(|e| RunError::Task("gRPC server task", e))??;
+    if let Some(x) = extender {
+        x.await
+            .map_err(|e| RunError::Task("extender server task", e))??;
+    }
     if let Some(m) = metrics {
         let _ = m.await;
     }

@@ -13,6 +13,8 @@ use crate::ingest::{Msg, StoreHealth};
 /// Everything a scrape reads.
 #[derive(Debug)]
 pub struct Sources {
+    /// The extender's counts, when it serves.
+    pub extender: Option<Arc<crate::extender::Stats>>,
     pub index: Arc<Index>,
     pub store_health: Arc<StoreHealth>,
     pub plans: Arc<Plans>,
@@ -235,6 +237,54 @@ pub fn render(s: &Sources) -> String {
         }
     }
     e.process();
+    if let Some(x) = &s.extender {
+        use std::sync::atomic::Ordering::Relaxed;
+        e.family(
+            "wset_controller_extender_calls_total",
+            Kind::Counter,
+            "kube-scheduler extender calls, by verb.",
+        )
+        .sample(
+            "wset_controller_extender_calls_total",
+            &[("verb", "filter")],
+            x.filter_calls.load(Relaxed) as f64,
+        )
+        .sample(
+            "wset_controller_extender_calls_total",
+            &[("verb", "prioritize")],
+            x.prioritize_calls.load(Relaxed) as f64,
+        );
+        e.family(
+            "wset_controller_extender_bad_requests_total",
+            Kind::Counter,
+            "Extender calls refused: malformed or oversized bodies, pods with bad wset annotations.",
+        )
+        .sample(
+            "wset_controller_extender_bad_requests_total",
+            &[],
+            x.bad_requests.load(Relaxed) as f64,
+        );
+        e.family(
+            "wset_controller_extender_unplanned_total",
+            Kind::Counter,
+            "Extender calls answered with an error for want of a plan (no leader, no agent yet).",
+        )
+        .sample(
+            "wset_controller_extender_unplanned_total",
+            &[],
+            x.unplanned.load(Relaxed) as f64,
+        );
+        e.family(
+            "wset_controller_extender_nodes_filtered_total",
+            Kind::Counter,
+            "Nodes the extender's filter failed, summed over calls.",
+        )
+        .sample(
+            "wset_controller_extender_nodes_filtered_total",
+            &[],
+            x.nodes_failed.load(Relaxed) as f64,
+        );
+    }
     e.finish()
 }
 

@@ -156,6 +156,11 @@ impl SchedulerService {
         }
     }
 
+    /// The plan every read is answered from (the extender's too).
+    pub async fn current_plan(&self) -> Result<Arc<PlanRecord>, Status> {
+        self.plan(false).await
+    }
+
     fn memory_of_vms(&self) -> BTreeMap<VmId, u64> {
         memory_of_vms(&self.planning.index)
     }
@@ -289,7 +294,7 @@ pub fn from_replicated(r: pb::ReplicatedPlan) -> Result<PlanRecord, String> {
 fn update(
     p: &PlanRecord,
     before: &BTreeMap<String, pb::Migration>,
-) -> (pb::DecisionUpdate, BTreeMap<String, pb::Migration>) {
+) -> (pb::WatchDecisionsResponse, BTreeMap<String, pb::Migration>) {
     let now: BTreeMap<String, pb::Migration> = p
         .plan
         .moves
@@ -307,7 +312,7 @@ fn update(
         .map(|(_, m)| m.clone())
         .collect();
     (
-        pb::DecisionUpdate {
+        pb::WatchDecisionsResponse {
             plan: Some(info(p)),
             added,
             withdrawn,
@@ -380,7 +385,7 @@ impl pb::scheduler_service_server::SchedulerService for SchedulerService {
     }
 
     type WatchDecisionsStream =
-        tokio_stream::wrappers::ReceiverStream<Result<pb::DecisionUpdate, Status>>;
+        tokio_stream::wrappers::ReceiverStream<Result<pb::WatchDecisionsResponse, Status>>;
 
     async fn watch_decisions(
         &self,
@@ -463,6 +468,14 @@ impl pb::scheduler_service_server::SchedulerService for SchedulerService {
                 labels::MAX_LABELS
             )));
         }
+        let vm_id = if r.vm_id.is_empty() {
+            None
+        } else {
+            Some(
+                VmId::parse_in("vm_id", &r.vm_id)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            )
+        };
         let p = self.plan(false).await?;
         let ranked = planner::place(
             &p.plan,
@@ -470,6 +483,7 @@ impl pb::scheduler_service_server::SchedulerService for SchedulerService {
                 memory_bytes: r.memory_bytes,
                 expected_wss_bytes: r.expected_wss_bytes,
                 labels: r.labels.into_iter().collect(),
+                vm_id,
             },
             &p.settings,
         );
@@ -482,6 +496,7 @@ impl pb::scheduler_service_server::SchedulerService for SchedulerService {
                     fits: x.fits,
                     headroom_bytes: x.headroom_bytes,
                     explanation: x.explanation,
+                    fits_when_empty: x.fits_when_empty,
                 })
                 .collect(),
         }))

@@ -209,7 +209,7 @@ impl pb::controller_service_server::ControllerService for ControllerService {
         }))
     }
 
-    async fn list_vms(
+    async fn list_cluster_vms(
         &self,
         req: Request<pb::ListClusterVmsRequest>,
     ) -> Result<Response<pb::ListClusterVmsResponse>, Status> {

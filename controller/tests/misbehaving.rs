@@ -55,7 +55,7 @@ fn summary(vm: &str, mem: u64, wss: u64) -> pb::VmSummary {
     }
 }
 
-type BatchStream = Pin<Box<dyn Stream<Item = Result<pb::SummaryBatch, Status>> + Send>>;
+type BatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchSummariesResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl AgentService for FakeAgent {
@@ -68,13 +68,13 @@ impl AgentService for FakeAgent {
     async fn get_summary(
         &self,
         _: Request<pb::GetSummaryRequest>,
-    ) -> Result<Response<pb::VmSummary>, Status> {
+    ) -> Result<Response<pb::GetSummaryResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
     async fn get_host_facts(
         &self,
         _: Request<pb::GetHostFactsRequest>,
-    ) -> Result<Response<pb::HostFacts>, Status> {
+    ) -> Result<Response<pb::GetHostFactsResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
 
@@ -103,7 +103,7 @@ impl AgentService for FakeAgent {
                 };
                 let mut nan = summary("nan-1", 1 << 30, 1);
                 nan.dirty_rate_bytes_per_s = f64::NAN;
-                let b = pb::SummaryBatch {
+                let b = pb::WatchSummariesResponse {
                     host: (me.how != Behaviour::NoFacts).then_some(host),
                     sequence: seq,
                     timestamp_ms: now_ms() + ten_years,
@@ -267,7 +267,7 @@ async fn misbehaving_agents_and_bogus_requests() {
 
     // Only good summaries were stored, in controller time.
     let vms = c
-        .list_vms(pb::ListClusterVmsRequest::default())
+        .list_cluster_vms(pb::ListClusterVmsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -454,7 +454,7 @@ async fn misbehaving_agents_and_bogus_requests() {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let e = c
-        .list_vms(pb::ListClusterVmsRequest {
+        .list_cluster_vms(pb::ListClusterVmsRequest {
             host_id: "bad host".into(),
         })
         .await

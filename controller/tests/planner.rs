@@ -358,6 +358,7 @@ fn placement_ranks_by_headroom() {
         memory_bytes: 16 * GIB,
         expected_wss_bytes: 8 * GIB,
         labels: BTreeMap::from([(labels::ANTI_AFFINITY.to_owned(), "db".to_owned())]),
+        vm_id: None,
     };
     let cfg = Config::default();
     let r = place(&plan(&input, &cfg), &req, &cfg);
@@ -368,6 +369,90 @@ fn placement_ranks_by_headroom() {
     assert!(
         r.iter()
             .any(|x| x.host_id == "dbhost" && x.explanation.contains("anti-affinity"))
+    );
+}
+
+#[test]
+fn placement_of_a_known_vm_uses_its_measured_demand() {
+    // "big" is measured at 40 GiB on h1 (64 GiB); asked for as a 64 GiB VM
+    // with no expectation, it fits nowhere as new, but as itself it fits on
+    // its own host (taken off first) and on the free 64 GiB host.
+    let input = Input {
+        now_ms: NOW,
+        hosts: vec![host("h1", 64), host("h2", 64), host("tiny", 16)],
+        vms: vec![vm("big", "h1", 64, 40_000)],
+    };
+    let cfg = Config::default();
+    let p = plan(&input, &cfg);
+    let new = PlacementRequest {
+        memory_bytes: 64 * GIB,
+        ..Default::default()
+    };
+    let r = place(&p, &new, &cfg);
+    assert!(r.iter().all(|x| !x.fits), "{r:#?}");
+    let known = PlacementRequest {
+        vm_id: Some(parse_id("big")),
+        ..new.clone()
+    };
+    let r = place(&p, &known, &cfg);
+    let by = |h: &str| {
+        r.iter()
+            .find(|x| x.host_id == h)
+            .expect("every host ranked")
+    };
+    assert!(by("h1").fits && by("h2").fits, "{r:#?}");
+    // On its own host it is not counted twice: the same headroom as on the
+    // identical empty host.
+    assert!(
+        (by("h1").headroom_bytes - by("h2").headroom_bytes).abs() < 1.0,
+        "{r:#?}"
+    );
+    // 40 GiB at risk cannot fit under a 16 GiB host's watermark even empty:
+    // no preemption helps, and the reason says so.
+    let t = by("tiny");
+    assert!(!t.fits && !t.fits_when_empty, "{t:#?}");
+    assert!(t.explanation.contains("alone"), "{t:#?}");
+    // An unknown id is a new VM.
+    let unknown = PlacementRequest {
+        vm_id: Some(parse_id("nobody")),
+        ..new
+    };
+    assert_eq!(
+        place(&p, &unknown, &cfg),
+        place(
+            &p,
+            &PlacementRequest {
+                memory_bytes: 64 * GIB,
+                ..Default::default()
+            },
+            &cfg
+        )
+    );
+}
+
+#[test]
+fn a_host_short_of_room_names_the_shortfall() {
+    let input = Input {
+        now_ms: NOW,
+        hosts: vec![host("busy", 64)],
+        vms: vec![vm("b0", "busy", 48, 40_000)],
+    };
+    let cfg = Config::default();
+    let req = PlacementRequest {
+        memory_bytes: 32 * GIB,
+        ..Default::default()
+    };
+    let r = place(&plan(&input, &cfg), &req, &cfg);
+    assert!(!r[0].fits && r[0].fits_when_empty, "{r:#?}");
+    assert!(r[0].explanation.starts_with("short by "), "{r:#?}");
+    let short: f64 = r[0].explanation["short by ".len()..]
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("a number of MiB");
+    assert!(
+        (short - (-r[0].headroom_bytes / 1048576.0)).abs() <= 1.0,
+        "{r:#?}"
     );
 }
 

@@ -287,11 +287,17 @@ fn run() -> anyhow::Result<()> {
                 at -= p.duration_ms;
             }
             let truth = (current.1 + overhead) * 4096;
-            match rt.block_on(client.get_summary(pb::GetSummaryRequest {
-                vm_id: g.vm_id.into(),
-            })) {
+            let summary = rt
+                .block_on(client.get_summary(pb::GetSummaryRequest {
+                    vm_id: g.vm_id.into(),
+                }))
+                .and_then(|r| {
+                    r.into_inner().summary.ok_or_else(|| {
+                        tonic::Status::internal("the agent answered without a summary")
+                    })
+                });
+            match summary {
                 Ok(s) => {
-                    let s = s.into_inner();
                     let ws = |ms: u64| {
                         s.windows
                             .iter()

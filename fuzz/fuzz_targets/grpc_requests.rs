@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         2 => {
-            if let Ok(b) = pb::SummaryBatch::decode(rest) {
+            if let Ok(b) = pb::WatchSummariesResponse::decode(rest) {
                 for s in &b.summaries {
                     let _ = wset_controller::history::check_summary(s);
                 }

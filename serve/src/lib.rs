@@ -8,6 +8,7 @@
 
 pub mod authz;
 pub mod cli;
+pub mod http;
 pub mod metrics;
 pub mod tls;
 
@@ -51,6 +52,20 @@ pub enum ServeError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("bind the {what} HTTP address {addr}")]
+    HttpBind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} HTTP server on {addr}")]
+    Http {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{what} gRPC server task")]
     Task {
         what: &'static str,
@@ -64,7 +79,7 @@ pub enum ServeError {
 #[derive(Debug, thiserror::Error)]
 pub enum SecurityError {
     #[error(
-        "{what}: refusing plaintext gRPC on {addr}, which is not a loopback address: \
+        "{what}: refusing plaintext on {addr}, which is not a loopback address: \
          give --tls-cert and --tls-key (and --tls-client-ca for mutual TLS), or \
          --insecure-plaintext on a network you trust"
     )]
@@ -129,6 +144,13 @@ impl Default for ServerLimits {
 pub type ProbeHealth =
     tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>;
 
+/// The services `with_standard_services` adds beside the application's.
+pub const STANDARD_SERVICES: [&str; 3] = [
+    tonic_health::pb::health_server::SERVICE_NAME,
+    tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME,
+    tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
+];
+
 /// Health and reflection beside the application's services. Returns the
 /// routes, the health reporter (the overall status `""` starts SERVING;
 /// `services` are set SERVING too) and the same health service for the
@@ -147,9 +169,25 @@ pub async fn with_standard_services(
             .set_service_status(*s, tonic_health::ServingStatus::Serving)
             .await;
     }
+    // Reflection lists exactly what this server serves: its own services,
+    // health and both reflection versions, not every service of wset.v1's
+    // descriptors (the agent's server has no SchedulerService).
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
-        b.register_encoded_file_descriptor_set(wset_proto::FILE_DESCRIPTOR_SET)
+        // Both reflection versions are served, so both are described by
+        // either (a client of one may ask about the other).
+        let b = b
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(wset_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            );
+        services
+            .iter()
+            .copied()
+            .chain(STANDARD_SERVICES)
+            .fold(b, |b, s| b.with_service_name(s))
     };
     let v1 = reflection(tonic_reflection::server::Builder::configure())
         .build_v1()

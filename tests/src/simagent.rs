@@ -72,7 +72,7 @@ impl SimHost {
         }
     }
 
-    fn batch(&self) -> pb::SummaryBatch {
+    fn batch(&self) -> pb::WatchSummariesResponse {
         let step = self.step.fetch_add(1, Ordering::Relaxed) as usize;
         let now = wset_controller::now_ms();
         let summaries = self
@@ -107,7 +107,7 @@ impl SimHost {
                 }
             })
             .collect();
-        pb::SummaryBatch {
+        pb::WatchSummariesResponse {
             host: Some(pb::HostFacts {
                 host_id: self.host_id.clone(),
                 agent_instance_id: self.instance.clone(),
@@ -132,7 +132,7 @@ impl SimHost {
 #[derive(Debug, Clone)]
 struct Server(Arc<SimHost>);
 
-type BatchStream = Pin<Box<dyn Stream<Item = Result<pb::SummaryBatch, Status>> + Send>>;
+type BatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchSummariesResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl AgentService for Server {
@@ -147,7 +147,7 @@ impl AgentService for Server {
     async fn get_summary(
         &self,
         _: Request<pb::GetSummaryRequest>,
-    ) -> Result<Response<pb::VmSummary>, Status> {
+    ) -> Result<Response<pb::GetSummaryResponse>, Status> {
         Err(Status::unimplemented(
             "a simulated agent serves WatchSummaries only",
         ))
@@ -155,7 +155,7 @@ impl AgentService for Server {
     async fn get_host_facts(
         &self,
         _: Request<pb::GetHostFactsRequest>,
-    ) -> Result<Response<pb::HostFacts>, Status> {
+    ) -> Result<Response<pb::GetHostFactsResponse>, Status> {
         Err(Status::unimplemented(
             "a simulated agent serves WatchSummaries only",
         ))

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use wset_proto::ids::HostId;
+use wset_proto::ids::{HostId, VmId};
 
 use super::demand::normal_quantile;
 use super::{Config, Plan, labels};
@@ -15,6 +15,10 @@ pub struct PlacementRequest {
     /// Expected working set; 0: the whole memory.
     pub expected_wss_bytes: u64,
     pub labels: BTreeMap<String, String>,
+    /// A VM the plan holds (a restart, a rescheduled pod): its measured
+    /// demand, mean and spread, replaces `expected_wss_bytes`, and it is
+    /// taken off the host it runs on before that host is judged.
+    pub vm_id: Option<VmId>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -23,6 +27,10 @@ pub struct Ranked {
     /// Headroom under the watermark the host keeps with the VM, at risk.
     pub headroom_bytes: f64,
     pub fits: bool,
+    /// Whether the VM would fit were the host empty and out of
+    /// maintenance: when it would not, no eviction or preemption helps.
+    pub fits_when_empty: bool,
+    pub maintenance: bool,
     pub explanation: String,
 }
 
@@ -30,39 +38,79 @@ pub struct Ranked {
 /// from a plan's view of the hosts as they stand.
 pub fn place(p: &Plan, req: &PlacementRequest, cfg: &Config) -> Vec<Ranked> {
     let z = normal_quantile(1.0 - cfg.risk);
-    let want = if req.expected_wss_bytes > 0 {
-        req.expected_wss_bytes.min(req.memory_bytes)
-    } else {
-        req.memory_bytes
-    } as f64;
-    // Unknown VMs vary: a tenth of their demand as spread.
-    let sd = want * 0.1;
+    // Where the VM runs now and what it was measured to need.
+    let known = req.vm_id.as_ref().and_then(|id| {
+        p.hosts.iter().find_map(|h| {
+            let v = h.vms.iter().find(|v| &v.vm_id == id)?;
+            Some((h.host_id.clone(), v.demand.mean_bytes, v.demand.std_bytes))
+        })
+    });
+    let (want, sd) = match &known {
+        Some((_, mean, std)) => (*mean, *std),
+        None => {
+            let want = if req.expected_wss_bytes > 0 {
+                req.expected_wss_bytes.min(req.memory_bytes)
+            } else {
+                req.memory_bytes
+            } as f64;
+            // Unknown VMs vary: a tenth of their demand as spread.
+            (want, want * 0.1)
+        }
+    };
     let group = labels::anti_affinity_group(&req.labels);
     let mut out: Vec<Ranked> = p
         .hosts
         .iter()
         .map(|h| {
-            let at_risk = h.demand_mean_bytes
-                + want
-                + z * (h.demand_std_bytes * h.demand_std_bytes + sd * sd).sqrt();
+            // The VM's own host is judged without it. Its anti-affinity
+            // group there cannot be told from the VM itself, so a clash is
+            // not counted on it.
+            let own = known.as_ref().is_some_and(|(on, ..)| *on == h.host_id);
+            let (mean, var) = if own {
+                (
+                    (h.demand_mean_bytes - want).max(0.0),
+                    (h.demand_std_bytes * h.demand_std_bytes - sd * sd).max(0.0),
+                )
+            } else {
+                (h.demand_mean_bytes, h.demand_std_bytes * h.demand_std_bytes)
+            };
+            let at_risk = mean + want + z * (var + sd * sd).sqrt();
+            let alone = want + z * sd;
             let limit = cfg.high_watermark * h.capacity_bytes as f64;
-            let clash = group.is_some_and(|g| h.groups.contains(g));
+            let clash = !own && group.is_some_and(|g| h.groups.contains(g));
             let fits = !h.maintenance && !clash && at_risk <= limit;
+            let fits_when_empty = alone <= limit;
+            let mib = |b: f64| b / 1048576.0;
             let why = if h.maintenance {
                 "in maintenance".to_owned()
+            } else if !fits_when_empty {
+                format!(
+                    "the VM alone needs {:.0} MiB at risk, over the host's whole watermark {:.0} MiB",
+                    mib(alone),
+                    mib(limit)
+                )
             } else if clash {
                 "a VM of the same anti-affinity group runs there".to_owned()
+            } else if !fits {
+                format!(
+                    "short by {:.0} MiB: demand at risk {:.0} MiB with the VM, watermark {:.0} MiB",
+                    mib(at_risk - limit),
+                    mib(at_risk),
+                    mib(limit)
+                )
             } else {
                 format!(
                     "demand at risk {:.0} MiB with the VM, watermark {:.0} MiB",
-                    at_risk / 1048576.0,
-                    limit / 1048576.0
+                    mib(at_risk),
+                    mib(limit)
                 )
             };
             Ranked {
                 host_id: h.host_id.clone(),
                 headroom_bytes: limit - at_risk,
                 fits,
+                fits_when_empty,
+                maintenance: h.maintenance,
                 explanation: why,
             }
         })

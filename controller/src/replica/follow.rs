@@ -109,7 +109,11 @@ async fn mirror(
             }
             Err(status) => return FollowError::Stream { addr, status },
         };
-        let p = match crate::scheduler::from_replicated(msg) {
+        let Some(plan) = msg.plan else {
+            let error = "a WatchPlans message without a plan".to_owned();
+            return FollowError::BadPlan { addr, error };
+        };
+        let p = match crate::scheduler::from_replicated(plan) {
             Ok(p) => p,
             Err(error) => return FollowError::BadPlan { addr, error },
         };

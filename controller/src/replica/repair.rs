@@ -23,7 +23,7 @@
 //! `repaired_from: "mixed"`.
 //!
 //! VMs this replica never saw (it lost its disk, or was down while they
-//! lived) arrive with their records from the peer's `ListVms`. Host
+//! lived) arrive with their records from the peer's `ListClusterVms`. Host
 //! history is repaired for the hosts this replica knows (every connected
 //! agent reports its host).
 
@@ -240,9 +240,9 @@ async fn pass(
         move |status| RepairError::Call { call, peer, status }
     };
     let vms = client
-        .list_vms(pb::ListClusterVmsRequest::default())
+        .list_cluster_vms(pb::ListClusterVmsRequest::default())
         .await
-        .map_err(call("ListVms"))?
+        .map_err(call("ListClusterVms"))?
         .into_inner()
         .vms;
     // Records of VMs this replica never saw go first, so their history can

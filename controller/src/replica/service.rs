@@ -24,7 +24,7 @@ pub struct ReplicaService {
 pub const MAX_STREAMS: usize = 16;
 
 impl ReplicaService {
-    pub fn status(&self) -> pb::ReplicaStatus {
+    pub fn status(&self) -> pb::GetReplicaResponse {
         let r = &self.replica;
         let l = r.leadership();
         let (leader_name, leader_addr) = match &l {
@@ -37,7 +37,7 @@ impl ReplicaService {
         let plan = self.plans.borrow().clone();
         let served = plan.filter(|p| r.servable(Some(p)).is_ok());
         let repair = r.repair_stats();
-        pb::ReplicaStatus {
+        pb::GetReplicaResponse {
             name: r.name.clone(),
             advertise_addr: r.advertise_addr().to_owned(),
             role: l.role() as i32,
@@ -65,12 +65,12 @@ impl pb::replica_service_server::ReplicaService for ReplicaService {
     async fn get_replica(
         &self,
         _req: Request<pb::GetReplicaRequest>,
-    ) -> Result<Response<pb::ReplicaStatus>, Status> {
+    ) -> Result<Response<pb::GetReplicaResponse>, Status> {
         Ok(Response::new(self.status()))
     }
 
     type WatchPlansStream =
-        tokio_stream::wrappers::ReceiverStream<Result<pb::ReplicatedPlan, Status>>;
+        tokio_stream::wrappers::ReceiverStream<Result<pb::WatchPlansResponse, Status>>;
 
     async fn watch_plans(
         &self,
@@ -102,8 +102,8 @@ impl pb::replica_service_server::ReplicaService for ReplicaService {
                 }
                 if let Some(p) = p.filter(|p| p.term == term && sent.as_ref() != Some(&p.id)) {
                     let memory = crate::scheduler::memory_of_vms(&index);
-                    let msg = crate::scheduler::replicated(&p, &memory);
-                    if tx.send(Ok(msg)).await.is_err() {
+                    let plan = Some(crate::scheduler::replicated(&p, &memory));
+                    if tx.send(Ok(pb::WatchPlansResponse { plan })).await.is_err() {
                         return;
                     }
                     sent = Some(p.id.clone());

@@ -52,6 +52,27 @@ pub fn fc_write_tracking() -> Vec<String> {
     }
 }
 
+impl AgentOpts {
+    /// One host of a planner test: named `host`, serving on `addr`,
+    /// giving VMs `capacity_bytes`, sampling every 250 ms over 1 s and 3 s
+    /// windows, writes only (WP_ASYNC).
+    pub fn planner_host(host: &str, addr: &str, capacity_bytes: u64) -> Self {
+        Self {
+            interval_ms: 250,
+            windows_ms: vec![1000, 3000],
+            access: "off".into(),
+            extra: vec![
+                "--host-name".into(),
+                host.into(),
+                "--vm-capacity-bytes".into(),
+                capacity_bytes.to_string(),
+            ],
+            grpc_addr: Some(addr.into()),
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for AgentOpts {
     fn default() -> Self {
         Self {
@@ -176,8 +197,10 @@ impl Agent {
         self.rt
             .block_on(c.get_summary(pb::GetSummaryRequest {
                 vm_id: vm_id.to_owned(),
-            }))
-            .map(tonic::Response::into_inner)
+            }))?
+            .into_inner()
+            .summary
+            .ok_or_else(|| tonic::Status::internal("GetSummary answered without a summary"))
     }
 
     /// Poll until `pred` holds for the VM's summary.

@@ -85,6 +85,23 @@ impl Controller {
         logged_metrics_addr(&self.log, "controller")
     }
 
+    /// Where the controller serves the kube-scheduler extender
+    /// (`host:port`; started with `--extender-addr`).
+    pub fn extender_addr(&self) -> String {
+        // Logged once the gRPC server serves, a moment after `start` returns.
+        super::wait_for(
+            Duration::from_secs(20),
+            "the controller's extender address",
+            || {
+                self.log().iter().find_map(|l| {
+                    let rest = &l[l.find("extender serving at http")?..];
+                    let url = &rest[rest.find("://")? + 3..];
+                    Some(url.split('/').next()?.to_owned())
+                })
+            },
+        )
+    }
+
     /// Run one call against the controller's service.
     pub fn call<T>(
         &self,
@@ -117,7 +134,7 @@ impl Controller {
     }
 
     /// `ReplicaService.GetReplica`: its role, the leader, the terms it led.
-    pub fn replica(&self) -> Result<pb::ReplicaStatus, tonic::Status> {
+    pub fn replica(&self) -> Result<pb::GetReplicaResponse, tonic::Status> {
         self.rt.block_on(async {
             let mut c =
                 pb::replica_service_client::ReplicaServiceClient::new(self.channel().await?);
@@ -156,9 +173,12 @@ impl Controller {
     }
 
     pub fn vms(&self) -> Vec<pb::ClusterVm> {
-        self.call(async |mut c| c.list_vms(pb::ListClusterVmsRequest::default()).await)
-            .expect("ListVms")
-            .vms
+        self.call(async |mut c| {
+            c.list_cluster_vms(pb::ListClusterVmsRequest::default())
+                .await
+        })
+        .expect("ListClusterVms")
+        .vms
     }
 
     pub fn vm_history(

@@ -23,19 +23,7 @@ const SMALL_S: u64 = 20;
 const GROWN_S: u64 = 30;
 
 fn agent(host: &str, addr: &str) -> Agent {
-    Agent::start(AgentOpts {
-        interval_ms: 250,
-        windows_ms: vec![1000, 3000],
-        access: "off".into(),
-        extra: vec![
-            "--host-name".into(),
-            host.into(),
-            "--vm-capacity-bytes".into(),
-            CAPACITY.to_string(),
-        ],
-        grpc_addr: Some(addr.into()),
-        ..Default::default()
-    })
+    Agent::start(AgentOpts::planner_host(host, addr, CAPACITY))
 }
 
 fn phase(name: &str, pages: u32, secs: u64) -> Phase {

@@ -148,7 +148,7 @@ fn grpcurl_against_agent_and_controller() {
 
     // The controller: its agents, the VM and its history.
     wait_for(Duration::from_secs(20), "the controller has the VM", || {
-        let v = ok(&[c, "wset.v1.ControllerService/ListVms"]);
+        let v = ok(&[c, "wset.v1.ControllerService/ListClusterVms"]);
         v.contains("web-1").then_some(())
     });
     let updates = stream_for(&[

@@ -140,7 +140,7 @@ impl Tier {
             .filter_map(|(i, c)| Some((i, c.as_ref()?)))
     }
 
-    fn statuses(&self) -> Vec<(usize, pb::ReplicaStatus)> {
+    fn statuses(&self) -> Vec<(usize, pb::GetReplicaResponse)> {
         self.live()
             .filter_map(|(i, c)| Some((i, c.replica().ok()?)))
             .collect()
@@ -153,7 +153,7 @@ impl Tier {
         if s.len() != self.live().count() {
             return None;
         }
-        let leaders: Vec<&(usize, pb::ReplicaStatus)> = s
+        let leaders: Vec<&(usize, pb::GetReplicaResponse)> = s
             .iter()
             .filter(|(_, r)| r.role == pb::ReplicaRole::Leader as i32)
             .collect();
@@ -188,7 +188,7 @@ fn history(c: &Controller, vm: &str) -> Vec<u64> {
 
 /// Every published term of every replica, ordered by when it began to
 /// publish: no two overlap, and terms grow.
-fn assert_never_two_publish(statuses: &[(usize, pb::ReplicaStatus)]) -> usize {
+fn assert_never_two_publish(statuses: &[(usize, pb::GetReplicaResponse)]) -> usize {
     let mut led: Vec<(u64, u64, u64, String)> = statuses
         .iter()
         .flat_map(|(_, s)| {

@@ -240,7 +240,11 @@ fn mutual_tls_and_authorization_on_both_servers() {
             "--authz",
             "spiffe://wset/scheduler=/wset.v1.SchedulerService/*",
             "--authz",
+            "spiffe://wset/kube-scheduler=/wset.v1.Extender/*",
+            "--authz",
             "ops=*",
+            "--extender-addr",
+            "127.0.0.1:0",
         ],
     ));
     let ctl = Controller::spawn(cmd);
@@ -283,10 +287,45 @@ fn mutual_tls_and_authorization_on_both_servers() {
     let denied = rt
         .block_on(
             pb::controller_service_client::ControllerServiceClient::new(sched)
-                .list_vms(pb::ListClusterVmsRequest::default()),
+                .list_cluster_vms(pb::ListClusterVmsRequest::default()),
         )
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+
+    // The extender: HTTPS with the same certificates and rules, its routes
+    // named as methods of wset.v1.Extender.
+    let ext = ctl.extender_addr();
+    let kube_scheduler_id = ca.issue("kube-scheduler", &["uri:spiffe://wset/kube-scheduler"]);
+    let body = r#"{"Pod":{"metadata":{"name":"p"}},"NodeNames":["secure-1"]}"#;
+    let (status, text) = https_post(&ext, &ca_pem, Some(&kube_scheduler_id), "/filter", body)
+        .expect("kube-scheduler's certificate is valid");
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"NodeNames\":[\"secure-1\"]"), "{text}");
+    let (status, text) = https_post(&ext, &ca_pem, Some(&scheduler_id), "/filter", body)
+        .expect("the scheduler's certificate is valid");
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.starts_with(
+            "spiffe://wset/scheduler, scheduler may not call /wset.v1.Extender/filter"
+        ),
+        "{text}"
+    );
+    https_post(&ext, &ca_pem, None, "/filter", body).expect_err("no client certificate");
+    https_post(&ext, &ca_pem, Some(&rogue_id), "/filter", body)
+        .expect_err("another CA's certificate");
+    let mut plain = std::net::TcpStream::connect(&ext).unwrap();
+    plain
+        .write_all(b"POST /filter HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        .unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut plain, &mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "a plaintext request was answered: {answer:?}"
+    );
 
     // Rotation: a new CA signs the agent's certificate and its clients';
     // within the reload period the agent serves the new certificate and
@@ -309,6 +348,68 @@ fn mutual_tls_and_authorization_on_both_servers() {
     assert!(list_vms(&rt, &ch).is_ok());
     connect(&rt, &a, client_tls(&ca_pem, Some(&ops_id), "wset-agent"))
         .expect_err("the old CA's clients are refused after the rotation");
+}
+
+/// One HTTPS POST with rustls, trusting `ca` (server name
+/// `wset-controller`) and presenting `id` if any: the status and body, or
+/// the error that ended the exchange.
+fn https_post(
+    addr: &str,
+    ca: &str,
+    id: Option<&(String, String)>,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let cfg = match id {
+        Some((cert, key)) => b
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    let name = ServerName::try_from("wset-controller").unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let mut tcp = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: wset-controller\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    match std::io::Read::read_to_end(&mut tls, &mut raw) {
+        Ok(_) => {}
+        // The server closed without close_notify after a complete answer.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("not HTTP: {text:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status: {head:?}"))?;
+    Ok((status, rest.to_owned()))
 }
 
 /// Run a binary that should refuse to start; its stderr.
@@ -337,8 +438,7 @@ fn plaintext_off_loopback_is_refused_unless_asked_for() {
     };
     let err = refuses_to_start(agent_cmd(&[]));
     assert!(
-        err.contains("refusing plaintext gRPC on 0.0.0.0:0")
-            && err.contains("--insecure-plaintext"),
+        err.contains("refusing plaintext on 0.0.0.0:0") && err.contains("--insecure-plaintext"),
         "{err}"
     );
     let mut ctl = Command::new(bin("wset-controller"));

@@ -1,0 +1,236 @@
+//! HTTP servers beside the gRPC ones (the kube-scheduler extender, the web
+//! view), served as the gRPC servers are: the same [`Security`] (TLS with
+//! certificates reloaded live, mutual TLS, `--authz` rules, plaintext only
+//! on loopback unless asked), a call timeout, a limit on calls in flight
+//! past which new calls are shed at once, and a bounded drain at shutdown.
+//!
+//! Authorization rules name HTTP routes as methods: a request for `/filter`
+//! on a server whose `service` is `wset.v1.Extender` is the method
+//! `/wset.v1.Extender/filter`, so `IDENTITY=/wset.v1.Extender/*` lets a
+//! client call every route.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
+use tracing::{info, warn};
+
+use crate::{Security, ServeError, Served, ServerLimits, tls};
+
+/// Who is calling: the peer's address and the identities of its client
+/// certificate (empty without mutual TLS).
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub identities: Vec<String>,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+type TlsIncoming = tokio_stream::wrappers::ReceiverStream<
+    std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+>;
+
+/// Connections as axum takes them, plaintext or after a TLS handshake.
+struct Listener {
+    what: &'static str,
+    local: SocketAddr,
+    inner: Inner,
+}
+
+enum Inner {
+    Plain(TcpListener),
+    Tls(TlsIncoming),
+}
+
+impl axum::serve::Listener for Listener {
+    type Io = Pin<Box<dyn Io>>;
+    type Addr = Peer;
+
+    async fn accept(&mut self) -> (Self::Io, Peer) {
+        loop {
+            match &mut self.inner {
+                Inner::Plain(l) => match TcpListener::accept(l).await {
+                    Ok((s, addr)) => {
+                        let peer = Peer {
+                            addr,
+                            identities: Vec::new(),
+                        };
+                        return (Box::pin(s), peer);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "{} accept failed", self.what);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Inner::Tls(incoming) => match incoming.next().await {
+                    Some(Ok(s)) => {
+                        let (tcp, conn) = s.get_ref();
+                        let Ok(addr) = tcp.peer_addr() else { continue };
+                        let identities = conn
+                            .peer_certificates()
+                            .and_then(|c| c.first().map(|der| tls::identities(der)))
+                            .unwrap_or_default();
+                        return (Box::pin(s), Peer { addr, identities });
+                    }
+                    Some(Err(e)) => warn!(error = %e, "{} accept failed", self.what),
+                    // The handshake task ended: nothing more will come.
+                    None => std::future::pending::<()>().await,
+                },
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Peer> {
+        Ok(Peer {
+            addr: self.local,
+            identities: Vec::new(),
+        })
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Listener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Listener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+/// What every request passes through before its route.
+#[derive(Clone)]
+struct Gate {
+    what: &'static str,
+    service: &'static str,
+    security: Arc<Security>,
+    call_timeout: Duration,
+    in_flight: Arc<tokio::sync::Semaphore>,
+    max_in_flight: usize,
+}
+
+async fn gate(
+    axum::extract::State(g): axum::extract::State<Gate>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = format!("/{}{}", g.service, req.uri().path());
+    if !g.security.authz.allows(&peer.identities, &method) {
+        let who = if peer.identities.is_empty() {
+            "a client without a certificate identity".to_owned()
+        } else {
+            peer.identities.join(", ")
+        };
+        static THROTTLE: std::sync::OnceLock<crate::LogThrottle> = std::sync::OnceLock::new();
+        if let Some(suppressed) = THROTTLE.get_or_init(|| crate::LogThrottle::new(20)).allow() {
+            warn!(peer = %peer.addr, identity = %who, %method, suppressed, "{} refused a request: not authorized", g.what);
+        }
+        let msg = format!(
+            "{who} may not call {method} on the {}: no --authz rule allows it\n",
+            g.what
+        );
+        return (StatusCode::FORBIDDEN, msg).into_response();
+    }
+    let Ok(_permit) = g.in_flight.clone().try_acquire_owned() else {
+        let msg = format!(
+            "the {} has {} requests in flight already; retry shortly\n",
+            g.what, g.max_in_flight
+        );
+        return (StatusCode::SERVICE_UNAVAILABLE, msg).into_response();
+    };
+    match tokio::time::timeout(g.call_timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the {} did not answer {method} within {:?}\n",
+                g.what, g.call_timeout
+            ),
+        )
+            .into_response(),
+    }
+}
+
+/// Bind `addr` and serve `router` there in a task of its own until `stop`
+/// changes, then let requests in flight finish for at most
+/// `limits.drain`. `what` names the server in logs and errors; `service`
+/// names its routes for authorization. Configuration and binding errors
+/// come back at once.
+pub async fn spawn(
+    what: &'static str,
+    service: &'static str,
+    router: axum::Router,
+    addr: SocketAddr,
+    limits: &ServerLimits,
+    security: Security,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Served, ServeError> {
+    security.check(what, addr)?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::HttpBind { what, addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::HttpBind { what, addr, source })?;
+    let (inner, scheme) = match &security.tls {
+        Some(t) => {
+            let reloading = tls::Reloading::start(what, t.clone(), stop.clone())
+                .map_err(|source| ServeError::Tls { what, source })?;
+            let scheme = if security.authz.is_open() {
+                "TLS"
+            } else {
+                "mutual TLS with authorization"
+            };
+            (Inner::Tls(tls::incoming(what, listener, reloading)), scheme)
+        }
+        None => (Inner::Plain(listener), "plaintext"),
+    };
+    let url = if security.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    info!(addr = %local, transport = scheme, "{what} serving at {url}://{local}/");
+    let gate_state = Gate {
+        what,
+        service,
+        security: Arc::new(security),
+        call_timeout: limits.call_timeout,
+        in_flight: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_calls)),
+        max_in_flight: limits.max_concurrent_calls,
+    };
+    let app = router
+        .layer(axum::middleware::from_fn_with_state(gate_state, gate))
+        .into_make_service_with_connect_info::<Peer>();
+    let listener = Listener { what, local, inner };
+    let drain = limits.drain;
+    let task = tokio::spawn(async move {
+        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stop.changed().await;
+            let _ = stopped_tx.send(());
+        });
+        let server = std::pin::pin!(server.into_future());
+        let deadline = async move {
+            if stopped_rx.await.is_ok() {
+                tokio::time::sleep(drain).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = server => r.map_err(|source| ServeError::Http { what, addr: local, source }),
+            () = deadline => {
+                warn!("{what}: requests still in flight after the {drain:?} drain were cut off");
+                Ok(())
+            }
+        }
+    });
+    Ok(Served { task, addr: local })
+}
