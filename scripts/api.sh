@@ -68,7 +68,14 @@ cp -r "$module" "$work/broken"
 sed -i '0,/string vm_id = 1;/s//string vm_id = 99;/' "$work/broken/wset/v1/agent.proto"
 cmp -s "$module/wset/v1/agent.proto" "$work/broken/wset/v1/agent.proto" \
   && fail "the breaking self-check found no 'string vm_id = 1;' to renumber in agent.proto; update scripts/api.sh"
-if "$buf" breaking "$work/broken" --against "$accepted" >/dev/null 2>&1; then
-  fail "a renumbered field passed 'buf breaking': the check would not catch a breaking change"
-fi
+# buf exits 100 for findings; anything else is buf failing to check.
+set +e
+"$buf" breaking "$work/broken" --against "$accepted" >/dev/null 2>"$work/broken.err"
+rc=$?
+set -e
+case $rc in
+  100) ;;
+  0) fail "a renumbered field passed 'buf breaking': the check would not catch a breaking change" ;;
+  *) fail "buf breaking could not check the renumbered copy (exit $rc): $(cat "$work/broken.err")" ;;
+esac
 echo "api: buf lint clean; no breaking change against $accepted; a renumbered field is caught"

@@ -9,12 +9,13 @@
 //!   where no eviction or preemption could make room (the VM alone is over
 //!   its watermark, or it is in maintenance) is failed as unresolvable.
 //! - **prioritize** scores the nodes it fits on 1 to 10 by the headroom the
-//!   planner keeps there (more headroom, higher), in the order RankHosts
-//!   gives; nodes it does not fit on, and nodes wset does not know, 0.
+//!   planner keeps there (more headroom, higher: the scores fall in
+//!   RankHosts' order); nodes it does not fit on, and nodes wset does not
+//!   know, 0.
 //!
-//! A pod is a VM by [`PodVm::of`]; a node is the host whose id is its name.
-//! A node wset has no agent on passes the filter (wset has no opinion) and
-//! scores 0. Without a plan to answer from (no leader, no agent yet) the
+//! A pod is a VM by [`PodVm::of`]; a pod that is no VM gets no opinion
+//! (every node passes, all score 0). A node is the host whose id is its
+//! name; a node wset has no agent on passes the filter and scores 0. Without a plan to answer from (no leader, no agent yet) the
 //! extender says so: `Error` in a filter result, 503 on prioritize; the
 //! deployment marks it `ignorable`, so scheduling goes on without it.
 
@@ -91,14 +92,21 @@ pub struct PodSpec {
     pub init_containers: Vec<Container>,
     #[serde(default)]
     pub overhead: BTreeMap<String, Value>,
+    /// Pod-level resources (Kubernetes 1.32+).
+    #[serde(default)]
+    pub resources: Option<Resources>,
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Container {
     #[serde(default)]
     pub name: String,
     #[serde(default)]
     pub resources: Resources,
+    /// `Always` on an init container: a sidecar.
+    #[serde(default)]
+    pub restart_policy: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,11 +117,12 @@ pub struct Resources {
     pub limits: BTreeMap<String, Value>,
 }
 
-/// A `v1.NodeList`; its nodes are kept whole, to be echoed back.
+/// A `v1.NodeList`; its nodes are kept whole, to be echoed back (Go
+/// writes an empty list's items as null).
 #[derive(Debug, Deserialize)]
 pub struct NodeList {
     #[serde(default)]
-    pub items: Vec<Value>,
+    pub items: Option<Vec<Value>>,
 }
 
 /// `ExtenderFilterResult`.
@@ -153,45 +162,77 @@ pub struct HostPriority {
     pub score: i64,
 }
 
-/// A Kubernetes quantity (`"1266Mi"`, `"2G"`, `"1e9"`, `"512"`) as bytes,
-/// rounded up as Kubernetes rounds memory.
+/// A Kubernetes quantity (`"1266Mi"`, `"2G"`, `"1e9"`, `"1.5Gi"`, `"512"`)
+/// as bytes, computed exactly (no floating point) and rounded up as
+/// Kubernetes rounds memory.
 pub fn quantity_bytes(q: &str) -> Result<u64, String> {
     let bad = || format!("{q:?} is not a Kubernetes quantity of bytes (e.g. 512Mi, 2Gi, 1e9)");
+    let too_big = || format!("{q:?} is more than 1 PiB");
     let s = q.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+'))
+    let s = s.strip_prefix('+').unwrap_or(s);
+    let end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());
-    let (num, suffix) = s.split_at(split);
-    if num.is_empty() || num.starts_with('.') && num.len() == 1 {
+    let (num, suffix) = s.split_at(end);
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    if (int.is_empty() && frac.is_empty()) || frac.contains('.') {
         return Err(bad());
     }
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let scale = match suffix {
-        "" => 1.0,
-        "Ki" => 1024f64,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        "Ei" => 1024f64.powi(6),
-        "n" => 1e-9,
-        "u" => 1e-6,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
+    // The value is mantissa x 10^exp10 x mult.
+    let digits = format!("{int}{frac}");
+    let digits = digits.trim_start_matches('0');
+    if digits.len() > 30 {
+        return Err(too_big());
+    }
+    let mantissa: u128 = if digits.is_empty() {
+        0
+    } else {
+        digits.parse().map_err(|_| bad())?
+    };
+    let mut exp10 = -(frac.len() as i64);
+    let mut mult: u128 = 1;
+    match suffix {
+        "" => {}
+        "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" => {
+            let k = ["Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
+                .iter()
+                .position(|x| *x == suffix)
+                .unwrap_or(0);
+            mult = 1u128 << (10 * (k as u32 + 1));
+        }
+        "n" => exp10 -= 9,
+        "u" => exp10 -= 6,
+        "m" => exp10 -= 3,
+        "k" => exp10 += 3,
+        "M" => exp10 += 6,
+        "G" => exp10 += 9,
+        "T" => exp10 += 12,
+        "P" => exp10 += 15,
+        "E" => exp10 += 18,
         e if e.starts_with(['e', 'E']) => {
-            let exp: i32 = e[1..].parse().map_err(|_| bad())?;
-            10f64.powi(exp)
+            let x: i64 = e[1..].parse().map_err(|_| bad())?;
+            exp10 = exp10.checked_add(x).ok_or_else(bad)?;
         }
         _ => return Err(bad()),
+    }
+    if mantissa == 0 {
+        return Ok(0);
+    }
+    let scaled = mantissa.checked_mul(mult).ok_or_else(too_big)?;
+    let bytes = if exp10 >= 0 {
+        let p = u32::try_from(exp10)
+            .ok()
+            .filter(|&p| p <= 38)
+            .ok_or_else(too_big)?;
+        scaled.checked_mul(10u128.pow(p)).ok_or_else(too_big)?
+    } else if -exp10 > 38 {
+        // Above 0 and below one byte: one byte, rounded up.
+        1
+    } else {
+        scaled.div_ceil(10u128.pow((-exp10) as u32))
     };
-    let bytes = (n * scale).ceil();
-    if !bytes.is_finite() || bytes > crate::history::MAX_MEMORY_BYTES as f64 {
-        return Err(format!("{q:?} is more than 1 PiB"));
+    if bytes > u128::from(crate::history::MAX_MEMORY_BYTES) {
+        return Err(too_big());
     }
     Ok(bytes as u64)
 }
@@ -204,35 +245,53 @@ fn value_bytes(v: &Value) -> Result<u64, String> {
     }
 }
 
-/// The pod's memory as kube-scheduler counts it: the larger of its
-/// containers' summed requests and its largest init container's, plus the
-/// pod overhead. A container with a limit and no request requests its
-/// limit (the API server's defaulting).
+/// A container's memory request: its request, else its limit (what the
+/// API server's defaulting makes the request), else none.
+fn request(r: &Resources) -> Result<Option<u64>, String> {
+    match r.requests.get("memory").or_else(|| r.limits.get("memory")) {
+        Some(v) => value_bytes(v).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The pod's memory request as kube-scheduler counts it
+/// (`resourcehelper.PodRequests`): the containers' requests summed with
+/// the sidecars' (init containers with `restartPolicy: Always`, which keep
+/// running); at least what any init container needs beside the sidecars
+/// started before it; the pod-level request instead, when the pod gives
+/// one; plus the pod overhead.
 fn pod_memory(spec: &PodSpec) -> Result<u64, String> {
-    let of = |c: &Container| -> Result<u64, String> {
-        let q = c
-            .resources
-            .requests
-            .get("memory")
-            .or_else(|| c.resources.limits.get("memory"));
-        match q {
-            Some(v) => value_bytes(v).map_err(|e| format!("container {:?} memory: {e}", c.name)),
-            None => Ok(0),
-        }
+    let of = |c: &Container| {
+        request(&c.resources)
+            .map(Option::unwrap_or_default)
+            .map_err(|e| format!("container {:?} memory: {e}", c.name))
     };
     let mut sum = 0u64;
     for c in &spec.containers {
         sum = sum.saturating_add(of(c)?);
     }
-    let mut init = 0u64;
+    let (mut sidecars, mut init) = (0u64, 0u64);
     for c in &spec.init_containers {
-        init = init.max(of(c)?);
+        let r = of(c)?;
+        if c.restart_policy.as_deref() == Some("Always") {
+            sum = sum.saturating_add(r);
+            sidecars = sidecars.saturating_add(r);
+            init = init.max(sidecars);
+        } else {
+            init = init.max(r.saturating_add(sidecars));
+        }
+    }
+    let mut total = sum.max(init);
+    if let Some(pod) = &spec.resources
+        && let Some(r) = request(pod).map_err(|e| format!("pod-level memory: {e}"))?
+    {
+        total = r;
     }
     let overhead = match spec.overhead.get("memory") {
         Some(v) => value_bytes(v).map_err(|e| format!("pod overhead memory: {e}"))?,
         None => 0,
     };
-    Ok(sum.max(init).saturating_add(overhead))
+    Ok(total.saturating_add(overhead))
 }
 
 /// What the extender takes a pod to be.
@@ -249,49 +308,48 @@ pub struct PodVm {
 }
 
 impl PodVm {
-    /// The VM a pod runs:
+    /// The VM a pod runs, if it is one:
     /// - `wset.io/vm-id` (annotation, else label) names it;
     /// - else a KubeVirt virt-launcher pod (label `kubevirt.io=virt-launcher`)
     ///   is the VMI its `kubevirt.io/domain` annotation (or label) names,
     ///   with the id `<namespace>_<name>` (the libvirt domain name KubeVirt
-    ///   gives QEMU);
-    /// - else it is a VM wset has not seen.
+    ///   gives QEMU; a VM wset has not seen when that is no valid id);
+    /// - else a pod with `wset.io/expected-wss-bytes` is a VM wset has not
+    ///   seen;
+    /// - else it is no VM, and wset has no opinion on where it goes
+    ///   (`None`): DaemonSet pods, wset's own agent among them, pods pinned
+    ///   to a node.
     ///
-    /// Its memory is the pod's memory request; its expected working set
-    /// `wset.io/expected-wss-bytes`. `None`: a pod without a memory request,
-    /// which wset cannot size.
+    /// Its memory is the pod's memory request; `None` too for a VM without
+    /// one, which wset cannot size.
     pub fn of(pod: &Pod) -> Result<Option<Self>, String> {
         let m = &pod.metadata;
+        let who = || format!("pod {}/{}", m.namespace, m.name);
         let get = |k: &str| m.annotations.get(k).or_else(|| m.labels.get(k));
-        let (id, how) = if let Some(id) = get(VM_ID) {
-            (Some(id.clone()), "wset.io/vm-id")
+        let expected = m.annotations.get(EXPECTED_WSS);
+        let (vm_id, how) = if let Some(id) = get(VM_ID) {
+            let id = VmId::parse_in(VM_ID, id).map_err(|e| format!("{}: {e}", who()))?;
+            (Some(id), "wset.io/vm-id")
         } else if m.labels.get(KUBEVIRT).map(String::as_str) == Some(KUBEVIRT_LAUNCHER) {
             match get(KUBEVIRT_DOMAIN) {
-                Some(d) => (
-                    Some(format!("{}_{d}", m.namespace)),
-                    "KubeVirt virt-launcher",
-                ),
+                Some(d) => match VmId::parse_in(KUBEVIRT_DOMAIN, &format!("{}_{d}", m.namespace)) {
+                    Ok(id) => (Some(id), "KubeVirt virt-launcher"),
+                    Err(e) => {
+                        tracing::debug!(pod = %who(), error = %e, "a virt-launcher pod whose VMI makes no VM id: placed as a new VM");
+                        (None, "KubeVirt virt-launcher (no valid VM id)")
+                    }
+                },
                 None => (None, "KubeVirt virt-launcher without kubevirt.io/domain"),
             }
+        } else if expected.is_some() {
+            (None, "wset.io/expected-wss-bytes")
         } else {
-            (None, "a pod wset has not seen")
+            return Ok(None);
         };
-        let vm_id = match id {
-            Some(id) => Some(
-                VmId::parse_in(VM_ID, &id)
-                    .map_err(|e| format!("pod {}/{}: {e}", m.namespace, m.name))?,
-            ),
-            None => None,
-        };
-        let memory_bytes =
-            pod_memory(&pod.spec).map_err(|e| format!("pod {}/{}: {e}", m.namespace, m.name))?;
-        let expected_wss_bytes = match m.annotations.get(EXPECTED_WSS) {
-            Some(q) => quantity_bytes(q).map_err(|e| {
-                format!(
-                    "pod {}/{}: annotation {EXPECTED_WSS}: {e}",
-                    m.namespace, m.name
-                )
-            })?,
+        let memory_bytes = pod_memory(&pod.spec).map_err(|e| format!("{}: {e}", who()))?;
+        let expected_wss_bytes = match expected {
+            Some(q) => quantity_bytes(q)
+                .map_err(|e| format!("{}: annotation {EXPECTED_WSS}: {e}", who()))?,
             None => 0,
         };
         if memory_bytes == 0 {
@@ -299,8 +357,8 @@ impl PodVm {
         }
         if expected_wss_bytes > memory_bytes {
             return Err(format!(
-                "pod {}/{}: annotation {EXPECTED_WSS} ({expected_wss_bytes} B) is more than the pod's memory request ({memory_bytes} B)",
-                m.namespace, m.name
+                "{}: annotation {EXPECTED_WSS} ({expected_wss_bytes} B) is more than the pod's memory request ({memory_bytes} B)",
+                who()
             ));
         }
         let mut labels = m.labels.clone();
@@ -344,25 +402,39 @@ struct Nodes {
 }
 
 fn nodes_of(args: &mut ExtenderArgs) -> Result<Nodes, String> {
-    if let Some(names) = args.node_names.take() {
+    let (names, list) = match (args.node_names.take(), args.nodes.take()) {
+        (Some(_), Some(_)) => {
+            return Err("both NodeNames and Nodes are given: kube-scheduler sends one (NodeNames when nodeCacheCapable)".into());
+        }
+        (None, None) => return Err("neither NodeNames nor Nodes is given".into()),
+        (Some(names), None) => (Some(names), None),
+        (None, Some(list)) => (None, Some(list)),
+    };
+    if let Some(names) = names {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(d) = names.iter().find(|n| !seen.insert(n.as_str())) {
+            return Err(format!("NodeNames names {d:?} twice"));
+        }
         return Ok(Nodes {
             names,
             objects: None,
         });
     }
-    let Some(list) = args.nodes.take() else {
-        return Err("neither NodeNames nor Nodes is given".into());
-    };
-    let mut names = Vec::with_capacity(list.items.len());
-    for (i, n) in list.items.iter().enumerate() {
+    let items = list.and_then(|l| l.items).unwrap_or_default();
+    let mut names = Vec::with_capacity(items.len());
+    for (i, n) in items.iter().enumerate() {
         match n.pointer("/metadata/name").and_then(Value::as_str) {
             Some(name) => names.push(name.to_owned()),
             None => return Err(format!("Nodes.items[{i}] has no metadata.name")),
         }
     }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(d) = names.iter().find(|n| !seen.insert(n.as_str())) {
+        return Err(format!("Nodes holds {d:?} twice"));
+    }
     Ok(Nodes {
         names,
-        objects: Some(("v1".into(), "NodeList".into(), list.items)),
+        objects: Some(("v1".into(), "NodeList".into(), items)),
     })
 }
 
@@ -511,29 +583,25 @@ pub async fn filter(ext: Extender, req: axum::extract::Request) -> Response {
     axum::Json(out).into_response()
 }
 
-/// Scores 1..=10 for the nodes the VM fits on, by headroom (linear between
-/// the least and the most headroom among them; all 10 when they are
-/// equal), 0 for the rest and for nodes wset does not know.
+/// Scores 1..=10 for the nodes the VM fits on: 1 plus 9 times the
+/// headroom kept there as a share of the largest watermark among the
+/// nodes (so the order is RankHosts' order, by headroom, and hosts a few
+/// bytes apart score alike); 0 for the rest and for nodes wset does not
+/// know.
 pub fn scores(names: &[String], ranked: &HashMap<HostId, Ranked>) -> Vec<HostPriority> {
-    let fitting: Vec<f64> = names
+    let of = |n: &String| host_of(n).and_then(|h| ranked.get(&h));
+    let scale = names
         .iter()
-        .filter_map(|n| host_of(n).and_then(|h| ranked.get(&h)))
-        .filter(|r| r.fits)
-        .map(|r| r.headroom_bytes)
-        .collect();
-    let lo = fitting.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = fitting.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        .filter_map(of)
+        .map(|r| r.watermark_bytes)
+        .fold(0.0, f64::max);
     names
         .iter()
         .map(|n| {
-            let score = match host_of(n).and_then(|h| ranked.get(&h)) {
-                Some(r) if r.fits => {
-                    if hi - lo < 1.0 {
-                        MAX_SCORE
-                    } else {
-                        1 + ((r.headroom_bytes - lo) / (hi - lo) * (MAX_SCORE - 1) as f64).round()
-                            as i64
-                    }
+            let score = match of(n) {
+                Some(r) if r.fits && scale > 0.0 => {
+                    let share = (r.headroom_bytes / scale).clamp(0.0, 1.0);
+                    1 + (share * (MAX_SCORE - 1) as f64).round() as i64
                 }
                 _ => 0,
             };
@@ -611,7 +679,17 @@ mod tests {
         assert_eq!(quantity_bytes("512"), Ok(512));
         assert_eq!(quantity_bytes("1.5Ki"), Ok(1536));
         assert_eq!(quantity_bytes("1500m"), Ok(2), "rounded up");
-        for bad in ["", "Mi", "1Qi", "-1Gi", "1e", "2Ei", "."] {
+        // Exactly, where floating point is a byte off or gives up.
+        assert_eq!(quantity_bytes("8.3M"), Ok(8_300_000));
+        assert_eq!(quantity_bytes("16.1k"), Ok(16_100));
+        assert_eq!(quantity_bytes("0e400"), Ok(0));
+        assert_eq!(quantity_bytes("1e-400"), Ok(1));
+        assert_eq!(quantity_bytes("+1"), Ok(1));
+        assert_eq!(quantity_bytes("0.5"), Ok(1));
+        assert_eq!(quantity_bytes("1Pi"), Ok(1 << 50));
+        for bad in [
+            "", "Mi", "1Qi", "-1Gi", "1e", "2Ei", ".", "1.2.3", "1e99", "1Pi1",
+        ] {
             assert!(quantity_bytes(bad).is_err(), "{bad:?}");
         }
     }
@@ -641,9 +719,74 @@ mod tests {
     }
 
     #[test]
+    fn pods_are_sized_as_kube_scheduler_sizes_them() {
+        // A sidecar (restartPolicy: Always) runs beside the containers; an
+        // ordinary init container needs room beside the sidecars before it.
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "s", "annotations": {"wset.io/expected-wss-bytes": "1Mi"}},
+            "spec": {
+                "initContainers": [
+                    {"name": "proxy", "restartPolicy": "Always", "resources": {"requests": {"memory": "256Mi"}}},
+                    {"name": "migrate", "resources": {"requests": {"memory": "1536Mi"}}}
+                ],
+                "containers": [{"name": "app", "resources": {"requests": {"memory": "1Gi"}}}]
+            }
+        }));
+        assert_eq!(
+            PodVm::of(&p).unwrap().unwrap().memory_bytes,
+            (1536 + 256) << 20
+        );
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "s", "annotations": {"wset.io/expected-wss-bytes": "1Mi"}},
+            "spec": {
+                "initContainers": [{"name": "proxy", "restartPolicy": "Always", "resources": {"requests": {"memory": "256Mi"}}}],
+                "containers": [{"name": "app", "resources": {"requests": {"memory": "1Gi"}}}]
+            }
+        }));
+        assert_eq!(
+            PodVm::of(&p).unwrap().unwrap().memory_bytes,
+            (1024 + 256) << 20
+        );
+        // A pod-level request stands for the containers'.
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "s", "annotations": {"wset.io/expected-wss-bytes": "1Mi"}},
+            "spec": {
+                "resources": {"requests": {"memory": "3Gi"}},
+                "containers": [{"name": "app"}],
+                "overhead": {"memory": "64Mi"}
+            }
+        }));
+        assert_eq!(
+            PodVm::of(&p).unwrap().unwrap().memory_bytes,
+            (3 << 30) + (64 << 20)
+        );
+    }
+
+    #[test]
+    fn pods_that_are_no_vm_get_no_opinion() {
+        // A DaemonSet's pod, say: no wset annotation, not virt-launcher.
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "wset-agent-x", "namespace": "wset"},
+            "spec": {"containers": [{"name": "agent", "resources": {"requests": {"memory": "128Mi"}}}]}
+        }));
+        assert_eq!(PodVm::of(&p), Ok(None));
+        // A VMI whose namespace and name make no VM id is a new VM.
+        let long = "n".repeat(40);
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "virt-launcher-x", "namespace": long,
+                         "labels": {"kubevirt.io": "virt-launcher"},
+                         "annotations": {"kubevirt.io/domain": long}},
+            "spec": {"containers": [{"name": "compute", "resources": {"requests": {"memory": "1Gi"}}}]}
+        }));
+        let vm = PodVm::of(&p).unwrap().unwrap();
+        assert_eq!(vm.vm_id, None);
+        assert_eq!(vm.memory_bytes, 1 << 30);
+    }
+
+    #[test]
     fn plain_pods_and_bad_annotations() {
         let plain = pod(serde_json::json!({
-            "metadata": {"name": "web", "namespace": "a"},
+            "metadata": {"name": "web", "namespace": "a", "annotations": {"wset.io/expected-wss-bytes": "1Gi"}},
             "spec": {"containers": [{"name": "c", "resources": {"requests": {"memory": "1Gi"}}}],
                      "initContainers": [{"name": "i", "resources": {"requests": {"memory": "3Gi"}}}],
                      "overhead": {"memory": "128Mi"}}
@@ -652,7 +795,7 @@ mod tests {
         assert_eq!(vm.vm_id, None);
         assert_eq!(vm.memory_bytes, (3 << 30) + (128 << 20));
         let no_memory = pod(
-            serde_json::json!({"metadata": {"name": "x"}, "spec": {"containers": [{"name": "c"}]}}),
+            serde_json::json!({"metadata": {"name": "x", "annotations": {"wset.io/expected-wss-bytes": "0"}}, "spec": {"containers": [{"name": "c"}]}}),
         );
         assert_eq!(PodVm::of(&no_memory), Ok(None));
         let bad = pod(serde_json::json!({
@@ -678,6 +821,7 @@ mod tests {
             Ranked {
                 host_id: h,
                 headroom_bytes: headroom_gib * (1u64 << 30) as f64,
+                watermark_bytes: 10.0 * (1u64 << 30) as f64,
                 fits,
                 fits_when_empty: true,
                 maintenance: false,
@@ -698,9 +842,13 @@ mod tests {
         .collect();
         let names: Vec<String> = ["a", "b", "c", "d", "unknown"].map(String::from).to_vec();
         let s: Vec<i64> = scores(&names, &r).iter().map(|h| h.score).collect();
-        assert_eq!(s, vec![10, 1, 0, 6, 0]);
-        let one = scores(&names[..1], &r);
-        assert_eq!(one[0].score, MAX_SCORE);
+        assert_eq!(s, vec![10, 2, 0, 6, 0]);
+        // Hosts a few bytes apart score alike.
+        let mut near = ranked("e", true, 5.5);
+        near.1.headroom_bytes += 2.0;
+        let r: HashMap<HostId, Ranked> = [ranked("d", true, 5.5), near].into_iter().collect();
+        let s = scores(&["d".into(), "e".into()], &r);
+        assert_eq!(s[0].score, s[1].score, "{s:?}");
     }
 
     #[test]

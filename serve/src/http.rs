@@ -35,6 +35,58 @@ pub struct Peer {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
+/// Connections open at once; past it, new ones wait in the listen backlog
+/// (each holds a file descriptor the controller shares with gRPC and etcd).
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// A connection and its place among the [`MAX_CONNECTIONS`].
+struct Held {
+    io: Pin<Box<dyn Io>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Held {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io.as_mut().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Held {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.io.as_mut().poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io.as_mut().poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io.as_mut().poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.io.as_mut().poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
 type TlsIncoming = tokio_stream::wrappers::ReceiverStream<
     std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
 >;
@@ -44,6 +96,7 @@ struct Listener {
     what: &'static str,
     local: SocketAddr,
     inner: Inner,
+    connections: Arc<tokio::sync::Semaphore>,
 }
 
 enum Inner {
@@ -52,14 +105,39 @@ enum Inner {
 }
 
 impl axum::serve::Listener for Listener {
-    type Io = Pin<Box<dyn Io>>;
+    type Io = Held;
     type Addr = Peer;
 
     async fn accept(&mut self) -> (Self::Io, Peer) {
+        let permit = self
+            .connections
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the connection semaphore is never closed");
+        let (io, peer) = self.accept_one().await;
+        let held = Held {
+            io,
+            _permit: permit,
+        };
+        (held, peer)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Peer> {
+        Ok(Peer {
+            addr: self.local,
+            identities: Vec::new(),
+        })
+    }
+}
+
+impl Listener {
+    async fn accept_one(&mut self) -> (Pin<Box<dyn Io>>, Peer) {
         loop {
             match &mut self.inner {
                 Inner::Plain(l) => match TcpListener::accept(l).await {
                     Ok((s, addr)) => {
+                        let _ = s.set_nodelay(true);
                         let peer = Peer {
                             addr,
                             identities: Vec::new(),
@@ -87,13 +165,6 @@ impl axum::serve::Listener for Listener {
                 },
             }
         }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Peer> {
-        Ok(Peer {
-            addr: self.local,
-            identities: Vec::new(),
-        })
     }
 }
 
@@ -180,7 +251,7 @@ pub async fn spawn(
         .map_err(|source| ServeError::HttpBind { what, addr, source })?;
     let (inner, scheme) = match &security.tls {
         Some(t) => {
-            let reloading = tls::Reloading::start(what, t.clone(), stop.clone())
+            let reloading = tls::Reloading::start(what, t.clone(), tls::Alpn::Http, stop.clone())
                 .map_err(|source| ServeError::Tls { what, source })?;
             let scheme = if security.authz.is_open() {
                 "TLS"
@@ -208,7 +279,12 @@ pub async fn spawn(
     let app = router
         .layer(axum::middleware::from_fn_with_state(gate_state, gate))
         .into_make_service_with_connect_info::<Peer>();
-    let listener = Listener { what, local, inner };
+    let listener = Listener {
+        what,
+        local,
+        inner,
+        connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+    };
     let drain = limits.drain;
     let task = tokio::spawn(async move {
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
@@ -227,7 +303,7 @@ pub async fn spawn(
         tokio::select! {
             r = server => r.map_err(|source| ServeError::Http { what, addr: local, source }),
             () = deadline => {
-                warn!("{what}: requests still in flight after the {drain:?} drain were cut off");
+                warn!("{what}: requests still in flight after the {drain:?} drain: the server stops waiting for them");
                 Ok(())
             }
         }

@@ -255,7 +255,7 @@ pub async fn spawn(
     security.check(what, addr)?;
     let tls = match &security.tls {
         Some(t) => Some(
-            tls::Reloading::start(what, t.clone(), stop.clone())
+            tls::Reloading::start(what, t.clone(), tls::Alpn::Grpc, stop.clone())
                 .map_err(|source| ServeError::Tls { what, source })?,
         ),
         None => None,

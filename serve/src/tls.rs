@@ -141,8 +141,18 @@ fn roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// Build a rustls server configuration from the files (ALPN h2: gRPC).
-pub fn server_config(t: &ServerTls) -> Result<rustls::ServerConfig, TlsError> {
+/// What a TLS server speaks, offered in ALPN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alpn {
+    /// gRPC: HTTP/2 only.
+    Grpc,
+    /// HTTP servers (the extender): HTTP/2 or HTTP/1.1, so that any
+    /// client, curl or Python's as much as kube-scheduler's Go, connects.
+    Http,
+}
+
+/// Build a rustls server configuration from the files.
+pub fn server_config(t: &ServerTls, alpn: Alpn) -> Result<rustls::ServerConfig, TlsError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::ProtocolVersions)?;
@@ -168,7 +178,10 @@ pub fn server_config(t: &ServerTls) -> Result<rustls::ServerConfig, TlsError> {
             key: t.key.clone(),
             source,
         })?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = match alpn {
+        Alpn::Grpc => vec![b"h2".to_vec()],
+        Alpn::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    };
     Ok(cfg)
 }
 
@@ -197,9 +210,10 @@ impl Reloading {
     pub fn start(
         what: &'static str,
         t: ServerTls,
+        alpn: Alpn,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Self, TlsError> {
-        let cfg = server_config(&t)?;
+        let cfg = server_config(&t, alpn)?;
         let current = Arc::new(RwLock::new(Arc::new(cfg)));
         let me = Self { current };
         let swap = me.clone();
@@ -222,7 +236,7 @@ impl Reloading {
                 if now == last {
                     continue;
                 }
-                match server_config(&t) {
+                match server_config(&t, alpn) {
                     Ok(cfg) => {
                         *swap.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
                         last = now;
@@ -272,7 +286,11 @@ pub fn incoming(
             let (tcp, peer) = tokio::select! {
                 _ = tx.closed() => return,
                 r = listener.accept() => match r {
-                    Ok(x) => x,
+                    Ok(x) => {
+                        // Small requests and answers go out at once.
+                        let _ = x.0.set_nodelay(true);
+                        x
+                    }
                     Err(e) => {
                         warn!(error = %e, "{what} accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -26,6 +26,8 @@ pub struct Ranked {
     pub host_id: HostId,
     /// Headroom under the watermark the host keeps with the VM, at risk.
     pub headroom_bytes: f64,
+    /// The watermark: `--high-watermark` of the memory the host gives VMs.
+    pub watermark_bytes: f64,
     pub fits: bool,
     /// Whether the VM would fit were the host empty and out of
     /// maintenance: when it would not, no eviction or preemption helps.
@@ -38,15 +40,20 @@ pub struct Ranked {
 /// from a plan's view of the hosts as they stand.
 pub fn place(p: &Plan, req: &PlacementRequest, cfg: &Config) -> Vec<Ranked> {
     let z = normal_quantile(1.0 - cfg.risk);
-    // Where the VM runs now and what it was measured to need.
-    let known = req.vm_id.as_ref().and_then(|id| {
-        p.hosts.iter().find_map(|h| {
-            let v = h.vms.iter().find(|v| &v.vm_id == id)?;
-            Some((h.host_id.clone(), v.demand.mean_bytes, v.demand.std_bytes))
-        })
-    });
-    let (want, sd) = match &known {
-        Some((_, mean, std)) => (*mean, *std),
+    // Where the VM runs now (every host that holds it) and what it was
+    // measured to need.
+    let mut on: Vec<HostId> = Vec::new();
+    let mut measured = None;
+    if let Some(id) = &req.vm_id {
+        for h in &p.hosts {
+            if let Some(v) = h.vms.iter().find(|v| &v.vm_id == id) {
+                on.push(h.host_id.clone());
+                measured.get_or_insert((v.demand.mean_bytes, v.demand.std_bytes));
+            }
+        }
+    }
+    let (want, sd) = match measured {
+        Some((mean, std)) => (mean, std),
         None => {
             let want = if req.expected_wss_bytes > 0 {
                 req.expected_wss_bytes.min(req.memory_bytes)
@@ -65,7 +72,7 @@ pub fn place(p: &Plan, req: &PlacementRequest, cfg: &Config) -> Vec<Ranked> {
             // The VM's own host is judged without it. Its anti-affinity
             // group there cannot be told from the VM itself, so a clash is
             // not counted on it.
-            let own = known.as_ref().is_some_and(|(on, ..)| *on == h.host_id);
+            let own = on.contains(&h.host_id);
             let (mean, var) = if own {
                 (
                     (h.demand_mean_bytes - want).max(0.0),
@@ -108,6 +115,7 @@ pub fn place(p: &Plan, req: &PlacementRequest, cfg: &Config) -> Vec<Ranked> {
             Ranked {
                 host_id: h.host_id.clone(),
                 headroom_bytes: limit - at_risk,
+                watermark_bytes: limit,
                 fits,
                 fits_when_empty,
                 maintenance: h.maintenance,

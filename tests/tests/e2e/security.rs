@@ -382,6 +382,9 @@ fn https_post(
             .unwrap(),
         None => b.with_no_client_auth(),
     };
+    // HTTP/1.1 only, as curl --http1.1 or Python's clients offer.
+    let mut cfg = cfg;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let name = ServerName::try_from("wset-controller").unwrap();
     let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
     let mut tcp = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
