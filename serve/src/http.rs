@@ -310,3 +310,136 @@ pub async fn spawn(
     });
     Ok(Served { task, addr: local })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One GET over a real socket: the status and the body.
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("send");
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.expect("read");
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("a status");
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    async fn serve_with(
+        router: axum::Router,
+        limits: ServerLimits,
+    ) -> (Served, tokio::sync::watch::Sender<bool>) {
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let addr = "127.0.0.1:0".parse().unwrap();
+        let served = spawn(
+            "test server",
+            "wset.v1.Test",
+            router,
+            addr,
+            &limits,
+            Security::default(),
+            stop,
+        )
+        .await
+        .expect("serves");
+        (served, stop_tx)
+    }
+
+    #[tokio::test]
+    async fn calls_past_the_limit_are_shed_at_once_and_slow_ones_time_out() {
+        // One call in flight at most: /hold holds it until released.
+        let (entered_tx, mut entered) = tokio::sync::watch::channel(false);
+        let (release, released) = tokio::sync::watch::channel(false);
+        let router = axum::Router::new().route(
+            "/hold",
+            axum::routing::get(move || {
+                let (entered_tx, mut released) = (entered_tx.clone(), released.clone());
+                async move {
+                    let _ = entered_tx.send(true);
+                    let _ = released.wait_for(|r| *r).await;
+                    "held"
+                }
+            }),
+        );
+        let limits = ServerLimits {
+            max_concurrent_calls: 1,
+            ..Default::default()
+        };
+        let (served, _stop) = serve_with(router, limits).await;
+        let first = tokio::spawn(get(served.addr, "/hold"));
+        entered
+            .wait_for(|e| *e)
+            .await
+            .expect("the first call arrives");
+        let (status, body) = get(served.addr, "/hold").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("1 requests in flight already"), "{body}");
+        release.send(true).expect("release");
+        assert_eq!(first.await.expect("the first call").0, 200);
+        // The permit came back.
+        assert_eq!(get(served.addr, "/hold").await.0, 200);
+
+        // A call that never answers ends with 503 at the call timeout.
+        let router = axum::Router::new().route(
+            "/slow",
+            axum::routing::get(|| async {
+                std::future::pending::<()>().await;
+                "never"
+            }),
+        );
+        let limits = ServerLimits {
+            call_timeout: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let (served, _stop) = serve_with(router, limits).await;
+        let (status, body) = get(served.addr, "/slow").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            body.contains("did not answer /wset.v1.Test/slow within 200ms"),
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stop_ends_the_server_after_the_drain_even_with_a_call_in_flight() {
+        let (entered_tx, mut entered) = tokio::sync::watch::channel(false);
+        let router = axum::Router::new().route(
+            "/hold",
+            axum::routing::get(move || {
+                let entered_tx = entered_tx.clone();
+                async move {
+                    let _ = entered_tx.send(true);
+                    std::future::pending::<()>().await;
+                    "never"
+                }
+            }),
+        );
+        let limits = ServerLimits {
+            drain: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let (served, stop) = serve_with(router, limits).await;
+        let addr = served.addr;
+        let _held = tokio::spawn(get(addr, "/hold"));
+        entered.wait_for(|e| *e).await.expect("the call arrives");
+        stop.send(true).expect("stop");
+        served
+            .task
+            .await
+            .expect("the server task")
+            .expect("ends cleanly");
+        // It accepts nothing more.
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+}
