@@ -29,6 +29,8 @@ require_buf() {
   command -v npm >/dev/null || fail "npm not found: buf is installed from the npm registry (apt-get install npm)"
   step "installing buf $buf_version (npm install @bufbuild/buf; once, into $dir)"
   mkdir -p "$dir" || fail "cannot create $dir for buf"
+  # npm installs beside the nearest package.json: make it this one.
+  [ -f "$dir/package.json" ] || echo '{"private": true}' > "$dir/package.json"
   (cd "$dir" && npm install --no-audit --no-fund --no-save "@bufbuild/buf@$buf_version" >&2) \
     || fail "npm install @bufbuild/buf@$buf_version failed (above); the API checks need buf"
   "$buf" --version >/dev/null || fail "buf was installed in $dir but does not run"
