@@ -401,6 +401,12 @@ struct Nodes {
     objects: Option<(String, String, Vec<Value>)>,
 }
 
+/// The first name given twice.
+fn twice(names: &[String]) -> Option<&String> {
+    let mut seen = std::collections::HashSet::new();
+    names.iter().find(|n| !seen.insert(n.as_str()))
+}
+
 fn nodes_of(args: &mut ExtenderArgs) -> Result<Nodes, String> {
     let (names, list) = match (args.node_names.take(), args.nodes.take()) {
         (Some(_), Some(_)) => {
@@ -411,8 +417,7 @@ fn nodes_of(args: &mut ExtenderArgs) -> Result<Nodes, String> {
         (None, Some(list)) => (None, Some(list)),
     };
     if let Some(names) = names {
-        let mut seen = std::collections::HashSet::new();
-        if let Some(d) = names.iter().find(|n| !seen.insert(n.as_str())) {
+        if let Some(d) = twice(&names) {
             return Err(format!("NodeNames names {d:?} twice"));
         }
         return Ok(Nodes {
@@ -428,8 +433,7 @@ fn nodes_of(args: &mut ExtenderArgs) -> Result<Nodes, String> {
             None => return Err(format!("Nodes.items[{i}] has no metadata.name")),
         }
     }
-    let mut seen = std::collections::HashSet::new();
-    if let Some(d) = names.iter().find(|n| !seen.insert(n.as_str())) {
+    if let Some(d) = twice(&names) {
         return Err(format!("Nodes holds {d:?} twice"));
     }
     Ok(Nodes {

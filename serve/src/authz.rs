@@ -150,21 +150,26 @@ where
         if self.policy.allows(&ids, &method) {
             return Box::pin(self.inner.call(req));
         }
-        let who = if ids.is_empty() {
-            "a client without a certificate identity".to_owned()
-        } else {
-            ids.join(", ")
-        };
-        static THROTTLE: std::sync::OnceLock<crate::LogThrottle> = std::sync::OnceLock::new();
-        if let Some(suppressed) = THROTTLE.get_or_init(|| crate::LogThrottle::new(20)).allow() {
-            warn!(%peer, identity = %who, %method, suppressed, "{} refused a call: not authorized", self.what);
-        }
-        let status = tonic::Status::permission_denied(format!(
-            "{who} may not call {method} on the {}: no --authz rule allows it",
-            self.what
-        ));
+        let status = tonic::Status::permission_denied(refuse(self.what, &peer, &ids, &method));
         Box::pin(std::future::ready(Ok(status.into_http())))
     }
+}
+
+/// A call [`Policy::allows`] refused: logged (at most 20 lines a second,
+/// the next one counting the rest), and the message the client is given,
+/// naming its identities and the method. Both the gRPC layer and the HTTP
+/// servers' gate refuse through it.
+pub fn refuse(what: &str, peer: &dyn std::fmt::Display, ids: &[String], method: &str) -> String {
+    let who = if ids.is_empty() {
+        "a client without a certificate identity".to_owned()
+    } else {
+        ids.join(", ")
+    };
+    static THROTTLE: std::sync::OnceLock<crate::LogThrottle> = std::sync::OnceLock::new();
+    if let Some(suppressed) = THROTTLE.get_or_init(|| crate::LogThrottle::new(20)).allow() {
+        warn!(%peer, identity = %who, %method, suppressed, "{what} refused a call: not authorized");
+    }
+    format!("{who} may not call {method} on the {what}: no --authz rule allows it")
 }
 
 #[cfg(test)]

@@ -193,19 +193,8 @@ async fn gate(
 ) -> Response {
     let method = format!("/{}{}", g.service, req.uri().path());
     if !g.security.authz.allows(&peer.identities, &method) {
-        let who = if peer.identities.is_empty() {
-            "a client without a certificate identity".to_owned()
-        } else {
-            peer.identities.join(", ")
-        };
-        static THROTTLE: std::sync::OnceLock<crate::LogThrottle> = std::sync::OnceLock::new();
-        if let Some(suppressed) = THROTTLE.get_or_init(|| crate::LogThrottle::new(20)).allow() {
-            warn!(peer = %peer.addr, identity = %who, %method, suppressed, "{} refused a request: not authorized", g.what);
-        }
-        let msg = format!(
-            "{who} may not call {method} on the {}: no --authz rule allows it\n",
-            g.what
-        );
+        let mut msg = crate::authz::refuse(g.what, &peer.addr, &peer.identities, &method);
+        msg.push('\n');
         return (StatusCode::FORBIDDEN, msg).into_response();
     }
     let Ok(_permit) = g.in_flight.clone().try_acquire_owned() else {
